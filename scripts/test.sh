@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite, slow tests (real Ray / DeepSpeed / MLflow server) included.
+#   bash scripts/test.sh            extra pytest args pass through, e.g. -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+exec python -m pytest -q -rs --durations=15 "$@"

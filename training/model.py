@@ -1,0 +1,220 @@
+"""Build the LLaVA model: from an HF-format checkpoint (local dir or hub id) or tiny from config; LoRA on the LM.
+
+    bundle = build_model(cfg, train_texts)            # tiny: trains the tokenizer, builds + saves the base model
+    bundle.model   # PeftModel: LoRA on model.language_model.layers.*.(self_attn|mlp).*_proj, projector trained fully
+
+What trains (everything else is frozen):
+- LoRA adapters on the language model's q/k/v/o/gate/up/down projections (never the vision tower: a plain
+  `q_proj` target would also match CLIP's attention, so the target is a regex rooted at the LM);
+- the projector, fully (`modules_to_save`), so it is saved with the adapter;
+- optionally the vision tower and the token embeddings / LM head (`model.train_vision_tower`,
+  `model.train_token_embeddings`): the tiny model's are random, so without this it could not learn pixels or the
+  new tokenizer's vocabulary. A real LLaVA-Med keeps them frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+)
+
+from datasets_io.images import CLIP_MEAN, CLIP_STD, ImageSpec
+from datasets_io.records import IMAGE_TOKEN
+from launcher.config import Config
+from launcher.errors import LauncherError
+
+log = logging.getLogger(__name__)
+
+BASE_MODEL_DIRNAME = "base_model"
+
+
+@dataclass
+class ModelBundle:
+    model: Any  # PeftModel wrapping LlavaForConditionalGeneration
+    tokenizer: Any
+    image_spec: ImageSpec
+    image_token_id: int
+    num_image_tokens: int
+    base_model_path: str  # what adapter_config.json's base_model_name_or_path points at
+
+
+def lora_target_regex(names: list[str]) -> str:
+    """Only the language model's projections: CLIP's q_proj/k_proj/v_proj would match a plain name list."""
+    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+
+
+def modules_to_save(cfg: Config) -> list[str]:
+    mods = ["multi_modal_projector"]
+    if cfg.model.train_vision_tower:
+        mods.append("vision_tower")
+    if cfg.model.train_token_embeddings:
+        mods += ["embed_tokens", "lm_head"]
+    return mods
+
+
+def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
+    t = cfg.model.tiny
+    vision = CLIPVisionConfig(
+        hidden_size=t.vision_hidden,
+        intermediate_size=4 * t.vision_hidden,
+        num_hidden_layers=t.vision_layers,
+        num_attention_heads=t.vision_heads,
+        image_size=t.image_size,
+        patch_size=t.patch_size,
+        num_channels=3,
+    )
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.text_hidden,
+        intermediate_size=t.text_intermediate,
+        num_hidden_layers=t.text_layers,
+        num_attention_heads=t.text_heads,
+        num_key_value_heads=t.text_kv_heads,
+        max_position_embeddings=max(1024, cfg.data.max_seq_len),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(t.image_size // t.patch_size) ** 2,
+        vision_feature_select_strategy="default",  # drop CLS: one token per patch
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_tiny_base(cfg: Config, train_texts: list[str], out_dir: Path) -> Path:
+    """Train the BPE tokenizer on the corpus, build the random tiny LLaVA (seeded) and save both to `out_dir`."""
+    from training.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(train_texts, cfg.model.tiny.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(cfg, tokenizer))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "image_spec.json").write_text(json.dumps({"size": cfg.model.tiny.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}))
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def image_spec_for(base_path: str, config: LlavaConfig) -> ImageSpec:
+    p = Path(base_path) / "image_spec.json"
+    if p.is_file():
+        d = json.loads(p.read_text())
+        return ImageSpec(d["size"], tuple(d["mean"]), tuple(d["std"]))
+    pp = Path(base_path) / "preprocessor_config.json"
+    if pp.is_file():
+        d = json.loads(pp.read_text())
+        return ImageSpec(config.vision_config.image_size, tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD)))
+    return ImageSpec(config.vision_config.image_size)
+
+
+def num_image_tokens(config: LlavaConfig) -> int:
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n if config.vision_feature_select_strategy == "default" else n + 1
+
+
+def load_base(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration, tokenizer) from a local dir or hub id; clear error when it is not there."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise LauncherError(
+            f"cannot load base model {path!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
+            "Give a local HF-format LLaVA directory (see `launcher model convert-llava-med`) or a reachable hub id."
+        ) from None
+    return model, tokenizer
+
+
+def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
+    """The HF directory to load: `model.name_or_path`, or the run's tiny base (built on first use)."""
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    base = Path(cfg.output.dir) / BASE_MODEL_DIRNAME
+    if not base.is_dir():
+        if train_texts is None:
+            raise LauncherError(f"tiny base model not found at {base} and no corpus given to build it")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_base(cfg, train_texts, base)
+    return str(base)
+
+
+def apply_lora(cfg: Config, model: Any) -> Any:
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_target_regex(cfg.lora.target_modules),
+        modules_to_save=modules_to_save(cfg),
+        task_type=None,
+    )
+    peft_model = get_peft_model(model, peft_cfg)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return peft_model
+
+
+def build_model(cfg: Config, train_texts: list[str] | None = None, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    base_path = resolve_base_path(cfg, train_texts)
+    base, tokenizer = load_base(base_path, dtype)
+    model = apply_lora(cfg, base)
+    return bundle_for(model, tokenizer, base_path)
+
+
+def bundle_for(model: Any, tokenizer: Any, base_path: str) -> ModelBundle:
+    config = model.config if isinstance(model.config, LlavaConfig) else model.base_model.model.config
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        image_spec=image_spec_for(base_path, config),
+        image_token_id=config.image_token_index,
+        num_image_tokens=num_image_tokens(config),
+        base_model_path=base_path,
+    )
+
+
+def load_trained(checkpoint_dir: str, dtype: torch.dtype = torch.float32, base_path: str | None = None) -> ModelBundle:
+    """Base + adapter bundle for inference (evaluate / predict / pyfunc): plain `PeftModel.from_pretrained`."""
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / "adapter_config.json").is_file():
+        raise LauncherError(f"{ckpt} is not an adapter bundle (no adapter_config.json)")
+    base_path = base_path or json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base, _ = load_base(base_path, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = PeftModel.from_pretrained(base, ckpt)
+    model.eval()
+    return bundle_for(model, tokenizer, base_path)
+
+
+def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: LoRA (and other trained modules) at `lr`, the projector at `projector_lr`."""
+    projector, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projector if "multi_modal_projector" in name else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "name": "lora"}, {"params": projector, "lr": projector_lr or lr, "name": "projector"}]
+    for g in groups:
+        g["weight_decay"] = weight_decay
+    return [g for g in groups if g["params"]]
