@@ -8,6 +8,7 @@ decodes ~382x318 pixels instead of 7.8 M. Grayscale stays one channel until the 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +30,10 @@ class ImageSpec:
 def load_gray(data: bytes, size: int) -> Image.Image:
     """Decode to an 8-bit grayscale image whose longer side is `size`, using reduced-DCT draft decoding."""
     im = Image.open(io.BytesIO(data))
-    # draft() picks the largest DCT scale-down that keeps both sides >= the requested box; it only applies to JPEG.
-    im.draft("L", (size, size))
+    # The final image has its LONGER side = size, so ask draft() for the box the image will be resized to: it picks
+    # the largest DCT scale-down (1/2, 1/4, 1/8) that keeps both sides >= that box. Only JPEGs have a draft mode.
+    w0, h0 = im.size
+    im.draft("L", (math.ceil(size * w0 / max(w0, h0)), math.ceil(size * h0 / max(w0, h0))))
     im = im.convert("L")
     w, h = im.size
     scale = size / max(w, h)

@@ -85,7 +85,9 @@ def iter_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
     data = read_bytes(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    for i, raw in enumerate(data.split(b"\n"), start=1):
+    if data.endswith(b"\n"):
+        data = data[:-1]  # the final newline ends the last line; it does not start a blank one
+    for i, raw in enumerate(data.split(b"\n") if data else [], start=1):
         try:
             yield i, raw.decode("utf-8").rstrip("\r"), None
         except UnicodeDecodeError as e:

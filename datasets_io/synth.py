@@ -270,7 +270,11 @@ def render_xray(labels: dict[str, str], height: int, width: int, rng: np.random.
     if strength["Pleural Other"]:
         img[lungs[1] & (y < cy - 0.22)] = 0.5
 
-    img += rng.normal(0, 0.03, size=(h, w)).astype(np.float32)  # film grain
+    # Film grain: mostly low-frequency mottle (a coarse noise field upsampled) plus a little per-pixel noise, so a
+    # MIMIC-size JPEG is ~1 MB like the real ones rather than a high-entropy noise file.
+    coarse = rng.normal(0, 0.03, size=(max(2, h // 12), max(2, w // 12))).astype(np.float32)
+    img += np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR))
+    img += rng.normal(0, 0.008, size=(h, w)).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 

@@ -16,15 +16,19 @@ CheXpert -- inputs are dicts label -> "Positive" | "Negative" | "Uncertain" (one
 - A prediction that is None, not a dict, or has a value outside the three is *invalid*: it scores as "no label
   positive" and counts against `valid_rate`. References must be valid (ValueError otherwise).
 - "u_pos" counts Uncertain as positive, "u_neg" as negative, in predictions and references alike.
-- F1 = 2TP / (2TP + FP + FN). A label with no positive in references nor predictions has F1 = `zero_division`
-  (default 1.0: nothing to get wrong, nothing got wrong; = sklearn `f1_score(..., zero_division=1.0)`). Micro-F1 pools
-  TP/FP/FN over the labels; macro-F1 is the unweighted mean of the per-label F1s over all labels of the set (14, or
-  the 5 of CHEXPERT_5).
+- F1 = 2TP / (2TP + FP + FN). Micro-F1 pools TP/FP/FN over the labels of the set (14, or the 5 of CHEXPERT_5);
+  macro-F1 is the unweighted mean of per-label F1s.
+- A label with no positive in references nor predictions has an undefined F1. Default (`zero_division=None`): its
+  F1 is NaN and macro-F1 averages over the defined labels only (NaN if none is defined, likewise micro-F1 when
+  nothing is positive anywhere). Why: on a small test set rare labels are often absent, and counting them as 1.0
+  (sklearn zero_division=1) inflates macro-F1 while 0.0 (sklearn's default) deflates it, both by the label
+  prevalence of the sample rather than by the model. Pass `zero_division=0.0` or `1.0` for sklearn's
+  `f1_score(y_true, y_pred, average=..., zero_division=...)` over all labels of the set.
 
 ICD -- dicts flag -> bool (`{"findings": "None"}` means no flag):
 - Flag set = records.ICD_FLAGS + any other flag named in the references (sorted); predicted flags outside the set
   are ignored. A missing flag is False. Invalid predictions (None, non-bool values) score as no flag and count against
-  `valid_rate`. F1 conventions as for CheXpert.
+  `valid_rate`. F1 conventions (and `zero_division`) as for CheXpert.
 
 Uncertainty: the `*_metric` functions return `stats.SummedStats` (per-study sufficient statistics) for
 `stats.bootstrap_ci`, `stats.paired_randomization_test` and `stats.compare_arms`.
@@ -118,7 +122,7 @@ def report_validity(texts: Sequence[str | None], *, expect_icd: bool) -> np.ndar
 
 # --------------------------------------------------------------------------------------------- BLEU
 def bleu_stats(predictions: Sequence[str], references: Sequence[str], *, max_order: int = 4) -> np.ndarray:
-    """Per-sample BLEU statistics, (N, 2 * max_order + 2): matches_1..n, totals_1..n, hypothesis and reference length."""
+    """Per-sample BLEU statistics (N, 2 * max_order + 2): matches_1..n, totals_1..n, hypothesis and reference length."""
     n = _check_pairs(predictions, references, "bleu")
     _check_texts(predictions, "predictions", "bleu")
     _check_texts(references, "references", "bleu")
@@ -196,8 +200,11 @@ def f1_counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.stack([pred & ref, pred & ~ref, ~pred & ref], axis=-1).astype(np.int64)
 
 
-def f1_from_counts(counts: np.ndarray, average: Average, *, zero_division: float = 1.0) -> np.ndarray:
-    """Summed counts (..., L, 3) -> micro / macro F1 (...) or per-label F1 (..., L) for average="none"."""
+def f1_from_counts(counts: np.ndarray, average: Average, *, zero_division: float | None = None) -> np.ndarray:
+    """Summed counts (..., L, 3) -> micro / macro F1 (...) or per-label F1 (..., L) for average="none".
+
+    Undefined F1 (no TP, FP nor FN): `zero_division`, or with None, NaN and left out of the macro mean.
+    """
     c = np.asarray(counts, dtype=np.float64)
     tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]  # (..., L)
     if average == "micro":
@@ -205,21 +212,27 @@ def f1_from_counts(counts: np.ndarray, average: Average, *, zero_division: float
     elif average not in ("macro", "none"):
         raise ValueError(f"average must be 'micro', 'macro' or 'none', got {average!r}")
     denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1.0), zero_division)
-    return f1.mean(-1) if average == "macro" else f1
+    defined = denom > 0
+    f1 = np.where(defined, 2 * tp / np.where(defined, denom, 1.0), np.nan if zero_division is None else zero_division)
+    if average != "macro":
+        return f1
+    if zero_division is not None:
+        return f1.mean(-1)
+    n_defined = defined.sum(-1)  # nanmean without its all-NaN warning
+    return np.where(n_defined > 0, np.where(defined, f1, 0.0).sum(-1) / np.maximum(n_defined, 1), np.nan)
 
 
-def _f1_finalize(summed: np.ndarray, n_labels: int, average: Average, zero_division: float) -> np.ndarray:
+def _f1_finalize(summed: np.ndarray, n_labels: int, average: Average, zero_division: float | None) -> np.ndarray:
     return f1_from_counts(summed.reshape(summed.shape[:-1] + (n_labels, 3)), average, zero_division=zero_division)
 
 
-def _f1_metric(counts: np.ndarray, average: Average, zero_division: float) -> SummedStats:
+def _f1_metric(counts: np.ndarray, average: Average, zero_division: float | None) -> SummedStats:
     n, n_labels, _ = counts.shape
     finalize = functools.partial(_f1_finalize, n_labels=n_labels, average=average, zero_division=zero_division)
     return SummedStats(counts.reshape(n, n_labels * 3), finalize)
 
 
-def _f1_report(counts: np.ndarray, names: Sequence[str], prefix: str, zero_division: float) -> dict[str, float]:
+def _f1_report(counts: np.ndarray, names: Sequence[str], prefix: str, zero_division: float | None) -> dict[str, float]:
     """Per-label F1 and support (reference positives) from (N, L, 3) counts."""
     summed = counts.sum(axis=0)  # (L, 3)
     per_label = f1_from_counts(summed, "none", zero_division=zero_division)
@@ -268,7 +281,7 @@ def chexpert_scores(
     predictions: Sequence[Mapping[str, str] | None],
     references: Sequence[Mapping[str, str]],
     *,
-    zero_division: float = 1.0,
+    zero_division: float | None = None,
 ) -> dict[str, float]:
     """CheXpert F1s under both Uncertain conventions, plus `valid_rate` and `n`.
 
@@ -314,7 +327,7 @@ def chexpert_f1_metric(
     convention: Convention = "u_pos",
     labels: Sequence[str] = CHEXPERT_LABELS,
     average: Literal["micro", "macro"] = "micro",
-    zero_division: float = 1.0,
+    zero_division: float | None = None,
 ) -> SummedStats:
     """CheXpert micro/macro F1 over `labels` (e.g. CHEXPERT_5) as per-study statistics, for the stats module."""
     preds, refs = _chexpert_inputs(predictions, references)
@@ -365,7 +378,7 @@ def icd_scores(
     references: Sequence[Mapping[str, bool]],
     *,
     flags: Sequence[str] | None = None,
-    zero_division: float = 1.0,
+    zero_division: float | None = None,
 ) -> dict[str, float]:
     """ICD `micro_f1`, `macro_f1`, `f1/{flag}`, `support/{flag}`, `valid_rate` and `n` (flags: see module docstring)."""
     counts, preds, names = _icd_counts(predictions, references, flags)
@@ -383,7 +396,7 @@ def icd_f1_metric(
     *,
     flags: Sequence[str] | None = None,
     average: Literal["micro", "macro"] = "micro",
-    zero_division: float = 1.0,
+    zero_division: float | None = None,
 ) -> SummedStats:
     """ICD micro/macro F1 as per-study statistics, for the stats module."""
     counts, _, _ = _icd_counts(predictions, references, flags)

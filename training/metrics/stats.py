@@ -205,6 +205,8 @@ def paired_randomization_test(
     swap = rng.random((n_permutations, n)) < 0.5  # (P, n)
     studies = np.arange(n)
     observed = pooled(studies) - pooled(studies + n)
+    if not np.isfinite(observed):
+        raise ValueError(f"paired_randomization_test: the metric difference on the full set is {observed}")
     if isinstance(pooled, SummedStats):
         keep, swapped = (~swap).astype(np.float64), swap.astype(np.float64)
         diffs = pooled.from_weights(np.hstack([keep, swapped])) - pooled.from_weights(np.hstack([swapped, keep]))

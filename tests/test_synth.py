@@ -1,0 +1,85 @@
+"""The synthetic generator: determinism, patient-disjoint split, exact templates, signal in pixels and EHR."""
+
+import hashlib
+import json
+
+import numpy as np
+from PIL import Image
+
+from datasets_io.jsonl import read_records
+from datasets_io.records import CHEXPERT_LABELS, ehr_from_prompt, parse_target
+from datasets_io.synth import make_studies, render_xray, write_synthetic
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 3), (b, 3), (c, 4)):
+        write_synthetic(out, 12, seed=seed, image_size=(64, 64), progress=False)
+    assert digest(a) == digest(b) != digest(c)
+
+
+def test_split_by_patient_and_both_stages_per_study(synth_dir):
+    subjects = {}
+    for split in ("train", "val"):
+        records, _ = read_records(str(synth_dir / f"curriculum_{split}.jsonl"), str(synth_dir), check_images="decode")
+        subjects[split] = {r.image.split("/")[2] for r in records}
+        by_study = {}
+        for r in records:
+            by_study.setdefault(r.study_id, set()).add((r.stage, r.image))
+        assert all(len(v) == 2 and {s for s, _ in v} == {"A", "B"} and len({i for _, i in v}) == 1 for v in by_study.values())
+        assert all(len(parse_target(r.target, expect_icd=r.stage == "B").chexpert) == 14 for r in records)
+    assert subjects["val"] and not (subjects["train"] & subjects["val"])
+
+
+def test_image_layout_is_mimic_like(synth_dir):
+    row = json.loads((synth_dir / "curriculum_train.jsonl").read_text().splitlines()[0])
+    parts = row["image"].split("/")
+    assert parts[0] == "files" and parts[1] == "p" + parts[2][1:3] and parts[3].startswith("s") and parts[4].endswith(".jpg")
+    assert Image.open(synth_dir / row["image"]).mode == "L"
+
+
+def test_pixels_carry_the_findings():
+    """Cardiomegaly widens the bright heart shadow; effusion brightens the lung bases; devices add bright lines."""
+    neg = {label: "Negative" for label in CHEXPERT_LABELS}
+    base = render_xray(neg, 128, 128, np.random.default_rng(0)).astype(float)
+    cardio = render_xray(neg | {"Cardiomegaly": "Positive"}, 128, 128, np.random.default_rng(0)).astype(float)
+    effusion = render_xray(neg | {"Pleural Effusion": "Positive"}, 128, 128, np.random.default_rng(0)).astype(float)
+    devices = render_xray(neg | {"Support Devices": "Positive"}, 128, 128, np.random.default_rng(0)).astype(float)
+    heart_band = slice(70, 85)
+    assert (cardio[heart_band] > 160).sum() > 1.3 * (base[heart_band] > 160).sum()
+    assert effusion[60:90, 20:60].mean() > base[60:90, 20:60].mean() + 20
+    assert (devices > 235).sum() > (base > 235).sum() + 50
+
+
+def test_ehr_values_decide_icd_flags():
+    studies = make_studies(400, seed=1)
+    bnp_chf = [s.ehr["Labs"]["BNP"]["value"] for s in studies if s.icd["chf_exacerbation"]]
+    bnp_no = [s.ehr["Labs"]["BNP"]["value"] for s in studies if not s.icd["chf_exacerbation"] and "BNP" in s.ehr["Labs"]]
+    assert min(bnp_chf) > 400 > max(bnp_no)
+    fever = [s.ehr["Vitals"]["temperature"]["value"] > 38.0 for s in studies]
+    assert fever == [s.icd["pneumonia"] for s in studies]
+    prevalence = {k: np.mean([s.icd[k] for s in studies]) for k in studies[0].icd}
+    assert 0.1 < prevalence["chf_exacerbation"] < 0.4 and 0.1 < prevalence["pneumonia"] < 0.4
+
+
+def test_impression_consistent_with_labels():
+    for s in make_studies(100, seed=2):
+        if s.chexpert["No Finding"] == "Positive" and s.chexpert["Support Devices"] == "Negative":
+            assert any(p in s.impression for p in ("No acute", "Normal chest"))
+        if s.chexpert["Pneumothorax"] == "Positive":
+            assert "pneumothorax" in s.impression.lower() and "No pneumothorax" not in s.impression
+
+
+def test_ehr_block_has_the_seed_fields(synth_dir):
+    rows = [json.loads(l) for l in (synth_dir / "curriculum_train.jsonl").read_text().splitlines()]
+    ehr = ehr_from_prompt(next(r for r in rows if r["stage"] == "B")["prompt"])
+    assert set(ehr) == {"Age", "Sex", "Vitals", "Labs", "O2_device", "Chronic_conditions"}
+    assert ehr["Labs"]["BNP"]["unit"] == "pg/mL" and ehr["Labs"]["BNP"]["reference_range"] == [0, 100]

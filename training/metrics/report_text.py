@@ -1,0 +1,61 @@
+"""Report text metrics as a local `evaluate` module: corpus BLEU-1..4 and mean ROUGE-L F-measure.
+
+Load it offline from its path (it never touches the hub):
+
+    from training.metrics.scores import load_metric
+    metric = load_metric("report_text")  # = evaluate.load(".../training/metrics/report_text.py")
+    metric.compute(predictions=[...], references=[...])
+
+Tokenization (case-insensitive): lowercase, then the regex `[a-z0-9]+|[^\\sa-z0-9]` -- words, and each punctuation
+character as a token. BLEU counts punctuation tokens; ROUGE-L uses the words only (= rouge-score's tokenizer, no
+stemming). BLEU is unsmoothed corpus BLEU with brevity penalty (= sacrebleu `smooth_method="none"` on the same tokens),
+in [0, 1]. Details and conventions: `training/metrics/scores.py`.
+"""
+
+from __future__ import annotations
+
+import datasets
+import evaluate
+
+from training.metrics import scores
+
+_CITATION = "Papineni et al. 2002 (BLEU); Lin 2004 (ROUGE)."
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: generated texts, one per study ('' for no output).
+    references: reference texts, one per study.
+    max_order: highest BLEU n-gram order (default 4).
+    impression_only: score only the Impression block of each text (reports in the curriculum format); a text
+        without one scores as ''.
+Returns:
+    bleu_1 .. bleu_{max_order}, brevity_penalty, length_ratio, rouge_l.
+"""
+
+
+class ReportText(evaluate.Metric):
+    """Corpus BLEU-1..n and mean ROUGE-L F of generated reports against references."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=__doc__ or "",
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(
+        self,
+        predictions: list[str],
+        references: list[str],
+        max_order: int = 4,
+        impression_only: bool = False,
+    ) -> dict[str, float]:
+        if impression_only:
+            predictions = [scores.impression_from_text(t) for t in predictions]
+            references = [scores.impression_from_text(t) for t in references]
+        out = scores.bleu(predictions, references, max_order=max_order)
+        out["rouge_l"] = scores.rouge_l(predictions, references)
+        return out
