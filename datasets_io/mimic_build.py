@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -71,7 +70,8 @@ CHEXPERT_RENDER = {1.0: "Positive", 0.0: "Negative", -1.0: "Uncertain"}
 I64, F64, STR, TS = pa.int64(), pa.float64(), pa.string(), pa.timestamp("s")
 METADATA = ("mimic-cxr-2.0.0-metadata.csv.gz", {"dicom_id": STR, "subject_id": I64, "study_id": I64,
                                                 "ViewPosition": STR, "StudyDate": I64, "StudyTime": F64})
-CHEXPERT = ("mimic-cxr-2.0.0-chexpert.csv.gz", {"subject_id": I64, "study_id": I64, **{k: F64 for k in CHEXPERT_LABELS}})
+CHEXPERT = ("mimic-cxr-2.0.0-chexpert.csv.gz", {"subject_id": I64, "study_id": I64,
+                                                **{label: F64 for label in CHEXPERT_LABELS}})
 SPLIT = ("mimic-cxr-2.0.0-split.csv.gz", {"dicom_id": STR, "study_id": I64, "subject_id": I64, "split": STR})
 PATIENTS = ("patients.csv.gz", {"subject_id": I64, "gender": STR, "anchor_age": I64, "anchor_year": I64})
 ADMISSIONS = ("admissions.csv.gz", {"subject_id": I64, "hadm_id": I64, "admittime": TS, "dischtime": TS,
@@ -302,7 +302,10 @@ def load_icd_map(path: str | Path) -> IcdMap:
         text = path.read_text()
     except OSError as e:
         raise LauncherError(f"--icd-map {path}: cannot read ({e.strerror})") from None
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LauncherError(f"--icd-map {path}: not valid YAML ({e})") from None
     problems: list[str] = []
     if not isinstance(data, dict):
         raise LauncherError(f"{path}: expected a mapping with version, flags, chronic_conditions")
@@ -441,17 +444,24 @@ class NearestBefore:
 
     Streaming: `update` takes one batch of measurements and keeps, per (study, item), only the best so far (ties
     by the row's `tie` key, e.g. labevent_id, so the answer does not depend on row order). Memory is
-    O(studies x items), independent of how many rows stream through. Studies must be sorted by subject.
+    O(studies x items), independent of how many rows stream through; each update pairs a measurement only with
+    the studies of its patient that fall inside the window after it (a binary search on (patient, study time)),
+    so a patient with 100 studies does not multiply the batch by 100.
     """
 
+    TIME_SPAN = 1 << 36  # seconds since 1970 must lie in [0, 2^36) (years 1970-4147): room for (patient, time) keys
+
     def __init__(self, study_subject: np.ndarray, study_time: np.ndarray, n_items: int, window_s: float):
-        if len(study_subject) and np.any(np.diff(study_subject) < 0):
-            raise ValueError("studies must be sorted by subject")
-        self.study_time = np.asarray(study_time, np.int64)
-        self.n_items, self.window_s = n_items, window_s
-        self.subjects, self.starts, counts = np.unique(study_subject, return_index=True, return_counts=True)
-        self.counts = counts.astype(np.int64)
-        shape = (len(study_subject) * n_items,)  # flat index study * n_items + item
+        study_subject, study_time = np.asarray(study_subject, np.int64), np.asarray(study_time, np.int64)
+        if len(study_time) and (study_time.min() < 0 or study_time.max() >= self.TIME_SPAN):
+            raise ValueError("study times must lie between 1970 and 4147")
+        self.study_time = study_time
+        self.n_items, self.window_s = n_items, int(window_s)
+        self.subjects = np.unique(study_subject)
+        self._order = np.lexsort((study_time, study_subject))  # sorted position -> study index
+        rank = np.searchsorted(self.subjects, study_subject[self._order])
+        self._keys = rank * self.TIME_SPAN + study_time[self._order]  # ascending (patient rank, study time)
+        shape = (len(study_time) * n_items,)  # flat index study * n_items + item
         self.delta = np.full(shape, np.iinfo(np.int64).max, np.int64)
         self.tie = np.full(shape, np.iinfo(np.int64).max, np.int64)
         self.value = np.full(shape, np.nan)
@@ -460,40 +470,45 @@ class NearestBefore:
         self.unit = np.full(shape, -1, np.int32)
         self.units: list[str] = []
         self._unit_code: dict[str, int] = {}
-        self.rows_in_window = 0
+        self.pairs_in_window = 0  # (measurement, study) pairs inside a window, before the reduction
+
+    def unit_code(self, unit: str) -> int:
+        """The int code of a unit string in self.units (added on first sight)."""
+        if unit not in self._unit_code:
+            self._unit_code[unit] = len(self.units)
+            self.units.append(unit)
+        return self._unit_code[unit]
 
     def unit_codes(self, column: pa.Array) -> np.ndarray:
         """Strings -> int codes into self.units (-1 = null), through pyarrow's dictionary encoding."""
         encoded = pc.dictionary_encode(column)
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()
-        mapping = np.array([self._unit_code.setdefault(u, len(self._unit_code)) for u in encoded.dictionary.to_pylist()]
-                           + [-1], np.int32)
-        self.units = list(self._unit_code)
+        mapping = np.array([self.unit_code(u) for u in encoded.dictionary.to_pylist()] + [-1], np.int32)
         indices = encoded.indices.fill_null(len(mapping) - 1).to_numpy(zero_copy_only=False)
         return mapping[indices]
 
     def update(self, subject, item, time_s, value, unit, lo, hi, tie) -> None:
-        pos = np.searchsorted(self.subjects, subject)
-        pos = np.minimum(pos, len(self.subjects) - 1)
-        known = self.subjects[pos] == subject if len(self.subjects) else np.zeros(len(subject), bool)
-        rows = np.flatnonzero(known)
+        """Fold one batch of measurements (equal-length arrays) into the best-so-far."""
+        if not len(self.subjects):
+            return
+        pos = np.minimum(np.searchsorted(self.subjects, subject), len(self.subjects) - 1)
+        usable = (self.subjects[pos] == subject) & (time_s >= 0) & (time_s < self.TIME_SPAN - self.window_s)
+        usable &= np.isfinite(value)  # a non-finite value would not survive JSON
+        rows = np.flatnonzero(usable)
         if not len(rows):
             return
-        pos = pos[rows]
-        counts = self.counts[pos]
-        # pair every row with every study of its subject: (R,) -> (sum of counts,)
-        row_idx = np.repeat(rows, counts)
-        first = np.repeat(self.starts[pos], counts)
+        # the studies of the row's patient with time in [t, t + window]: a contiguous run of the sorted keys
+        key = pos[rows] * self.TIME_SPAN + time_s[rows]
+        first = np.searchsorted(self._keys, key, side="left")
+        counts = np.searchsorted(self._keys, key + self.window_s, side="right") - first
+        row_idx = np.repeat(rows, counts)  # (pairs,)
         offset = np.arange(len(row_idx)) - np.repeat(np.cumsum(counts) - counts, counts)
-        study = first + offset
-        delta = self.study_time[study] - time_s[row_idx]
-        # at or before the study, inside the window; a non-finite value would not survive JSON
-        ok = (delta >= 0) & (delta <= self.window_s) & np.isfinite(value[row_idx])
-        if not ok.any():
+        study = self._order[np.repeat(first, counts) + offset]
+        delta = self.study_time[study] - time_s[row_idx]  # 0 <= delta <= window by construction
+        if not len(row_idx):
             return
-        row_idx, study, delta = row_idx[ok], study[ok], delta[ok]
-        self.rows_in_window += len(row_idx)
+        self.pairs_in_window += len(row_idx)
         key = study * self.n_items + item[row_idx]
         row_tie = tie[row_idx]
         order = np.lexsort((row_tie, delta, key))  # best first within each key
@@ -521,8 +536,8 @@ class NearestBefore:
                                          "unit": self.units[self.unit[k]] if self.unit[k] >= 0 else None}
                 if with_range:
                     lo, hi = self.lo[k], self.hi[k]
-                    entry["reference_range"] = (None if np.isnan(lo) and np.isnan(hi) else
-                                                [None if np.isnan(lo) else float(lo), None if np.isnan(hi) else float(hi)])
+                    bounds = [None if np.isnan(b) else float(b) for b in (lo, hi)]
+                    entry["reference_range"] = None if bounds == [None, None] else bounds
                 entry["hours_before"] = round(float(self.delta[k]) / 3600.0, 1)
                 block[name] = entry
             out.append(block)
@@ -545,21 +560,24 @@ def resolve_lab_panel(d_labitems: Path) -> tuple[dict[int, int], list[str], list
 
 
 def nearest_labs(labevents: Path, items: dict[int, int], n_items: int, study_subject: np.ndarray,
-                 study_time: np.ndarray, window_hours: float, *, desc: str | None = "labevents") -> tuple[NearestBefore, dict[str, int]]:
+                 study_time: np.ndarray, window_hours: float, *, desc: str | None = "labevents",
+                 block_size: int = 4 << 20) -> tuple[NearestBefore, dict[str, int]]:
     """Stream labevents, keeping rows of the chosen subjects and panel items with a numeric value."""
     reducer = NearestBefore(study_subject, study_time, n_items, window_hours * 3600)
     subjects = pa.array(np.unique(study_subject), pa.int64())
     itemids = np.array(sorted(items), np.int64)
+    itemid_set = pa.array(itemids)
     item_index = np.array([items[i] for i in itemids], np.int64)
     stats = Counter()
 
     def keep(batch: pa.RecordBatch) -> pa.Array:
+        stats["blocks_read"] += 1
         stats["rows_scanned"] += batch.num_rows
         mask = pc.and_(pc.is_in(batch.column("subject_id"), value_set=subjects),
-                       pc.is_in(batch.column("itemid"), value_set=pa.array(itemids)))
+                       pc.is_in(batch.column("itemid"), value_set=itemid_set))
         return pc.and_(mask, pc.and_(pc.is_valid(batch.column("valuenum")), pc.is_valid(batch.column("charttime"))))
 
-    for batch in stream_csv(labevents, LABEVENTS[1], keep=keep, desc=desc):
+    for batch in stream_csv(labevents, LABEVENTS[1], keep=keep, desc=desc, block_size=block_size):
         stats["rows_kept"] += batch.num_rows
         ids = batch.column("itemid").to_numpy()
         reducer.update(
@@ -572,7 +590,7 @@ def nearest_labs(labevents: Path, items: dict[int, int], n_items: int, study_sub
             hi=batch.column("ref_range_upper").to_numpy(zero_copy_only=False),
             tie=batch.column("labevent_id").fill_null(np.iinfo(np.int64).max).to_numpy(),
         )
-    stats["rows_in_window"] = reducer.rows_in_window
+    stats["pairs_in_window"] = reducer.pairs_in_window
     return reducer, dict(stats)
 
 
@@ -580,13 +598,12 @@ def nearest_vitals(vitalsign: Path, study_subject: np.ndarray, study_time: np.nd
                    window_hours: float) -> tuple[NearestBefore, dict[str, int]]:
     """Stream ED vitalsign (wide: one column per vital) into the same reducer, one item per vital."""
     reducer = NearestBefore(study_subject, study_time, len(VITALS), window_hours * 3600)
-    for name, unit in VITALS.values():
-        reducer._unit_code.setdefault(unit, len(reducer._unit_code))
-    reducer.units = list(reducer._unit_code)
+    unit_codes = [reducer.unit_code(unit) for _, unit in VITALS.values()]
     subjects = pa.array(np.unique(study_subject), pa.int64())
     stats = Counter()
 
     def keep(batch: pa.RecordBatch) -> pa.Array:
+        stats["blocks_read"] += 1
         stats["rows_scanned"] += batch.num_rows
         return pc.and_(pc.is_in(batch.column("subject_id"), value_set=subjects), pc.is_valid(batch.column("charttime")))
 
@@ -595,7 +612,7 @@ def nearest_vitals(vitalsign: Path, study_subject: np.ndarray, study_time: np.nd
         subject = batch.column("subject_id").to_numpy()
         time_s = ts_seconds(batch.column("charttime"))
         tie = batch.column("stay_id").fill_null(np.iinfo(np.int64).max).to_numpy()  # same charttime: lowest stay
-        for i, (column, (_, unit)) in enumerate(VITALS.items()):
+        for i, column in enumerate(VITALS):
             values = batch.column(column).to_numpy(zero_copy_only=False)
             present = ~np.isnan(values)
             n = int(present.sum())
@@ -603,8 +620,8 @@ def nearest_vitals(vitalsign: Path, study_subject: np.ndarray, study_time: np.nd
                 continue
             nan = np.full(n, np.nan)
             reducer.update(subject[present], np.full(n, i, np.int64), time_s[present], values[present],
-                           np.full(n, reducer._unit_code[unit], np.int32), nan, nan, tie[present])
-    stats["rows_in_window"] = reducer.rows_in_window
+                           np.full(n, unit_codes[i], np.int32), nan, nan, tie[present])
+    stats["pairs_in_window"] = reducer.pairs_in_window
     return reducer, dict(stats)
 
 
@@ -821,7 +838,7 @@ def add_ehr(studies: list[Study], opts: BuildOptions, icd_map: IcdMap, report: d
             out.update(cache[k])
         return out
 
-    # labs and vitals, streamed: one reducer row per study (studies are sorted by subject)
+    # labs and vitals, streamed and reduced to one best row per (study, item)
     study_subject = np.array([s.subject_id for s in studies], np.int64)
     study_time = np.array([s.time_s for s in studies], np.int64)
     items, lab_names, missing_labs = resolve_lab_panel(locate(hosp, D_LABITEMS[0], "--mimic-iv", subs))
@@ -855,7 +872,9 @@ def add_ehr(studies: list[Study], opts: BuildOptions, icd_map: IcdMap, report: d
             if a[1] < s.time_s:  # discharged before the study (never the current admission, which contains it)
                 chronic |= matched("chronic", a[2])
         g, anchor_age, anchor_year = person.get(s.subject_id, (None, None, None))
-        age = anchor_age + epoch_year(s.time_s) - anchor_year if anchor_age is not None and anchor_year is not None else None
+        age = None
+        if anchor_age is not None and anchor_year is not None:
+            age = anchor_age + epoch_year(s.time_s) - anchor_year  # MIMIC-IV's age at the study's (shifted) year
         if s.subject_id in person:
             adm_counts["patient_row_found"] += 1
         s.ehr = {
@@ -913,6 +932,19 @@ def label_counts(studies: list[Study]) -> dict[str, dict[str, int]]:
     return {label: {k: c[k] for k in keys} for label, c in out.items()}
 
 
+def locate_inputs(opts: BuildOptions) -> dict[str, str]:
+    """Every input file, found before any work starts (a wrong folder fails in a second, not after the reports)."""
+    found = {name: locate(opts.cxr_jpg, name, "--cxr-jpg") for name, _ in (METADATA, CHEXPERT, SPLIT)}
+    for name, _ in (PATIENTS, ADMISSIONS, DIAGNOSES, D_LABITEMS, LABEVENTS):
+        found[name] = locate(opts.mimic_iv, name, "--mimic-iv", ("hosp", ""))
+    if opts.mimic_iv_ed:
+        found[VITALSIGN[0]] = locate(opts.mimic_iv_ed, VITALSIGN[0], "--mimic-iv-ed", ("ed", ""))
+    for flag, root in (("--cxr-jpg", opts.cxr_jpg), ("--reports", opts.reports)):
+        if not subfolder(root, "files").is_dir():
+            raise LauncherError(f"{flag} {root}: not a folder (expected the release's files/pXX/... tree under it)")
+    return {name: str(path) for name, path in found.items()}
+
+
 def build(opts: BuildOptions) -> dict[str, Any]:
     """Run every step and write OUT; returns the build report (also written to OUT/build_report.json)."""
     out = Path(opts.out)
@@ -921,6 +953,7 @@ def build(opts: BuildOptions) -> dict[str, Any]:
     icd_map = load_icd_map(opts.icd_map)
     report: dict[str, Any] = {
         "options": asdict(opts),
+        "inputs": locate_inputs(opts),
         "icd_map": {"path": str(opts.icd_map), "version": icd_map.version, "sha256": icd_map.sha256},
         "dropped": Counter(),
         "ehr": {},
@@ -951,7 +984,8 @@ def build(opts: BuildOptions) -> dict[str, Any]:
     report["kept_studies"] = len(studies)
     report["studies_per_split"] = {sp: sum(1 for s in studies if s.split == sp) for sp in SPLIT_FILES}
     report["stage_b_not_written_outside_every_admission"] = stage_b_skipped
-    report["rows_written"] = {SPLIT_FILES[sp]: dict(Counter(r["stage"] for r in rows)) for sp, rows in rows_by_split.items()}
+    report["rows_written"] = {SPLIT_FILES[sp]: dict(Counter(r["stage"] for r in rows))
+                              for sp, rows in rows_by_split.items()}
     report["chexpert_labels"] = label_counts(studies)
     report["icd_flags_positive"] = {f: sum(1 for s in studies if s.icd.get(f)) for f in icd_map.flags}
     report["funnel"] = funnel(report)

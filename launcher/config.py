@@ -155,6 +155,8 @@ class MlflowConfig:
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    stage3_param_persistence_threshold: int = 100000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (fewer small all-gathers); 0 partitions all."""
 
 
 @dataclass

@@ -116,7 +116,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.data import Preprocessor, StageStream, StreamSpec, local_batches
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
-    from training.model import build_model
+    from training.model import build_model, load_adapter_weights
     from training.tracking import MlflowTracker, config_params
 
     t_start = time.perf_counter()
@@ -161,6 +161,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
             val_cache[stage] = list(local_batches(val_stream, pre, 0, mb, len(rows) // mb)) if val_stream and len(rows) >= mb else []
         return val_cache[stage]
 
+    if resumed:
+        load_adapter_weights(bundle.model, resume_from)
     engine = AccelerateEngine(bundle.model, cfg.train, device, mixed_precision=mixed)
     state = LoopState()
     if resumed:

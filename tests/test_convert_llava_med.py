@@ -96,7 +96,7 @@ def write_tokenizer(directory: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=320, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -433,18 +433,28 @@ def test_streaming_writer_round_trips_through_safetensors(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_training_step_on_the_converted_model(converted, tmp_path):
-    """The converted directory trains through the normal path: `launcher local` with model.name_or_path pointing at it."""
+def test_lora_training_step_on_the_converted_model(converted, synth_dir, tmp_path):
+    """The converted directory trains through the normal path: `launcher local` with model.name_or_path at it."""
+    from safetensors import safe_open
+
     if importlib.util.find_spec("launcher.commands.local") is None or not (REPO / "configs" / "tiny.yaml").is_file():
         pytest.skip("`launcher local` / configs/tiny.yaml are not in this checkout yet")
-    out = converted[2]
-    run_dir = tmp_path / "run"
-    rc, stdout, stderr = run_cli(
-        "local", "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--set", f"model.name_or_path={out}", "train.max_steps=2", f"output.dir={run_dir}",
-        f"data.root={tmp_path / 'data'}", "data.synth_if_missing=true", "data.synth_studies=8",
-        "train.micro_batch_size=2", "train.val_batches=1", "model.dtype=fp32",
-    )  # fmt: skip
+    out, run_dir = converted[2], tmp_path / "run"
+    overrides = {
+        "model.name_or_path": str(out), "model.train_vision_tower": "false", "model.train_token_embeddings": "false",
+        "model.dtype": "fp32", "data.root": str(synth_dir), "data.synth_if_missing": "false", "data.max_seq_len": "2048",
+        "output.dir": str(run_dir), "train.max_steps": "2", "train.micro_batch_size": "2", "train.warmup_steps": "1",
+        "train.val_batches": "1", "train.eval_every": "0", "train.save_every": "0", "lora.r": "4", "lora.alpha": "8",
+    }  # fmt: skip
+    argv = ["local", "--config", str(REPO / "configs" / "tiny.yaml"), "--device", "cpu", "--no-progress"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    rc, stdout, stderr = run_cli(*argv)
     assert rc == 0, stdout[-2000:] + stderr[-4000:]
     final = run_dir / "checkpoints" / "final"
-    assert final.is_dir() and any(final.iterdir()), sorted(str(p) for p in run_dir.rglob("*"))[:50]
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(out)
+    with safe_open(final / "adapter_model.safetensors", framework="pt") as f:
+        names = list(f.keys())
+    assert any(".language_model.layers." in n and "lora_" in n for n in names)
+    assert all(("lora_" in n and ".language_model.layers." in n) or "multi_modal_projector" in n for n in names)

@@ -531,7 +531,8 @@ def load_source_tokenizer(src: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src)
+        with _quiet_transformers():  # it reads config.json too, and warns that llava_mistral is an unknown model type
+            return AutoTokenizer.from_pretrained(src)
     except Exception as e:
         raise LauncherError(
             f"--src {src}: could not load its tokenizer ({type(e).__name__}: {e}). A tokenizer.model-only (SentencePiece) "
@@ -899,8 +900,10 @@ def reference_logits(
         if info.tower_from_source:
             tower_sd = _read_source_tensors(src, allow_pickle, lambda k: k.startswith(_SRC_TOWER_PREFIX))
             tower.load_state_dict({k[len(_SRC_TOWER_PREFIX) :]: v for k, v in tower_sd.items()}, strict=False)
-    lm = lm.to(storage_dtype).to(compute_dtype).to(device).eval()
-    tower = tower.to(storage_dtype).to(compute_dtype).to(device).eval()
+    for module in (lm, tower):
+        for param in module.parameters():  # parameters only: buffers (rotary inv_freq) stay as computed at init
+            param.data = param.data.to(storage_dtype).to(compute_dtype)
+    lm, tower = lm.to(device).eval(), tower.to(device).eval()
 
     ids = torch.tensor(input_ids)
     (where,) = torch.nonzero(ids == ORIGINAL_IMAGE_TOKEN_INDEX, as_tuple=True)
@@ -908,7 +911,8 @@ def reference_logits(
         raise LauncherError(f"verification prompt must hold exactly one image, got {len(where)}")
     p = int(where[0])
     with torch.no_grad():
-        hidden = tower(as_used(pixel_values), output_hidden_states=True).hidden_states[info.select_layer]  # (1, 1+N, C)
+        pixels = pixel_values.to(compute_dtype).to(device)  # (1, 3, S, S), as the converted model gets them
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[info.select_layer]  # (1, 1+N, C)
         feats = hidden[:, 1:] if info.select_strategy == "default" else hidden
         feats = F.linear(feats, as_used(proj["model.mm_projector.0.weight"]), as_used(proj["model.mm_projector.0.bias"]))
         feats = F.gelu(feats)  # nn.GELU(): erf form

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from datasets_io.images import preprocess_image
-from datasets_io.records import ParsedTarget, parse_target
+from datasets_io.records import ParsedTarget, parse_target, prompt_a, prompt_b
 from datasets_io.tokens import TokenizedSample, encode_prompt, pad_batch
 
 # Without a config to say otherwise: the curriculum's longest Stage B target is ~200-300 tokens with the
@@ -113,3 +113,43 @@ def parse_report(text: str | None, expect_icd: bool) -> ParsedTarget:
 def max_new_tokens_for(max_seq_len: int, prompt_len: int, floor: int = 16) -> int:
     """Room the model was trained with: data.max_seq_len minus the prompt (never below `floor`)."""
     return max(floor, max_seq_len - prompt_len)
+
+
+# --------------------------------------------------------------------------------------------- single requests
+def request_prompt(ehr: dict | None) -> str:
+    """No EHR (None): the Stage A prompt (image only, no ICD). A dict, even `{}`: the Stage B prompt with it."""
+    return prompt_a() if ehr is None else prompt_b(ehr)
+
+
+def predict_reports(
+    bundle: Any,
+    requests: Sequence[tuple[bytes, dict | None]],
+    *,
+    max_seq_len: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """(image bytes, EHR dict or None) requests -> report text and parsed labels, for `predict` and the pyfunc.
+
+    max_new_tokens defaults to max_seq_len (the checkpoint's data.max_seq_len) minus the longest prompt.
+    """
+    prompts = [request_prompt(ehr) for _, ehr in requests]
+    if max_new_tokens is None:
+        longest = max(len(encode_prompt(bundle.tokenizer, p, bundle.image_token_id, bundle.num_image_tokens))
+                      for p in set(prompts))
+        max_new_tokens = max_new_tokens_for(max_seq_len, longest) if max_seq_len else DEFAULT_MAX_NEW_TOKENS
+    texts = generate_reports(bundle, list(zip(prompts, [im for im, _ in requests])), batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    out = []
+    for text, (_, ehr) in zip(texts, requests):
+        parsed = parse_report(text, expect_icd=ehr is not None)
+        out.append({
+            "report": text,
+            "valid": parsed.valid,
+            "problems": parsed.problems,
+            "impression": parsed.impression,
+            "chexpert": parsed.chexpert,
+            "icd": parsed.icd,
+        })
+    return out

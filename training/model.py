@@ -208,6 +208,20 @@ def load_trained(checkpoint_dir: str, dtype: torch.dtype = torch.float32, base_p
     return bundle_for(model, tokenizer, base_path)
 
 
+def load_adapter_weights(model: Any, ckpt_dir: str | Path) -> None:
+    """Load a bundle's trained tensors (LoRA + modules_to_save) into a live PeftModel, for resuming."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise LauncherError(f"cannot resume: {path} is missing")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    missing = [k for k in result.unexpected_keys]
+    if missing:
+        raise LauncherError(f"cannot resume from {ckpt_dir}: adapter tensors do not match the model: {missing[:5]}")
+
+
 def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: LoRA (and other trained modules) at `lr`, the projector at `projector_lr`."""
     projector, rest = [], []

@@ -39,8 +39,9 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def bleu_stats(predictions: Sequence[str], references: Sequence[str], *, max_ord
     _check_texts(predictions, "predictions", "bleu")
     _check_texts(references, "references", "bleu")
     out = np.zeros((n, 2 * max_order + 2), dtype=np.float64)
-    for i, (pred, ref) in enumerate(zip(predictions, references)):
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         hyp, gold = tokenize(pred), tokenize(ref)
         for order in range(1, max_order + 1):
             hyp_grams = Counter(tuple(hyp[j : j + order]) for j in range(len(hyp) - order + 1))
@@ -180,7 +181,7 @@ def rouge_l_per_sample(predictions: Sequence[str], references: Sequence[str]) ->
     _check_texts(predictions, "predictions", "rouge_l")
     _check_texts(references, "references", "rouge_l")
     out = []
-    for pred, ref in zip(predictions, references):
+    for pred, ref in zip(predictions, references, strict=True):
         hyp, gold = tokenize(pred, punctuation=False), tokenize(ref, punctuation=False)
         lcs = _lcs_length(gold, hyp) if hyp and gold else 0
         precision, recall = (lcs / len(hyp), lcs / len(gold)) if lcs else (0.0, 0.0)
@@ -236,8 +237,8 @@ def _f1_report(counts: np.ndarray, names: Sequence[str], prefix: str, zero_divis
     """Per-label F1 and support (reference positives) from (N, L, 3) counts."""
     summed = counts.sum(axis=0)  # (L, 3)
     per_label = f1_from_counts(summed, "none", zero_division=zero_division)
-    out = {f"{prefix}f1/{name}": float(f) for name, f in zip(names, per_label)}
-    out.update({f"{prefix}support/{name}": float(tp + fn) for name, (tp, _, fn) in zip(names, summed)})
+    out = {f"{prefix}f1/{name}": float(f) for name, f in zip(names, per_label, strict=True)}
+    out.update({f"{prefix}support/{name}": float(tp + fn) for name, (tp, _, fn) in zip(names, summed, strict=True)})
     return out
 
 

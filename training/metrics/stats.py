@@ -17,8 +17,9 @@ Conventions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class IndexMetric(Protocol):
     def __call__(self, idx: np.ndarray) -> float: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare values instead
 class SummedStats:
     """A metric that is a function of per-sample statistics summed over the samples.
 
@@ -213,7 +214,7 @@ def paired_randomization_test(
     else:
         idx_a = np.where(swap, studies + n, studies)
         idx_b = np.where(swap, studies, studies + n)
-        diffs = np.array([pooled(a) - pooled(b) for a, b in zip(idx_a, idx_b)], dtype=np.float64)
+        diffs = np.array([pooled(a) - pooled(b) for a, b in zip(idx_a, idx_b, strict=True)], dtype=np.float64)
     # Float tolerance: a permutation that reproduces the observed split must count as "as extreme".
     tol = 1e-12 * max(1.0, abs(observed))
     extreme = int(np.count_nonzero(np.abs(diffs) >= abs(observed) - tol))
@@ -231,6 +232,7 @@ def compare_arms(
     """Intervals for each arm, the paired bootstrap interval of A - B and the randomization p-value, for one metric.
 
     `a` and `b` are the same metric built from each arm's outputs on the same studies, in the same order.
+    `n_resamples` is used for the bootstraps and as the number of randomization permutations.
     """
     if len(a) != len(b):
         raise ValueError(f"arms must score the same studies: {len(a)} vs {len(b)} items")

@@ -1,0 +1,823 @@
+"""Evaluation of a trained report generator, with the fair EHR A/B test.
+
+    launcher evaluate --checkpoint runs/tiny/checkpoints/final --data data/synth/curriculum_val.jsonl \\
+        --data-root data/synth --ehr both --out runs/tiny/eval
+
+What is generated (greedy, batched, left padded; training/generate.py), for each study of the file that has a
+Stage B row (the A/B needs the EHR), in file order, up to --limit studies:
+
+    arm       prompt                                               scored
+    ehr_on    the Stage B prompt (Patient Data block filled)       Impression, CheXpert, ICD
+    ehr_off   the same prompt with the block emptied               Impression, CheXpert, ICD
+              (records.with_empty_ehr: same words, same image)
+    stage_a   the Stage A prompt (image only)                      Impression, CheXpert
+
+All arms score against the study's Stage B target, so each arm answers the same question about the same studies and
+the A/B is paired per study: ehr_on - ehr_off (and each Stage B arm against stage_a) with a paired bootstrap
+interval and an approximate-randomization p-value per metric (training/metrics/stats.py). When the checkpoint has a
+sibling `stage_A_end/` (the end of the image-only stage), it is evaluated on the same arms and shown beside the
+evaluated model, with the same paired comparisons. A CheXpert majority-class baseline (each label's most frequent
+value in the training file, or in the evaluation file when that is not there) is scored beside the model.
+
+Outputs in --out: metrics.json, report.md, plots/*.png (logged to an MLflow run of the experiment: parameters are
+paths and settings only, never patient data) and, only with --save-predictions, predictions.jsonl (which holds
+patient data: EHR-conditioned text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from datasets_io.records import (
+    CHEXPERT_5,
+    CHEXPERT_LABELS,
+    ICD_FLAGS,
+    ParsedTarget,
+    parse_target,
+    prompt_a,
+    with_empty_ehr,
+)
+from launcher.errors import LauncherError
+
+ARM_DESCRIPTIONS = {
+    "ehr_on": "EHR on: the Stage B prompt",
+    "ehr_off": "EHR off: the Stage B prompt with the Patient Data block emptied",
+    "stage_a": "the Stage A prompt (image only)",
+}
+ARM_EXPECTS_ICD = {"ehr_on": True, "ehr_off": True, "stage_a": False}
+EHR_MODES = {"on": ("ehr_on", "stage_a"), "off": ("ehr_off", "stage_a"), "both": ("ehr_on", "ehr_off", "stage_a")}
+STAGE_A_END = "stage_A_end"
+
+# The paired comparisons (a - b) the report shows, when both arms were generated.
+ARM_COMPARISONS = (("ehr_on", "ehr_off"), ("ehr_on", "stage_a"), ("ehr_off", "stage_a"))
+
+
+# --------------------------------------------------------------------------------------------- the studies
+@dataclass(frozen=True)
+class Study:
+    """One study of the evaluation set: its image, its prompts and the target every arm is scored against."""
+
+    study_id: str
+    image: str  # relative to the data root
+    prompt_b: str | None  # None when the file has no Stage B row for the study
+    prompt_a: str
+    target: str  # the Stage B target when there is one (Impression + CheXpert + ICD), else the Stage A target
+    where: str = ""
+
+    @property
+    def has_ehr(self) -> bool:
+        return self.prompt_b is not None
+
+    def prompt(self, arm: str) -> str:
+        if arm == "stage_a":
+            return self.prompt_a
+        if self.prompt_b is None:
+            raise ValueError(f"{self.where}: study {self.study_id} has no Stage B row for arm {arm}")
+        return self.prompt_b if arm == "ehr_on" else with_empty_ehr(self.prompt_b)
+
+
+def load_studies(data_file: str, data_root: str, limit: int | None = None) -> list[Study]:
+    """Studies in file order. With any Stage B row in the file, only studies with one are kept (the A/B is paired);
+    a file of Stage A rows only gives image-only studies. Bad records are errors (file:line)."""
+    from datasets_io.jsonl import path_exists, read_records
+
+    if "://" not in data_file and not Path(data_file).is_file():
+        raise LauncherError(f"--data {data_file}: file not found")
+    if "://" not in data_root and not Path(data_root).is_dir():
+        raise LauncherError(f"--data-root {data_root}: directory not found")
+    records, _ = read_records(data_file, data_root, policy="error", check_images="none")
+    if not records:
+        raise LauncherError(f"--data {data_file}: no records")
+    a_rows = {r.study_id: r for r in records if r.stage == "A"}
+    b_rows = {r.study_id: r for r in records if r.stage == "B"}
+    order = list(dict.fromkeys(r.study_id for r in records if (r.stage == "B" or not b_rows)))
+    if limit is not None:
+        if limit < 1:
+            raise LauncherError(f"--limit must be >= 1, got {limit}")
+        order = order[:limit]
+    studies = []
+    for sid in order:
+        b, a = b_rows.get(sid), a_rows.get(sid)
+        row = b or a
+        studies.append(Study(sid, row.image, b.prompt if b else None, a.prompt if a else prompt_a(), row.target,
+                             row.where))
+    from datasets_io.jsonl import join
+
+    missing = [s for s in studies if not path_exists(join(data_root, s.image))]
+    if missing:
+        raise LauncherError(f"{len(missing)} image(s) not found under --data-root {data_root}, first: "
+                            f"{missing[0].where}: {missing[0].image}")
+    return studies
+
+
+def arms_for(ehr: str, studies: Sequence[Study]) -> tuple[str, ...]:
+    if ehr not in EHR_MODES:
+        raise LauncherError(f"--ehr {ehr!r}: choose one of {', '.join(EHR_MODES)}")
+    if not all(s.has_ehr for s in studies):
+        return ("stage_a",)  # no Stage B rows: the image-only arm is all there is
+    return EHR_MODES[ehr]
+
+
+def studies_digest(studies: Sequence[Study]) -> str:
+    """A hash of the study ids in order: shows the arms are paired without writing the ids anywhere."""
+    return hashlib.sha256("\n".join(s.study_id for s in studies).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- scoring an arm
+@dataclass
+class ArmOutput:
+    arm: str
+    texts: list[str]
+    parsed: list[ParsedTarget] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.parsed:
+            from training.generate import parse_report
+
+            self.parsed = [parse_report(t, ARM_EXPECTS_ICD[self.arm]) for t in self.texts]
+
+    @property
+    def impressions(self) -> list[str]:
+        return [p.impression or "" for p in self.parsed]
+
+    @property
+    def chexpert(self) -> list[dict[str, str] | None]:
+        """CheXpert predictions; None where the block is missing or malformed (scored as invalid)."""
+        return [None if _chexpert_problem(p) else p.chexpert for p in self.parsed]
+
+    @property
+    def icd(self) -> list[dict[str, bool] | None]:
+        return [None if _icd_problem(p) else p.icd for p in self.parsed]
+
+
+@dataclass
+class References:
+    impressions: list[str]
+    chexpert: list[dict[str, str]]
+    icd: list[dict[str, bool]] | None  # None when the targets have no ICD block (Stage A only data)
+
+    @classmethod
+    def of(cls, studies: Sequence[Study]) -> "References":
+        parsed = [parse_target(s.target, expect_icd=s.has_ehr) for s in studies]
+        for s, p in zip(studies, parsed):
+            if not p.valid:  # records were validated on read; this is a bug guard, not a user error
+                raise LauncherError(f"{s.where}: target does not parse: {'; '.join(p.problems)}")
+        icd = [p.icd or {} for p in parsed] if all(s.has_ehr for s in studies) else None
+        return cls([p.impression or "" for p in parsed], [p.chexpert or {} for p in parsed], icd)
+
+
+def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
+    """Metric name -> stats.SummedStats (per-study sufficient statistics): the metrics that get intervals and tests."""
+    from training.metrics import scores
+
+    preds_imp, preds_chx = out.impressions, out.chexpert
+    m: dict[str, Any] = {
+        "text/bleu_1": scores.bleu_metric(preds_imp, refs.impressions, order=1),
+        "text/bleu_4": scores.bleu_metric(preds_imp, refs.impressions, order=4),
+        "text/rouge_l": scores.rouge_l_metric(preds_imp, refs.impressions),
+    }
+    for conv in scores.CONVENTIONS:
+        for labels, suffix in ((CHEXPERT_LABELS, ""), (CHEXPERT_5, "_5")):
+            for avg in ("micro", "macro"):
+                m[f"chexpert/{conv}/{avg}_f1{suffix}"] = scores.chexpert_f1_metric(
+                    preds_chx, refs.chexpert, convention=conv, labels=labels, average=avg)
+    m["validity/report"] = scores.mean_metric([p.valid for p in out.parsed])
+    m["validity/chexpert"] = scores.mean_metric([c is not None for c in preds_chx])
+    if ARM_EXPECTS_ICD[out.arm] and refs.icd is not None:
+        preds_icd = out.icd
+        flags = scores.icd_flag_set(refs.icd)
+        for avg in ("micro", "macro"):
+            m[f"icd/{avg}_f1"] = scores.icd_f1_metric(preds_icd, refs.icd, flags=flags, average=avg)
+        m["validity/icd"] = scores.mean_metric([p is not None for p in preds_icd])
+    return m
+
+
+def _chexpert_problem(p: ParsedTarget) -> bool:
+    return p.chexpert is None or any("CheXpert" in x or x == "empty text" for x in p.problems)
+
+
+def _icd_problem(p: ParsedTarget) -> bool:
+    return p.icd is None or any("ICD" in x or x == "empty text" for x in p.problems)
+
+
+def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int) -> tuple[dict, dict[str, Any]]:
+    """(the arm's metrics section for metrics.json, its SummedStats for paired tests)."""
+    from training.metrics import scores
+    from training.metrics.stats import bootstrap_ci
+
+    stats = arm_metric_stats(out, refs)
+    preds_imp, preds_chx = out.impressions, out.chexpert
+    section: dict[str, Any] = {
+        "n": len(out.texts),
+        "prompt": ARM_DESCRIPTIONS[out.arm],
+        "validity": {k.split("/", 1)[1]: v.value for k, v in stats.items() if k.startswith("validity/")},
+        "text": {**scores.bleu(preds_imp, refs.impressions), "rouge_l": scores.rouge_l(preds_imp, refs.impressions)},
+        "chexpert": scores.chexpert_scores(preds_chx, refs.chexpert),
+        "problems": _problem_counts(out.parsed),
+    }
+    if "validity/icd" in stats:
+        section["icd"] = scores.icd_scores(out.icd, refs.icd, flags=scores.icd_flag_set(refs.icd))
+    section["ci"] = {name: _interval_dict(bootstrap_ci(s, n_resamples=n_resamples, seed=seed))
+                     for name, s in stats.items()}
+    return section, stats
+
+
+def _problem_counts(parsed: Sequence[ParsedTarget]) -> dict[str, int]:
+    """How often each kind of format problem occurred (the JSON error detail dropped so kinds group)."""
+    counts: dict[str, int] = {}
+    for p in parsed:
+        for problem in p.problems:
+            kind = problem.split(" (")[0].split(": values")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _interval_dict(iv: Any) -> dict[str, float]:
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+
+
+def compare_stats(a: dict[str, Any], b: dict[str, Any], *, n_resamples: int, seed: int,
+                  only: Callable[[str], bool] = lambda name: True) -> dict[str, dict[str, float]]:
+    """Paired a - b per metric both sides have: each side's value, the difference, its interval and the p-value."""
+    from training.metrics.stats import compare_arms
+
+    out = {}
+    for name in a:
+        if name not in b or not only(name):
+            continue
+        c = compare_arms(a[name], b[name], n_resamples=n_resamples, seed=seed)
+        out[name] = {"a": c.a.estimate, "b": c.b.estimate, "diff": c.diff.estimate, "diff_low": c.diff.low,
+                     "diff_high": c.diff.high, "p_value": c.test.p_value}
+    return out
+
+
+def _text_or_chexpert(name: str) -> bool:
+    return name.startswith(("text/", "chexpert/", "validity/report", "validity/chexpert"))
+
+
+# --------------------------------------------------------------------------------------------- baseline
+def majority_baseline(refs: References, train_file: str | None, data_root: str | None, *, n_resamples: int,
+                      seed: int) -> tuple[dict, dict[str, Any]]:
+    """The CheXpert majority-class prediction, fit on the training file when readable, else on the evaluation refs."""
+    from training.metrics import scores
+    from training.metrics.stats import bootstrap_ci
+
+    fit_on, fit_refs = "evaluation data", refs.chexpert
+    if train_file and "://" not in train_file and Path(train_file).is_file():
+        from datasets_io.jsonl import read_records
+
+        rows, _ = read_records(train_file, data_root or str(Path(train_file).parent), policy="skip",
+                               check_images="none")
+        train_refs = [p.chexpert for r in rows if (p := parse_target(r.target, expect_icd=False)).chexpert]
+        if train_refs:
+            fit_on, fit_refs = "training data", train_refs
+    prediction = scores.chexpert_majority_baseline(fit_refs)
+    preds = [prediction] * len(refs.chexpert)
+    stats = {}
+    for conv in scores.CONVENTIONS:
+        for labels, suffix in ((CHEXPERT_LABELS, ""), (CHEXPERT_5, "_5")):
+            for avg in ("micro", "macro"):
+                stats[f"chexpert/{conv}/{avg}_f1{suffix}"] = scores.chexpert_f1_metric(
+                    preds, refs.chexpert, convention=conv, labels=labels, average=avg)
+    section = {
+        "fit_on": fit_on,
+        "prediction": prediction,
+        "chexpert": scores.chexpert_scores(preds, refs.chexpert),
+        "ci": {name: _interval_dict(bootstrap_ci(s, n_resamples=n_resamples, seed=seed)) for name, s in stats.items()},
+    }
+    return section, stats
+
+
+# --------------------------------------------------------------------------------------------- the run
+@dataclass
+class EvalOptions:
+    data: str
+    data_root: str
+    out: str
+    checkpoint: str | None = None
+    model_uri: str | None = None
+    ehr: str = "both"
+    limit: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: data.max_seq_len of the checkpoint's config minus the longest prompt
+    save_predictions: bool = False
+    seed: int = 0
+    n_resamples: int = 1000
+    device: str = "auto"
+    compare_stage_a_end: bool = True
+    tracking_uri: str | None = None
+    mlflow: bool = True
+    progress: bool = True
+
+
+@dataclass
+class LoadedModel:
+    name: str  # "model" (the evaluated one) or "stage_A_end"
+    source: str  # checkpoint dir or models:/ URI
+    bundle: Any
+    max_seq_len: int | None
+    config: Any = None  # launcher.config.Config of the checkpoint, when known
+    training_run_id: str | None = None
+
+
+def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
+    from launcher.config import load_config
+    from training.checkpoint import read_state
+    from training.model import load_trained
+
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise LauncherError(f"--checkpoint {ckpt}: directory not found")
+    cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+    state = read_state(path) if (path / "trainer_state.json").is_file() else {}
+    bundle = load_trained(str(path))
+    bundle.model.to(device)
+    return LoadedModel(name, str(path), bundle, cfg.data.max_seq_len if cfg else None, cfg,
+                       state.get("mlflow_run_id"))
+
+
+def default_max_new_tokens(model: LoadedModel, prompts: Sequence[str]) -> int:
+    from datasets_io.tokens import encode_prompt
+    from training.generate import DEFAULT_MAX_NEW_TOKENS, max_new_tokens_for
+
+    if not model.max_seq_len:
+        return DEFAULT_MAX_NEW_TOKENS
+    b = model.bundle
+    longest = max(len(encode_prompt(b.tokenizer, p, b.image_token_id, b.num_image_tokens)) for p in set(prompts))
+    return max_new_tokens_for(model.max_seq_len, longest)
+
+
+def generate_arms(model: LoadedModel, studies: Sequence[Study], arms: Sequence[str], images: list[np.ndarray],
+                  opts: EvalOptions) -> dict[str, ArmOutput]:
+    from training.generate import generate_reports
+
+    outputs = {}
+    for arm in arms:
+        prompts = [s.prompt(arm) for s in studies]
+        max_new = opts.max_new_tokens or default_max_new_tokens(model, prompts)
+        texts = generate_reports(model.bundle, list(zip(prompts, images)), batch_size=opts.batch_size,
+                                 max_new_tokens=max_new, progress=opts.progress, desc=f"{model.name}/{arm}")
+        outputs[arm] = ArmOutput(arm, texts)
+    return outputs
+
+
+def score_model(outputs: dict[str, ArmOutput], refs: References, opts: EvalOptions) -> tuple[dict, dict]:
+    section: dict[str, Any] = {"arms": {}, "ab": {}}
+    stats: dict[str, dict] = {}
+    for arm, out in outputs.items():
+        section["arms"][arm], stats[arm] = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed)
+    for a, b in ARM_COMPARISONS:
+        if a in stats and b in stats:
+            only = (lambda n: True) if "stage_a" not in (a, b) else _text_or_chexpert
+            section["ab"][f"{a}-{b}"] = compare_stats(stats[a], stats[b], n_resamples=opts.n_resamples,
+                                                      seed=opts.seed, only=only)
+    return section, stats
+
+
+def run_evaluation(opts: EvalOptions) -> dict:
+    """Generate, score, compare, write metrics.json / report.md / plots (and predictions when asked), log to MLflow."""
+    import torch
+
+    from datasets_io.images import preprocess_image
+    from datasets_io.jsonl import join, read_bytes
+    from launcher.local import resolve_device
+
+    if opts.batch_size < 1:
+        raise LauncherError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
+        raise LauncherError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}")
+    t0 = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    device = resolve_device(opts.device)
+    studies = load_studies(opts.data, opts.data_root, opts.limit)
+    arms = arms_for(opts.ehr, studies)
+    refs = References.of(studies)
+
+    models = [load_main_model(opts, device)]
+    sibling = stage_a_end_sibling(opts)
+    if sibling is not None:
+        models.append(load_checkpoint_model(STAGE_A_END, str(sibling), device))
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Images are decoded once and shared by every arm and model: the arms differ in the prompt only.
+    spec = models[0].bundle.image_spec
+    images = [preprocess_image(read_bytes(join(opts.data_root, s.image)), spec) for s in studies]
+
+    t_gen = time.perf_counter()
+    outputs = {m.name: generate_arms(m, studies, arms, images, opts) for m in models}
+    gen_s = time.perf_counter() - t_gen
+
+    result: dict[str, Any] = {
+        "evaluation": {
+            "checkpoint": opts.checkpoint, "model_uri": opts.model_uri, "data": opts.data,
+            "data_root": opts.data_root, "ehr": opts.ehr, "limit": opts.limit, "batch_size": opts.batch_size,
+            "max_new_tokens": opts.max_new_tokens, "seed": opts.seed, "n_resamples": opts.n_resamples,
+            "device": device, "arms": list(arms), "models": {m.name: m.source for m in models},
+            "n_studies": len(studies), "studies_sha256": studies_digest(studies),
+            "generation_s": round(gen_s, 2),
+        },
+        "models": {},
+    }
+    all_stats = {}
+    for m in models:
+        result["models"][m.name], all_stats[m.name] = score_model(outputs[m.name], refs, opts)
+    train_file = _train_file(models[0])
+    result["baseline"], base_stats = majority_baseline(refs, train_file, opts.data_root if train_file else None,
+                                                       n_resamples=opts.n_resamples, seed=opts.seed)
+    result["comparisons"] = comparisons(all_stats, base_stats, opts)
+    result["headline"] = headline(result)
+    result["evaluation"]["wall_s"] = round(time.perf_counter() - t0, 2)
+
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
+    plots = write_plots(result, out_dir / "plots")
+    (out_dir / "report.md").write_text(render_report(result, plots))
+    if opts.save_predictions:
+        write_predictions(out_dir / "predictions.jsonl", studies, outputs)
+    if opts.mlflow:
+        result["mlflow_run_id"] = log_to_mlflow(result, models[0], out_dir, plots, opts)
+        (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
+    return result
+
+
+def load_main_model(opts: EvalOptions, device: str) -> LoadedModel:
+    if bool(opts.checkpoint) == bool(opts.model_uri):
+        raise LauncherError("give exactly one of --checkpoint DIR or --model models:/NAME@ALIAS")
+    if opts.checkpoint:
+        return load_checkpoint_model("model", opts.checkpoint, device)
+    from training.registry import load_registered_bundle
+
+    bundle, info = load_registered_bundle(opts.model_uri, opts.tracking_uri)
+    bundle.model.to(device)
+    return LoadedModel("model", opts.model_uri, bundle, info.get("max_seq_len"), None, info.get("run_id"))
+
+
+def stage_a_end_sibling(opts: EvalOptions) -> Path | None:
+    if not (opts.checkpoint and opts.compare_stage_a_end):
+        return None
+    ckpt = Path(opts.checkpoint).resolve()
+    sibling = ckpt.parent / STAGE_A_END
+    if ckpt.name == STAGE_A_END or not (sibling / "adapter_config.json").is_file():
+        return None
+    return sibling
+
+
+def _train_file(model: LoadedModel) -> str | None:
+    if model.config is None:
+        return None
+    from launcher.config import data_path
+
+    return data_path(model.config, "train_file")
+
+
+def comparisons(all_stats: dict[str, dict], base_stats: dict[str, Any], opts: EvalOptions) -> dict:
+    """The evaluated model against the majority baseline (CheXpert) and against stage_A_end (same arm)."""
+    out: dict[str, Any] = {}
+    n, seed = opts.n_resamples, opts.seed
+    for arm, stats in all_stats["model"].items():
+        out[f"model-baseline/{arm}"] = compare_stats(stats, base_stats, n_resamples=n, seed=seed)
+    if STAGE_A_END in all_stats:
+        for arm, stats in all_stats["model"].items():
+            out[f"model-{STAGE_A_END}/{arm}"] = compare_stats(stats, all_stats[STAGE_A_END][arm], n_resamples=n,
+                                                              seed=seed)
+    return out
+
+
+def headline(result: dict) -> dict[str, Any]:
+    """The few numbers a reader wants first (all also elsewhere in metrics.json)."""
+    arms = result["models"]["model"]["arms"]
+    main_arm = "ehr_on" if "ehr_on" in arms else next(iter(arms))
+    h: dict[str, Any] = {"arm": main_arm}
+    chx, base = arms[main_arm]["chexpert"], result["baseline"]["chexpert"]
+    for conv in ("u_pos", "u_neg"):
+        for key in ("macro_f1", "macro_f1_5", "micro_f1"):
+            h[f"chexpert_{conv}_{key}"] = chx[f"{conv}/{key}"]
+            h[f"baseline_{conv}_{key}"] = base[f"{conv}/{key}"]
+    for arm, sec in arms.items():
+        h[f"validity_{arm}"] = sec["validity"]["report"]
+        if "icd" in sec:
+            h[f"icd_micro_f1_{arm}"] = sec["icd"]["micro_f1"]
+    ab = result["models"]["model"]["ab"].get("ehr_on-ehr_off")
+    if ab and "icd/micro_f1" in ab:
+        h["icd_micro_f1_diff_on_off"] = ab["icd/micro_f1"]["diff"]
+        h["icd_micro_f1_diff_ci"] = [ab["icd/micro_f1"]["diff_low"], ab["icd/micro_f1"]["diff_high"]]
+        h["icd_micro_f1_p_value"] = ab["icd/micro_f1"]["p_value"]
+    return h
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN / inf -> None (strict JSON); numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_predictions(path: Path, studies: Sequence[Study], outputs: dict[str, dict[str, ArmOutput]]) -> None:
+    """Per study, model and arm: the generated text and its parse. Holds patient data: written only on request."""
+    with path.open("w") as f:
+        for model, arms in outputs.items():
+            for arm, out in arms.items():
+                for s, text, p in zip(studies, out.texts, out.parsed):
+                    f.write(json.dumps({"study_id": s.study_id, "model": model, "arm": arm, "generated": text,
+                                        "target": s.target, "valid": p.valid, "problems": p.problems}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- MLflow
+def flat_metrics(result: dict) -> dict[str, float]:
+    """Numbers worth logging: metric values, intervals and p-values (finite only; supports and counts left out)."""
+    out: dict[str, float] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+
+    for model, sec in result["models"].items():
+        for arm, a in sec["arms"].items():
+            for group in ("validity", "text", "chexpert", "icd"):
+                for k, v in a.get(group, {}).items():
+                    if "/support/" not in k and not k.startswith("support/") and k != "n":
+                        put(f"{model}/{arm}/{group}/{k}", v)
+            for k, iv in a["ci"].items():
+                put(f"{model}/{arm}/ci/{k}/low", iv["low"])
+                put(f"{model}/{arm}/ci/{k}/high", iv["high"])
+        for comp, metrics in sec["ab"].items():
+            for k, d in metrics.items():
+                for field_name in ("diff", "diff_low", "diff_high", "p_value"):
+                    put(f"{model}/ab/{comp}/{k}/{field_name}", d[field_name])
+    for k, v in result["baseline"]["chexpert"].items():
+        if "/support/" not in k and k != "n":
+            put(f"baseline/chexpert/{k}", v)
+    for comp, metrics in result["comparisons"].items():
+        for k, d in metrics.items():
+            for field_name in ("diff", "diff_low", "diff_high", "p_value"):
+                put(f"comparison/{comp}/{k}/{field_name}", d[field_name])
+    return out
+
+
+def eval_params(result: dict) -> dict[str, str]:
+    """The evaluation's settings: paths, limit, EHR mode, checkpoint. No patient data."""
+    e = result["evaluation"]
+    keys = ("checkpoint", "model_uri", "data", "data_root", "ehr", "limit", "batch_size", "max_new_tokens", "seed",
+            "n_resamples", "device", "n_studies")
+    params = {f"eval.{k}": str(e[k]) for k in keys}
+    params["eval.arms"] = ",".join(e["arms"])
+    params["eval.compared_models"] = ",".join(f"{k}={v}" for k, v in e["models"].items())
+    params["eval.baseline_fit_on"] = result["baseline"]["fit_on"]
+    return params
+
+
+def log_to_mlflow(result: dict, model: LoadedModel, out_dir: Path, plots: list[Path], opts: EvalOptions) -> str:
+    """One run in the experiment: params (settings), metrics (numbers), report.md / metrics.json / plots."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from training.registry import ensure_experiment, resolve_registry_uri
+
+    cfg = model.config
+    uri = resolve_registry_uri(opts.tracking_uri, cfg)
+    experiment = cfg.mlflow.experiment if cfg else "radiology-report"
+    client = mlflow.MlflowClient(uri)
+    exp_id = ensure_experiment(client, experiment, uri)
+    name = "eval-" + (Path(opts.checkpoint).name if opts.checkpoint else opts.model_uri.split("/", 1)[-1])
+    run = client.create_run(exp_id, run_name=name, tags={"kind": "evaluation"})
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        tags = {"eval.studies_sha256": result["evaluation"]["studies_sha256"]}
+        if model.training_run_id:
+            tags["training_run_id"] = model.training_run_id
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in eval_params(result).items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k[:250], v, ts, 0) for k, v in flat_metrics(result).items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        client.log_artifact(run_id, str(out_dir / "report.md"), "evaluation")
+        client.log_artifact(run_id, str(out_dir / "metrics.json"), "evaluation")
+        for p in plots:
+            client.log_artifact(run_id, str(p), "evaluation/plots")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------- plots
+def write_plots(result: dict, plot_dir: Path) -> list[Path]:
+    """per_label_f1.png (CheXpert per label, each arm and the baseline; ICD per flag) and ab_differences.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    arms = result["models"]["model"]["arms"]
+    has_icd = any("icd" in a for a in arms.values())
+    fig, axes = plt.subplots(1 + has_icd, 1, figsize=(11, 4.5 * (1 + has_icd)), squeeze=False)
+    series = [(arm, sec["chexpert"]) for arm, sec in arms.items()] + [("majority baseline", result["baseline"]["chexpert"])]
+    _bars(axes[0][0], list(CHEXPERT_LABELS), [(name, [_nan0(c[f"u_pos/f1/{lab}"]) for lab in CHEXPERT_LABELS])
+                                              for name, c in series],
+          "CheXpert per-label F1 (Uncertain = positive; undefined F1 shown as 0)")
+    if has_icd:
+        icd_arms = [(arm, sec["icd"]) for arm, sec in arms.items() if "icd" in sec]
+        flags = [k.split("/", 1)[1] for k in icd_arms[0][1] if k.startswith("f1/")]
+        _bars(axes[1][0], flags, [(arm, [_nan0(s[f"f1/{f}"]) for f in flags]) for arm, s in icd_arms],
+              "ICD per-flag F1")
+    fig.tight_layout()
+    paths.append(plot_dir / "per_label_f1.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    rows = []
+    for comp, metrics in result["models"]["model"]["ab"].items():
+        for k in ("text/rouge_l", "text/bleu_4", "chexpert/u_pos/macro_f1", "chexpert/u_pos/macro_f1_5",
+                  "icd/micro_f1", "icd/macro_f1", "validity/report"):
+            if k in metrics:
+                rows.append((f"{comp}: {k}", metrics[k]))
+    if rows:
+        fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
+        y = np.arange(len(rows))[::-1]
+        diffs = np.array([_nan0(d["diff"]) for _, d in rows])
+        lows = np.array([_nan0(d["diff_low"]) for _, d in rows])
+        highs = np.array([_nan0(d["diff_high"]) for _, d in rows])
+        ax.errorbar(diffs, y, xerr=[np.maximum(diffs - lows, 0), np.maximum(highs - diffs, 0)], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(y, [f"{name} (p={d['p_value']:.3g})" for name, d in rows], fontsize=8)
+        ax.set_xlabel("difference A - B with paired bootstrap 95% interval")
+        ax.set_title("Paired arm differences (same studies, same model)")
+        fig.tight_layout()
+        paths.append(plot_dir / "ab_differences.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+def _bars(ax: Any, names: list[str], series: list[tuple[str, list[float]]], title: str) -> None:
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(names))
+    for i, (label, values) in enumerate(series):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def _nan0(v: Any) -> float:
+    return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+# --------------------------------------------------------------------------------------------- report.md
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _ci(sec: dict, key: str) -> str:
+    iv = sec["ci"].get(key)
+    return f"{_f(iv['estimate'])} [{_f(iv['low'])}, {_f(iv['high'])}]" if iv else "n/a"
+
+
+def _p(p: float) -> str:
+    return "n/a" if p is None or (isinstance(p, float) and math.isnan(p)) else (f"{p:.3g}")
+
+
+def render_report(result: dict, plots: Sequence[Path]) -> str:
+    e = result["evaluation"]
+    models = result["models"]
+    main = models["model"]
+    limit_note = f", the first {e['limit']}" if e["limit"] else ""
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- Model: `{e['checkpoint'] or e['model_uri']}`"
+        + (f"; beside it the end of Stage A: `{e['models'][STAGE_A_END]}`" if STAGE_A_END in models else ""),
+        f"- Data: `{e['data']}` ({e['n_studies']} studies with {'a Stage B row' if 'ehr_on' in e['arms'] or 'ehr_off' in e['arms'] else 'Stage A rows only'}"
+        f"{limit_note}); study-list hash `{e['studies_sha256']}`",
+        f"- Greedy decoding, batch {e['batch_size']}, max new tokens "
+        f"{e['max_new_tokens'] or 'data.max_seq_len - prompt'}; device {e['device']}; generation {e['generation_s']} s",
+        f"- Intervals: percentile bootstrap 95% over studies ({e['n_resamples']} resamples, seed {e['seed']}); "
+        "A/B p-values: paired approximate randomization (arms swapped per study).",
+        "",
+        "Arms (every arm is scored against the study's Stage B target):",
+        "",
+    ]
+    lines += [f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}" for arm in e["arms"]]
+
+    lines += ["", "## Format validity", "", "| model | arm | report | CheXpert block | ICD block |", "|---|---|---|---|---|"]
+    for name, sec in models.items():
+        for arm, a in sec["arms"].items():
+            v = a["validity"]
+            lines.append(f"| {name} | {arm} | {_f(v['report'])} | {_f(v['chexpert'])} | {_f(v.get('icd'))} |")
+
+    lines += ["", "## CheXpert F1 against the majority-class baseline", "",
+              f"Baseline: each label's most frequent value in the {result['baseline']['fit_on']}, predicted for every "
+              "study. Labels with no positive in references nor predictions have no F1 and are left out of macro-F1.",
+              "", "| model / arm | macro-F1 14 (U+) | macro-F1 5 (U+) | micro-F1 14 (U+) | macro-F1 14 (U-) | macro-F1 5 (U-) |",
+              "|---|---|---|---|---|---|"]
+    for name, sec in list(models.items()) + [("baseline", None)]:
+        rows = [("majority", result["baseline"])] if sec is None else list(sec["arms"].items())
+        for arm, a in rows:
+            lines.append(f"| {name} / {arm} | {_ci(a, 'chexpert/u_pos/macro_f1')} | {_ci(a, 'chexpert/u_pos/macro_f1_5')} "
+                         f"| {_ci(a, 'chexpert/u_pos/micro_f1')} | {_ci(a, 'chexpert/u_neg/macro_f1')} "
+                         f"| {_ci(a, 'chexpert/u_neg/macro_f1_5')} |")
+
+    lines += ["", "## Report text (Impression)", "", "| model / arm | BLEU-1 | BLEU-4 | ROUGE-L |", "|---|---|---|---|"]
+    for name, sec in models.items():
+        for arm, a in sec["arms"].items():
+            lines.append(f"| {name} / {arm} | {_ci(a, 'text/bleu_1')} | {_ci(a, 'text/bleu_4')} | {_ci(a, 'text/rouge_l')} |")
+
+    if any("icd" in a for a in main["arms"].values()):
+        lines += ["", "## ICD flags", "", "| model / arm | micro-F1 | macro-F1 |", "|---|---|---|"]
+        for name, sec in models.items():
+            for arm, a in sec["arms"].items():
+                if "icd" in a:
+                    lines.append(f"| {name} / {arm} | {_ci(a, 'icd/micro_f1')} | {_ci(a, 'icd/macro_f1')} |")
+
+    for name, sec in models.items():
+        for comp, metrics in sec["ab"].items():
+            a, b = comp.split("-")
+            title = "The EHR A/B test" if comp == "ehr_on-ehr_off" else f"{a} against {b}"
+            lines += ["", f"## {title} ({name})", "",
+                      f"Paired per study: `{a}` - `{b}`, same model, same images.", "",
+                      f"| metric | {a} | {b} | difference [95% CI] | p-value |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {_f(d['a'])} | {_f(d['b'])} | {_f(d['diff'])} [{_f(d['diff_low'])}, {_f(d['diff_high'])}] "
+                      f"| {_p(d['p_value'])} |" for k, d in metrics.items()]
+
+    for comp, metrics in result["comparisons"].items():
+        keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "icd/micro", "validity/report"))]
+        if not keys:
+            continue
+        lines += ["", f"## Comparison {comp}", "", "| metric | model | other | difference [95% CI] | p-value |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_f(metrics[k]['a'])} | {_f(metrics[k]['b'])} | {_f(metrics[k]['diff'])} "
+                  f"[{_f(metrics[k]['diff_low'])}, {_f(metrics[k]['diff_high'])}] | {_p(metrics[k]['p_value'])} |"
+                  for k in keys]
+
+    lines += ["", "## Per-label CheXpert F1 (Uncertain = positive)", "",
+              "| label | support | " + " | ".join(f"{n}/{a}" for n, s in models.items() for a in s["arms"]) + " | baseline |",
+              "|---|---|" + "---|" * (sum(len(s["arms"]) for s in models.values()) + 1)]
+    first = next(iter(main["arms"].values()))["chexpert"]
+    for lab in CHEXPERT_LABELS:
+        cells = [_f(s["arms"][a]["chexpert"][f"u_pos/f1/{lab}"]) for s in models.values() for a in s["arms"]]
+        lines.append(f"| {lab} | {int(first[f'u_pos/support/{lab}'])} | " + " | ".join(cells)
+                     + f" | {_f(result['baseline']['chexpert'][f'u_pos/f1/{lab}'])} |")
+    icd_arms = [(a, s["icd"]) for a, s in main["arms"].items() if "icd" in s]
+    if icd_arms:
+        flags = [k.split("/", 1)[1] for k in icd_arms[0][1] if k.startswith("f1/")]
+        lines += ["", "## Per-flag ICD F1 (evaluated model)", "",
+                  "| flag | support | " + " | ".join(a for a, _ in icd_arms) + " |", "|---|---|" + "---|" * len(icd_arms)]
+        for f in flags:
+            lines.append(f"| {f} | {int(icd_arms[0][1][f'support/{f}'])} | "
+                         + " | ".join(_f(s[f"f1/{f}"]) for _, s in icd_arms) + " |")
+
+    problems = {f"{n}/{a}": s["arms"][a]["problems"] for n, s in models.items() for a in s["arms"]}
+    if any(problems.values()):
+        lines += ["", "## Format problems (counts)", ""]
+        lines += [f"- {k}: " + ", ".join(f"{p} x{c}" for p, c in v.items()) for k, v in problems.items() if v]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
+              "(plus any other flag in the references).", ""]
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What `launcher evaluate` prints at the end."""
+    h, e = result["headline"], result["evaluation"]
+    out = [f"[eval] {e['n_studies']} studies, arms {', '.join(e['arms'])}, generation {e['generation_s']} s",
+           f"  CheXpert macro-F1 ({h['arm']}, U+): 14 labels {_f(h['chexpert_u_pos_macro_f1'])} "
+           f"(baseline {_f(h['baseline_u_pos_macro_f1'])}), 5 labels {_f(h['chexpert_u_pos_macro_f1_5'])} "
+           f"(baseline {_f(h['baseline_u_pos_macro_f1_5'])})"]
+    icd = [f"{k[len('icd_micro_f1_'):]} {_f(v)}" for k, v in h.items() if k.startswith("icd_micro_f1_") and
+           k[len("icd_micro_f1_"):] in ("ehr_on", "ehr_off")]
+    if icd:
+        line = "  ICD micro-F1: " + ", ".join(icd)
+        if "icd_micro_f1_p_value" in h:
+            lo, hi = h["icd_micro_f1_diff_ci"]
+            line += (f"; on - off {_f(h['icd_micro_f1_diff_on_off'])} [{_f(lo)}, {_f(hi)}], "
+                     f"p = {_p(h['icd_micro_f1_p_value'])}")
+        out.append(line)
+    out.append("  validity: " + ", ".join(f"{k[len('validity_'):]} {_f(v)}" for k, v in h.items()
+                                          if k.startswith("validity_")))
+    return out
+

@@ -1,0 +1,280 @@
+"""The MLflow Model Registry: an adapter bundle logged as a pyfunc model, registered as a version with lineage tags.
+
+    launcher register --checkpoint runs/tiny/checkpoints/final --name cxr-report-generator --alias candidate
+    launcher local --config configs/tiny.yaml --set mlflow.register_at_end=true      (the same, at the end of training)
+
+    model = mlflow.pyfunc.load_model("models:/cxr-report-generator@candidate")      (any process; see training/pyfunc.py)
+
+What a version carries:
+- artifacts: the adapter bundle directory, and the base model directory when the base is local (the tiny model);
+  a hub base is referenced by id (model config `base_model`), never copied;
+- code: the project packages (datasets_io, training, launcher), so the model loads in a process that has only the
+  pinned pip requirements installed;
+- lineage tags: base model, config hash, sha256 of the train / val JSONL, git commit, the training run id, the
+  checkpoint's step, and the validation losses recorded at the stage ends (trainer_state.json val_history).
+
+The model is logged in the checkpoint's training run when that run is in the target store (MLflow 3 "LoggedModel",
+registered with the model_uri log_model returns), else in a new run of the experiment. No patient data is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import LauncherError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("datasets_io", "training", "launcher")
+MODEL_NAME_IN_RUN = "report_generator"
+# What the pyfunc needs at load and predict time, pinned to what is installed here.
+PIP_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pillow",
+                "numpy", "pandas", "pyyaml", "tqdm", "pyarrow")
+
+
+# --------------------------------------------------------------------------------------------- tracking plumbing
+def resolve_registry_uri(tracking_uri: str | None, cfg: Any = None) -> str:
+    """--tracking-uri, else the checkpoint config's store (mlflow.tracking_uri, $MLFLOW_TRACKING_URI, the run's
+    sqlite db), else $MLFLOW_TRACKING_URI. Servers are checked for /health first."""
+    from training.tracking import check_reachable, resolve_tracking_uri
+
+    uri = tracking_uri or (resolve_tracking_uri(cfg) if cfg is not None else os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri:
+        raise LauncherError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def sqlite_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live in `mlartifacts/` next to the db (the plain file store is refused)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=sqlite_artifact_location(uri))
+
+
+class _TrackingTarget:
+    """Point the mlflow fluent API (log_model, register_model, load_model) at `uri` for a block, then restore the
+    previous global URIs and their environment variables (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI)."""
+
+    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        self.prev = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None),
+                     {k: os.environ.get(k) for k in self._ENV})
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
+    def __exit__(self, *exc: Any) -> None:
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+
+        tracking, registry, env = self.prev
+        mlflow.set_tracking_uri(tracking)
+        registry_utils._registry_uri = registry
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------------------------- lineage
+def file_sha256(path: str) -> str:
+    from datasets_io.jsonl import resolve_fs
+
+    fs, inner = resolve_fs(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool] | None:
+    """(commit, dirty) of the project checkout, or None outside a git work tree."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit, bool(status)
+
+
+def stage_end_metrics(state: dict) -> dict[str, str]:
+    """Validation losses at the end of Stage A and at the checkpoint's step, from trainer_state.json val_history."""
+    history = {h["step"]: h for h in state.get("val_history", [])}
+    points = {"stage_A_end": state.get("stage_switch_step"), "checkpoint": state.get("global_step")}
+    out = {}
+    for name, step in points.items():
+        for key, value in history.get(step, {}).items():
+            if key != "step":
+                out[f"metrics.{name}.{key.replace('/', '_')}"] = f"{value:.6g}"
+    losses = state.get("losses") or []
+    if losses:
+        out["metrics.checkpoint.train_loss"] = f"{losses[-1]:.6g}"
+    return out
+
+
+def lineage_tags(ckpt: Path, cfg: Any, state: dict, base_model: str) -> dict[str, str]:
+    from launcher.config import config_hash, data_path
+
+    tags = {
+        "base_model": base_model,
+        "config_hash": config_hash(cfg),
+        "checkpoint": str(ckpt),
+        "checkpoint.step": str(state.get("global_step", "")),
+        "checkpoint.stage_switch_step": str(state.get("stage_switch_step", "")),
+    }
+    if state.get("mlflow_run_id"):
+        tags["training_run_id"] = state["mlflow_run_id"]
+    for name in ("train_file", "val_file"):
+        path = data_path(cfg, name)
+        try:
+            tags[f"data.{name}.sha256"] = file_sha256(path)
+        except (OSError, FileNotFoundError):
+            tags[f"data.{name}.sha256"] = "unavailable (file not found)"
+    git = git_commit()
+    if git:
+        tags["git_commit"], tags["git_dirty"] = git[0], str(git[1]).lower()
+    tags.update(stage_end_metrics(state))
+    return tags
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for name in PIP_PACKAGES:
+        try:
+            version = metadata.version(name).split("+")[0]  # torch "2.13.0+cpu" -> "2.13.0"
+        except metadata.PackageNotFoundError:
+            continue
+        reqs.append(f"{name}=={version}")
+    return reqs
+
+
+def stage_code(dst: Path) -> list[str]:
+    """Copies of the project packages without caches: what ships as the model's code."""
+    out = []
+    for pkg in CODE_PACKAGES:
+        src = PROJECT_ROOT / pkg
+        shutil.copytree(src, dst / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out.append(str(dst / pkg))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- register
+def _run_in_store(client: Any, run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 -- MlflowException(RESOURCE_DOES_NOT_EXIST) on another store
+        return None
+    return run_id
+
+
+def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = None, cfg: Any = None,
+                        run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Log the bundle at `ckpt_dir` as a pyfunc model, register a version of `name` with lineage tags, set `alias`.
+
+    Returns {name, version, alias, model_uri ("models:/NAME/VERSION"), logged_model_uri, run_id, tracking_uri}.
+    """
+    import mlflow
+
+    from launcher.config import load_config
+    from training.checkpoint import read_state
+    from training.pyfunc import ReportGenerator, signature
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    ckpt = Path(ckpt_dir).resolve()
+    if not (ckpt / "adapter_config.json").is_file():
+        raise LauncherError(f"--checkpoint {ckpt_dir}: not an adapter bundle (no adapter_config.json)")
+    if not name:
+        raise LauncherError("a registered model name is required (--name)")
+    if cfg is None:
+        if not (ckpt / "config.yaml").is_file():
+            raise LauncherError(f"--checkpoint {ckpt_dir}: no config.yaml (the resolved run config) in the bundle")
+        cfg = load_config(ckpt / "config.yaml")
+    state = read_state(ckpt)
+    base = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_is_dir = Path(base).is_dir()
+    if not base_is_dir and (base.startswith(("/", ".", "~")) or base.count("/") > 1):
+        raise LauncherError(f"base model {base!r} of {ckpt} is not a directory on this machine (nor a hub id): "
+                            "register where the base model is, or point adapter_config.json at it")
+
+    uri = resolve_registry_uri(tracking_uri, cfg)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run_id = _run_in_store(client, run_id or state.get("mlflow_run_id"))
+    exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
+    tags = lineage_tags(ckpt, cfg, state, base)
+
+    artifacts = {"adapter": str(ckpt)}
+    model_config: dict[str, Any] = {"batch_size": 8}
+    if base_is_dir:
+        artifacts["base_model"] = str(Path(base).resolve())
+    else:
+        model_config["base_model"] = base
+    with tempfile.TemporaryDirectory(prefix="cxr-code-") as tmp, _TrackingTarget(uri):
+        code_paths = stage_code(Path(tmp))
+        run_kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": f"register-{ckpt.name}"}
+        with mlflow.start_run(**run_kwargs) as run:
+            if not run_id:
+                mlflow.set_tags({"kind": "registration", "checkpoint": str(ckpt)})
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=ReportGenerator(),
+                artifacts=artifacts,
+                code_paths=code_paths,
+                pip_requirements=pip_requirements(),
+                signature=signature(),
+                model_config=model_config,
+                tags={k: v for k, v in tags.items() if not k.startswith("metrics.")},
+            )
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "alias": alias or None,
+            "model_uri": f"models:/{name}/{version.version}", "logged_model_uri": info.model_uri,
+            "run_id": run.info.run_id, "tracking_uri": uri}
+
+
+def load_registered_bundle(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, dict]:
+    """(ModelBundle, info) of a registered pyfunc model, through mlflow.pyfunc.load_model (the serving path)."""
+    import mlflow
+
+    uri = resolve_registry_uri(tracking_uri)
+    with _TrackingTarget(uri):
+        try:
+            loaded = mlflow.pyfunc.load_model(model_uri)
+        except Exception as e:  # noqa: BLE001 -- MlflowException / OSError: say what and where
+            raise LauncherError(f"cannot load {model_uri} from {uri}: {e.__class__.__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    python_model = loaded.unwrap_python_model()
+    if not hasattr(python_model, "bundle"):
+        raise LauncherError(f"{model_uri} is not a report-generator model (training.pyfunc.ReportGenerator)")
+    return python_model.bundle, {"max_seq_len": python_model.max_seq_len, "run_id": loaded.metadata.run_id,
+                                 "adapter_dir": python_model.adapter_dir, "pyfunc": loaded}
