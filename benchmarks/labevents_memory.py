@@ -6,8 +6,11 @@
 Writes raw-format labevents.csv.gz files (datasets_io.mimic_fixture.write_labevents) of each size, then scans each
 in a fresh process with datasets_io.mimic_build.nearest_labs: the same streaming filter + per-(study, lab)
 reduction the build runs on the real tens-of-GB file, for 3,000 studies of 1,000 patients. Each child reports its
-resident set before the scan (imports and the study arrays) and its peak (VmHWM) after. With --compare-naive, a
-second child reads the whole file with pyarrow.csv.read_csv for contrast: that peak grows with the file.
+resident set before the scan (imports and the study arrays), its peak (VmHWM), the peak of Arrow's buffers, and
+the largest resident set in each quarter of the scan (a flat profile within one file, not only across files).
+With --compare-naive, a second child reads the whole file with pyarrow.csv.read_csv for contrast: that peak grows
+with the file. The remaining run-to-run spread (tens of MiB) is pyarrow's bounded read-ahead queue filling more or
+less depending on how busy the CPUs are.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +70,15 @@ def child(path: str, mode: str) -> None:
     _, study_subject, study_time = studies()
     items, n_items = panel_itemids()
     before = rss_mb("VmRSS")
+    samples: list[float] = []  # VmRSS every 50 ms while scanning: a flat profile, not just a flat maximum
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append(rss_mb("VmRSS"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     if mode == "stream":
         reducer, stats = nearest_labs(Path(path), items, n_items, study_subject, study_time, 24.0, desc=None)
@@ -74,8 +87,12 @@ def child(path: str, mode: str) -> None:
         table = pacsv.read_csv(path)
         stats, found = {"rows_scanned": table.num_rows}, 0
     seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    quarters = [max(q) if len(q) else float("nan") for q in np.array_split(np.array(samples or [before]), 4)]
     arrow_peak = pa.default_memory_pool().max_memory() / 2**20  # peak of Arrow buffers (CSV blocks, batches)
     print(json.dumps({"before_mb": before, "peak_mb": rss_mb("VmHWM"), "arrow_peak_mb": arrow_peak,
+                      "rss_by_quarter_mb": [float(q) for q in quarters],
                       "seconds": seconds, "found": found, **stats}))
 
 
@@ -120,12 +137,14 @@ def main() -> int:
     print(f"\nlabevents scan, {N_SUBJECTS * STUDIES_PER_SUBJECT:,} studies of {N_SUBJECTS:,} patients, "
           f"{len(items)} panel itemids, 24 h window")
     print(f"{'rows':>10} {'gzip MiB':>9} {'RSS before':>11} {'peak RSS':>9} {'peak - before':>14} {'Arrow peak':>11} "
-          f"{'rows kept':>10} {'seconds':>8}" + ("   naive read_csv peak" if args.compare_naive else ""))
+          f"{'RSS max per quarter of the scan':>32} {'rows kept':>10} {'seconds':>8}"
+          + ("   naive read_csv peak" if args.compare_naive else ""))
     for r in results:
         s = r["stream"]
+        quarters = " ".join(f"{q:>5.0f}" for q in s["rss_by_quarter_mb"]) + " M"
         line = (f"{r['rows']:>10,} {r['gzip_mb']:>9.0f} {s['before_mb']:>9.0f} M {s['peak_mb']:>7.0f} M "
-                f"{s['peak_mb'] - s['before_mb']:>12.0f} M {s['arrow_peak_mb']:>9.0f} M {s['rows_kept']:>10,} "
-                f"{s['seconds']:>8.1f}")
+                f"{s['peak_mb'] - s['before_mb']:>12.0f} M {s['arrow_peak_mb']:>9.0f} M {quarters:>32} "
+                f"{s['rows_kept']:>10,} {s['seconds']:>8.1f}")
         if "naive" in r:
             line += f"   {r['naive']['peak_mb']:>8.0f} M"
         print(line)

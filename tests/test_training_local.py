@@ -165,5 +165,5 @@ def test_tiny_end_to_end_loss_goes_down(tiny_cfg):
                         device="cpu", show_progress=False)
     losses = summary["losses"]
     a_end = summary["stage_switch_step"]
-    assert sum(losses[:3]) / 3 > 2 * sum(losses[a_end - 3:a_end]) / 3  # Stage A learns
+    assert sum(losses[:3]) / 3 > 1.5 * sum(losses[a_end - 3:a_end]) / 3  # Stage A learns
     assert sum(losses[-3:]) / 3 < sum(losses[a_end:a_end + 3]) / 3  # and Stage B keeps learning
