@@ -106,7 +106,8 @@ def write_original_checkpoint(src: Path, tower: Path, *, layers: int, hidden: in
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(src)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(src)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=mm_hidden, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=56, patch_size=14)).save_pretrained(tower)
     return sizes

@@ -44,15 +44,17 @@ def load_gray(data: bytes, size: int) -> Image.Image:
 
 
 def to_pixel_values(gray: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Pad a grayscale image to a centred square, then to 3 normalized channels. Returns (3, S, S) float32."""
+    """Pad a grayscale image to a centred square of 3 normalized channels. Returns (3, S, S) float32."""
     s = spec.size
     w, h = gray.size
-    canvas = np.zeros((s, s), dtype=np.float32)  # pad value 0 = black border, as in a letterboxed X-ray
-    top, left = (s - h) // 2, (s - w) // 2
-    canvas[top : top + h, left : left + w] = np.asarray(gray, dtype=np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return (canvas[None, :, :] - mean) / std  # (3, S, S) by broadcasting the single channel
+    # Pad with the mean colour, as LLaVA's expand2square does: padding normalizes to exactly 0 in every channel.
+    out = np.zeros((3, s, s), dtype=np.float32)
+    top, left = (s - h) // 2, (s - w) // 2
+    pixels = np.asarray(gray, dtype=np.float32)[None, :, :] / 255.0  # (1, h, w), broadcast to 3 channels
+    out[:, top : top + h, left : left + w] = (pixels - mean) / std
+    return out
 
 
 def preprocess_image(data: bytes, spec: ImageSpec) -> np.ndarray:

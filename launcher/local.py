@@ -186,6 +186,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
         summary = write_run_summary(out / "run_summary.json", state, plan, mlflow_run_id=tracker.run_id,
                                     tracking_uri=tracker.tracking_uri, device=device,
                                     wall_time_s=round(time.perf_counter() - t_start, 1),
+                                    time_to_first_step_s=round(state.first_step_done_at - t_start, 1)
+                                    if state.first_step_done_at else None,
                                     base_model=bundle.base_model_path, skipped_records=data.skipped)
         tracker.set_tags({f"checkpoint.{k}": v for k, v in state.checkpoints.items()})
         tracker.close(status if status != "KILLED" else "FINISHED")

@@ -1,5 +1,5 @@
-"""LLaVA-Med v1.5 (the LLaVA repository's own `llava_mistral` checkpoint) -> a transformers `LlavaForConditionalGeneration`
-directory, and the logit-match check that proves the conversion exact.
+"""LLaVA-Med v1.5 (the LLaVA repository's own `llava_mistral` checkpoint) -> a transformers
+`LlavaForConditionalGeneration` directory, and the logit-match check that proves the conversion exact.
 
     launcher model convert-llava-med --src models/llava-med-v1.5-mistral-7b \\
         --vision-tower models/clip-vit-large-patch14-336 --out models/llava-med-v1.5-mistral-7b-hf --verify
@@ -280,7 +280,8 @@ def rename_source_key(key: str, tower_from_source: bool) -> str | None:
 
 
 def rename_tower_key(key: str) -> str | None:
-    """CLIP dir key (a CLIPModel's `vision_model.*`, or a transformers-5 CLIPVisionModel's unprefixed keys) -> converted."""
+    """CLIP dir key (a CLIPModel's `vision_model.*`, or a transformers-5 CLIPVisionModel's unprefixed keys) -> converted;
+    None = not carried over."""
     if key.startswith(("text_model.", "visual_projection.", "text_projection.")) or key == "logit_scale":
         return None  # the CLIP text half: LLaVA uses only the image encoder
     key = key.removeprefix("vision_model.")
@@ -420,7 +421,7 @@ def llava_config(info: SourceInfo, vocab_size: int, image_token_id: int, pad_tok
 
 
 def expected_state_dict_specs(config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of LlavaForConditionalGeneration(config) as transformers builds it (on the meta device: free)."""
+    """Names and shapes of LlavaForConditionalGeneration(config) as transformers builds it (meta device: no memory)."""
     from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
@@ -437,7 +438,7 @@ def build_plan(
     dtype: torch.dtype,
     src_vocab: int,
 ) -> ConversionPlan:
-    """Map every source tensor to its output name, and check the result is exactly the state dict transformers expects."""
+    """Map every source tensor to its output name; check the result is exactly the state dict transformers expects."""
     shards: list[list[OutputTensor]] = []
     notes: list[str] = []
     skipped_tower = 0
@@ -483,12 +484,15 @@ def build_plan(
             if items:
                 parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
         where = "the source shards" + ("" if info.tower_from_source else " and the --vision-tower dir")
-        raise LauncherError(f"converted weights would not match LlavaForConditionalGeneration ({where}): " + "; ".join(parts))
+        raise LauncherError(
+            f"converted weights would not match LlavaForConditionalGeneration ({where}): " + "; ".join(parts)
+        )
     return ConversionPlan(files=paths, shards=shards, dtype=dtype, new_rows=new_rows, notes=notes)
 
 
-def _mean_row(w: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Mean over rows in fp64, chunked: no full-size fp32 copy of a (32000, 4096) matrix. Returns (1, D)."""
+def _mean_row(w: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Mean over rows in fp64, 1024 rows (32 MB at D=4096) at a time: no full-size copy of a (32000, 4096) matrix.
+    Returns (1, D)."""
     acc = torch.zeros(w.shape[1:], dtype=torch.float64)
     for i in range(0, w.shape[0], chunk):
         acc += w[i : i + chunk].to(torch.float64).sum(0)
@@ -516,7 +520,7 @@ def write_shards(plan: ConversionPlan, files: list[TensorFile], out: Path, log: 
         writer.close()
         total += writer.nbytes
         log(
-            f"  {name}: {len(shard)} tensors, {writer.nbytes / 1e9:.2f} GB from "
+            f"  {name}: {len(shard)} tensors, {writer.nbytes / 1e6:.1f} MB from "
             f"{plan.files[shard[0].src_file].name} ({time.perf_counter() - t0:.1f} s)"
         )
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -535,18 +539,21 @@ def load_source_tokenizer(src: Path):
             return AutoTokenizer.from_pretrained(src)
     except Exception as e:
         raise LauncherError(
-            f"--src {src}: could not load its tokenizer ({type(e).__name__}: {e}). A tokenizer.model-only (SentencePiece) "
-            "tokenizer needs `pip install sentencepiece` to be converted"
+            f"--src {src}: could not load its tokenizer ({type(e).__name__}: {str(e).strip().splitlines()[0]}). A "
+            "tokenizer.model-only (SentencePiece) tokenizer needs `pip install sentencepiece` to be converted"
         ) from e
 
 
 def add_llava_tokens(tokenizer) -> tuple[int, int]:
-    """Add `<image>` then `<pad>` (the llava-hf order). Returns (image_token_id, pad_token_id)."""
+    """Add `<image>` then `<pad>` (the llava-hf order). Returns (image_token_id, pad_token_id).
+
+    `<pad>` replaces whatever pad the source tokenizer names: LLaVA's training script saves pad = `<unk>`, which would
+    make padding indistinguishable from a real unknown token.
+    """
     from transformers import AddedToken
 
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
 
 
@@ -654,7 +661,9 @@ def convert(
 
         tokenizer = load_source_tokenizer(src)
         if len(tokenizer) > src_vocab:
-            raise LauncherError(f"--src {src}: tokenizer has {len(tokenizer)} tokens but embed_tokens only {src_vocab} rows")
+            raise LauncherError(
+                f"--src {src}: tokenizer has {len(tokenizer)} tokens but embed_tokens only {src_vocab} rows"
+            )
         image_token_id, pad_token_id = add_llava_tokens(tokenizer)
         vocab_size = max(len(tokenizer), src_vocab)
         config = llava_config(info, vocab_size, image_token_id, pad_token_id, out_dtype)
@@ -663,7 +672,8 @@ def convert(
         for note in plan.notes:
             log(f"note: {note}")
         log(
-            f"converting {src} + {vision_tower} -> {out} ({len(plan.shards)} shards, {str(out_dtype).removeprefix('torch.')}, "
+            f"converting {src} + {vision_tower} -> {out} ({len(plan.shards)} shards, "
+            f"{str(out_dtype).removeprefix('torch.')}, "
             f"vocab {src_vocab} -> {vocab_size}: {IMAGE_TOKEN}={image_token_id}, {PAD_TOKEN}={pad_token_id})"
         )
         index = write_shards(plan, files, partial, log)
@@ -899,7 +909,7 @@ def reference_logits(
             raise LauncherError(f"reference vision tower is missing {sorted(tower_info['missing_keys'])[:5]}")
         if info.tower_from_source:
             tower_sd = _read_source_tensors(src, allow_pickle, lambda k: k.startswith(_SRC_TOWER_PREFIX))
-            tower.load_state_dict({k[len(_SRC_TOWER_PREFIX) :]: v for k, v in tower_sd.items()}, strict=False)
+            tower.load_state_dict({k[len(_SRC_TOWER_PREFIX) :]: v for k, v in tower_sd.items()}, strict=True)
     for module in (lm, tower):
         for param in module.parameters():  # parameters only: buffers (rotary inv_freq) stay as computed at init
             param.data = param.data.to(storage_dtype).to(compute_dtype)
@@ -914,9 +924,8 @@ def reference_logits(
         pixels = pixel_values.to(compute_dtype).to(device)  # (1, 3, S, S), as the converted model gets them
         hidden = tower(pixels, output_hidden_states=True).hidden_states[info.select_layer]  # (1, 1+N, C)
         feats = hidden[:, 1:] if info.select_strategy == "default" else hidden
-        feats = F.linear(feats, as_used(proj["model.mm_projector.0.weight"]), as_used(proj["model.mm_projector.0.bias"]))
-        feats = F.gelu(feats)  # nn.GELU(): erf form
-        feats = F.linear(feats, as_used(proj["model.mm_projector.2.weight"]), as_used(proj["model.mm_projector.2.bias"]))
+        w0, b0, w2, b2 = (as_used(proj[f"model.mm_projector.{i}.{p}"]) for i in (0, 2) for p in ("weight", "bias"))
+        feats = F.linear(F.gelu(F.linear(feats, w0, b0)), w2, b2)  # (1, N, D); nn.GELU() is the erf form
         embed = lm.get_input_embeddings()
         text = embed(torch.cat([ids[:p], ids[p + 1 :]]).to(device))  # (T-1, D): all text at once, then split
         inputs_embeds = torch.cat([text[:p], feats[0], text[p:]]).unsqueeze(0)  # (1, T-1+N, D)
@@ -1010,7 +1019,8 @@ def verify_conversion(
         out = model(
             input_ids=torch.tensor([expanded], device=device), pixel_values=pixel_values.to(compute_dtype).to(device)
         )
-    logits = out.logits[0].float().cpu()[:, : ref.shape[1]]  # (T, V_original): the new tokens' columns have no reference
+    # (T, V_original): the two new tokens' columns have no counterpart in the original
+    logits = out.logits[0].float().cpu()[:, : ref.shape[1]]
     del model, out
     gc.collect()
 

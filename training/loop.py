@@ -36,6 +36,7 @@ class LoopState:
     checkpoints: dict[str, str] = field(default_factory=dict)
     stage_switch_step: int | None = None
     val_history: list[dict] = field(default_factory=list)
+    first_step_done_at: float | None = None  # perf_counter() when this process finished its first step (not saved)
 
     def to_json(self, plan: StepPlan, **extra: Any) -> dict:
         stage = stage_at(self.global_step, plan) if self.global_step < plan.total_steps else "done"
@@ -120,6 +121,8 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         dt = time.perf_counter() - t0
         state.global_step = step + 1
         state.losses.append(loss)
+        if state.first_step_done_at is None:
+            state.first_step_done_at = time.perf_counter()
         gs = state.global_step
         lr = engine.current_lr()
         throughput = samples * io.world_size / dt

@@ -22,8 +22,8 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser(
         "convert-llava-med",
         help="convert LLaVA-Med v1.5 (llava_mistral) to an HF LlavaForConditionalGeneration directory",
-        description=__doc__.split("\n\n")[2],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--src", type=Path, required=True,
                    help="the original checkpoint dir (config.json with model_type llava_mistral, weights, tokenizer)")
@@ -34,14 +34,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--verify", action="store_true",
                    help="compare the converted model's logits with the original layout's (needs RAM for one full "
                         "model in --verify-dtype at a time: ~30 GB for the 7B in fp32)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| for --verify")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |logit difference| for --verify (default: %(default)s)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin weights with torch.load(weights_only=True); without it .bin files are refused")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="storage dtype of the output; auto = the source language model's")
+                   help="storage dtype of the output; auto (default) = the source language model's")
     p.add_argument("--verify-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="compute dtype of both models during --verify")
-    p.add_argument("--verify-device", default="cpu", help="torch device for --verify (cpu, cuda, cuda:1, mps)")
+                   help="compute dtype of both models during --verify (default: %(default)s)")
+    p.add_argument("--verify-device", default="cpu", help="torch device for --verify: cpu (default), cuda, cuda:1, mps")
     p.add_argument("--verify-image", type=Path, default=None,
                    help="image for --verify (default: a fixed synthetic non-square image)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
