@@ -174,6 +174,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                 checkpointer=Checkpointer(ckpt_root, cfg, bundle.tokenizer, cfg.train.keep_last),
                 grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 save_every=cfg.train.save_every, show_progress=show_progress,
+                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
                 extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path})
     print(f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
           f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
@@ -189,7 +190,6 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                                     time_to_first_step_s=round(state.first_step_done_at - t_start, 1)
                                     if state.first_step_done_at else None,
                                     base_model=bundle.base_model_path, skipped_records=data.skipped)
-        tracker.set_tags({f"checkpoint.{k}": v for k, v in state.checkpoints.items()})
         tracker.close(status if status != "KILLED" else "FINISHED")
     if status == "FINISHED" and cfg.mlflow.register_at_end:
         from training.registry import register_checkpoint

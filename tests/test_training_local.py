@@ -64,7 +64,7 @@ def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
 
 
 def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):
-    cfg = tiny_cfg(**{"train.grad_accum": "2", "train.max_steps": "5"})
+    cfg = tiny_cfg(**{"train.grad_accum": "2", "train.max_steps": "5", "mlflow.log_checkpoints": "true"})
     summary = run_local(cfg, device="cpu", show_progress=False)
     out = Path(cfg.output.dir)
     assert summary["global_step"] == 5 and summary["stage_switch_step"] == 2  # round(0.35 * 5) optimizer steps
@@ -86,7 +86,9 @@ def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):
     assert run.data.params["curriculum.stage_split"] == "0.35" and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "curriculum/stage_switch")] == [2]
-    assert run.data.tags["stage_switch_step"] == "2"
+    assert run.data.tags["stage_switch_step"] == "2" and run.data.tags["checkpoint.final"] == str(final)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert logged == {"checkpoints/stage_A_end", "checkpoints/final"}
 
 
 def test_bundle_loads_with_plain_peft_and_gives_the_same_logits(tiny_cfg):

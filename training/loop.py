@@ -68,6 +68,7 @@ class LoopIO:
     show_progress: bool = True
     on_checkpoint: Callable[[Path, LoopState], None] | None = None  # Ray reports checkpoints through this
     extra_state: dict = field(default_factory=dict)  # e.g. the MLflow run id, stored in every checkpoint
+    log_checkpoint_artifacts: bool = False  # mlflow.log_checkpoints: copy each checkpoint into the run's artifacts
 
 
 def validate(io: LoopIO, step: int, state: LoopState) -> dict[str, float]:
@@ -86,6 +87,10 @@ def validate(io: LoopIO, step: int, state: LoopState) -> dict[str, float]:
 def save(io: LoopIO, name: str, state: LoopState) -> Path:
     path = io.checkpointer.save(name, io.engine, state.to_json(io.plan, **io.extra_state))
     state.checkpoints[name] = str(path)
+    if io.engine.is_writer:  # checkpoints in MLflow: a reference always, the files when asked (they can be large)
+        io.tracker.set_tags({f"checkpoint.{name}": str(path)})
+        if io.log_checkpoint_artifacts:
+            io.tracker.log_artifacts(str(path), f"checkpoints/{name}")
     if io.on_checkpoint:
         io.on_checkpoint(path, state)
     return path
