@@ -53,10 +53,5 @@ class CheXpertF1(evaluate.Metric):
         self, predictions: list[str | None], references: list[str], zero_division: float | None = None
     ) -> dict[str, float]:
         preds = [scores.chexpert_from_text(t) for t in predictions]
-        refs = []
-        for i, text in enumerate(references):
-            try:
-                refs.append(scores.chexpert_from_text(text, strict=True))
-            except ValueError as e:
-                raise ValueError(f"chexpert: references[{i}]: {e}") from None
+        refs = scores.parse_references(references, scores.chexpert_from_text, "chexpert")
         return scores.chexpert_scores(preds, refs, zero_division=zero_division)  # type: ignore[arg-type]

@@ -51,10 +51,5 @@ class IcdF1(evaluate.Metric):
         self, predictions: list[str | None], references: list[str], zero_division: float | None = None
     ) -> dict[str, float]:
         preds = [scores.icd_from_text(t) for t in predictions]
-        refs = []
-        for i, text in enumerate(references):
-            try:
-                refs.append(scores.icd_from_text(text, strict=True))
-            except ValueError as e:
-                raise ValueError(f"icd: references[{i}]: {e}") from None
+        refs = scores.parse_references(references, scores.icd_from_text, "icd")
         return scores.icd_scores(preds, refs, zero_division=zero_division)  # type: ignore[arg-type]

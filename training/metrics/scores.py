@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -115,6 +115,17 @@ def icd_from_text(text: str | None, *, strict: bool = False) -> dict[str, bool] 
         return None
     return parsed.icd
 
+
+
+def parse_references(texts: Sequence[str], parse: Callable[..., Any], metric: str) -> list[Any]:
+    """Parse reference reports strictly; a reference that does not parse is an error naming its index."""
+    out = []
+    for i, text in enumerate(texts):
+        try:
+            out.append(parse(text, strict=True))
+        except ValueError as e:
+            raise ValueError(f"{metric}: references[{i}]: {e}") from None
+    return out
 
 def report_validity(texts: Sequence[str | None], *, expect_icd: bool) -> np.ndarray:
     """(N,) bool: the whole report parses (Impression, CheXpert and, when expected, ICD blocks all well-formed)."""
