@@ -98,17 +98,18 @@ def preprocess_rows(batch: dict[str, np.ndarray], *, pre: Any, no_ehr_variant: b
         out["truncated"].append(tok.truncated)
         out["study_id"].append(str(sid))
         if no_ehr_variant:
-            tok0 = build_sample(pre.tokenizer, with_empty_ehr(str(prompt)), str(target), image_token_id=pre.image_token_id,
-                                num_image_tokens=pre.num_image_tokens, max_len=pre.max_len, overlong=pre.overlong,
-                                where=str(where))
+            tok0 = build_sample(pre.tokenizer, with_empty_ehr(str(prompt)), str(target),
+                                image_token_id=pre.image_token_id, num_image_tokens=pre.num_image_tokens,
+                                max_len=pre.max_len, overlong=pre.overlong, where=str(where))
             ids0, labels0, n0 = _fixed(tok0, width, pad)
             out["input_ids_no_ehr"].append(ids0)
             out["labels_no_ehr"].append(labels0)
             out["length_no_ehr"].append(n0)
     n_rows = len(out["study_id"])
     s = pre.image_spec.size
+    pixels = np.stack(out["pixel_values"]).astype(np.float32) if n_rows else np.zeros((0, 3, s, s), np.float32)
     result = {
-        "pixel_values": np.stack(out["pixel_values"]).astype(np.float32) if n_rows else np.zeros((0, 3, s, s), np.float32),
+        "pixel_values": pixels,  # (B, 3, S, S)
         "truncated": np.asarray(out["truncated"], dtype=bool),
         "study_id": np.asarray(out["study_id"], dtype=object),
     }
@@ -124,9 +125,11 @@ def preprocess_rows(batch: dict[str, np.ndarray], *, pre: Any, no_ehr_variant: b
 # ------------------------------------------------------------------------------------------- the datasets
 def stage_dataset(paths: list[str] | str, stage: str, pre: Any, *, n_rows: int, policy: str = "error",
                   no_ehr_variant: bool = False, check_images: bool = False, rows_per_block: int = ROWS_PER_BLOCK,
-                  source_rows: int | None = None) -> Any:
+                  source_rows: int | None = None, decoders: int = 2) -> Any:
     """The Stage `stage` Ray Dataset (lazy). `n_rows` = this stage's row count and `source_rows` = all lines of the
-    files (both counted up front by the driver): they size the read blocks, the source of decode parallelism."""
+    files (both counted up front by the driver): they size the read blocks, the source of decode parallelism.
+    `decoders` caps the concurrent parse/decode tasks: each new task process pays the torch + tokenizer import
+    (seconds), so a few warm processes beat one per block on a small machine."""
     import ray.data
 
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -135,10 +138,11 @@ def stage_dataset(paths: list[str] | str, stage: str, pre: Any, *, n_rows: int, 
     # task (Ray does not fuse a split read with the maps after it): one decode task per block.
     n_blocks = max(len(paths), math.ceil(lines / rows_per_block))
     ds = ray.data.read_text(paths, drop_empty_lines=True, override_num_blocks=n_blocks)
-    ds = ds.map_batches(parse_lines, batch_size=None, batch_format="numpy",
+    compute = ray.data.TaskPoolStrategy(size=max(1, decoders))  # the same for both maps, so they fuse
+    ds = ds.map_batches(parse_lines, batch_size=None, batch_format="numpy", compute=compute,
                         fn_kwargs={"stage": stage, "source": ",".join(paths), "data_root": pre.data_root,
                                    "policy": policy, "check_images": check_images})
-    ds = ds.map_batches(preprocess_rows, batch_size=None, batch_format="numpy",
+    ds = ds.map_batches(preprocess_rows, batch_size=None, batch_format="numpy", compute=compute,
                         fn_kwargs={"pre": pre, "no_ehr_variant": no_ehr_variant})
     return ds
 
@@ -182,16 +186,18 @@ def collate(rows: dict[str, np.ndarray], pre: Any, spec: ShardSpec, epoch: int) 
     """Fixed-width columns of one micro-batch -> the padded batch `Preprocessor.collate` builds on the local path."""
     toks = []
     for i, sid in enumerate(rows["study_id"]):
-        suffix = "_no_ehr" if "input_ids_no_ehr" in rows and ehr_dropped(spec.seed, sid, epoch, spec.ehr_dropout) else ""
+        dropped = "input_ids_no_ehr" in rows and ehr_dropped(spec.seed, sid, epoch, spec.ehr_dropout)
+        suffix = "_no_ehr" if dropped else ""
         n = int(rows["length" + suffix][i])
         toks.append(TokenizedSample(rows["input_ids" + suffix][i][:n].tolist(), rows["labels" + suffix][i][:n].tolist(),
                                     bool(rows["truncated"][i])))
     return pre.collate(list(rows["pixel_values"]), toks)
 
 
-def shard_batches(shard: Any, pre: Any, spec: ShardSpec, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless micro-batches of one stage's shard from micro-batch `start` on: epoch after epoch (a new pass over
-    the shard each time it runs out), full batches only, so every rank draws the same count per epoch.
+def shard_rows(shard: Any, spec: ShardSpec, start: int = 0) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Endless (rows of one micro-batch, epoch) of one stage's shard from micro-batch `start` on: epoch after epoch
+    (a new pass over the shard each time it runs out), full batches only, so every rank draws the same count per
+    epoch. Needs no torch and no tokenizer, so a worker can start it first and build its model meanwhile.
 
     Every rank of a split dataset must iterate it in step (each new epoch is a barrier across the shards); the loop
     guarantees this by drawing the same number of micro-batches per step on every rank."""
@@ -208,8 +214,14 @@ def shard_batches(shard: Any, pre: Any, spec: ShardSpec, start: int = 0) -> Iter
             position += 1
             if position <= start:
                 continue  # resuming: these were trained on before the checkpoint
-            yield collate(rows, pre, spec, epoch)
+            yield rows, epoch
         if drawn == 0:
             raise RuntimeError(f"stage {spec.stage}: rank {spec.rank}'s shard has fewer than {spec.batch_size} rows "
                                "(one micro-batch); use fewer workers, a smaller micro_batch_size or more data")
         epoch += 1
+
+
+def shard_batches(shard: Any, pre: Any, spec: ShardSpec, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """`shard_rows`, collated: padded micro-batches exactly as the local path builds them."""
+    for rows, epoch in shard_rows(shard, spec, start):
+        yield collate(rows, pre, spec, epoch)

@@ -22,7 +22,6 @@ What differs from the local engine, and why:
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from training.engines import make_optimizer, set_lr
 
 DTYPES = ("fp32", "bf16", "fp16")
-ENGINE_SUBDIR = "engine"  # the DeepSpeed checkpoint tag: <checkpoint>/engine/{mp_rank_00_model_states,zero_pp_rank_*}.pt
+ENGINE_SUBDIR = "engine"  # DeepSpeed's checkpoint tag: <checkpoint>/engine/{mp_rank_00_model_states,zero_pp_rank_*}.pt
 
 _HF_DS_CONFIG: Any = None  # transformers keeps only a weakref to HfDeepSpeedConfig: this keeps it alive
 
@@ -98,6 +97,17 @@ def prepare_deepspeed_cpu() -> None:
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def init_deepspeed_comm() -> None:
+    """Put DeepSpeed's comm layer on the process group Ray Train made (gloo / NCCL). Must precede ZeRO-3 model
+    building: `zero.Init` reads the world size from DeepSpeed's comm, which would otherwise say 1."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized (Ray Train's TorchTrainer sets it up)")
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
 def zero3_init(ds_config: dict) -> Any:
     """Under ZeRO-3, make transformers build models inside `deepspeed.zero.Init` (partitioned as they load).
     Returns the HfDeepSpeedConfig (also kept alive here); None for other stages."""
@@ -141,7 +151,8 @@ class DeepSpeedEngine:
         """One micro-batch. `scale` (1/grad_accum from the loop) is applied by DeepSpeed itself: engine.backward
         divides by gradient_accumulation_steps, so it is only checked here."""
         if abs(scale * self.grad_accum - 1.0) > 1e-6:
-            raise ValueError(f"loop grad_accum (scale {scale}) != DeepSpeed gradient_accumulation_steps {self.grad_accum}")
+            raise ValueError(f"the loop's grad_accum (scale {scale}) != DeepSpeed's gradient_accumulation_steps "
+                             f"{self.grad_accum}")
         self.engine.train()
         loss = self.engine(**self._to_device(batch)).loss
         self.engine.backward(loss)

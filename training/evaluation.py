@@ -45,7 +45,13 @@ from datasets_io.records import (
     prompt_a,
     with_empty_ehr,
 )
+from datasets_io.images import preprocess_image
+from datasets_io.jsonl import join, path_exists, read_bytes, read_records
+from datasets_io.tokens import encode_prompt
 from launcher.errors import LauncherError
+from training.generate import DEFAULT_MAX_NEW_TOKENS, generate_reports, max_new_tokens_for, parse_report
+from training.metrics import scores
+from training.metrics.stats import bootstrap_ci, compare_arms
 
 ARM_DESCRIPTIONS = {
     "ehr_on": "EHR on: the Stage B prompt",
@@ -87,8 +93,6 @@ class Study:
 def load_studies(data_file: str, data_root: str, limit: int | None = None) -> list[Study]:
     """Studies in file order. With any Stage B row in the file, only studies with one are kept (the A/B is paired);
     a file of Stage A rows only gives image-only studies. Bad records are errors (file:line)."""
-    from datasets_io.jsonl import path_exists, read_records
-
     if "://" not in data_file and not Path(data_file).is_file():
         raise LauncherError(f"--data {data_file}: file not found")
     if "://" not in data_root and not Path(data_root).is_dir():
@@ -109,8 +113,6 @@ def load_studies(data_file: str, data_root: str, limit: int | None = None) -> li
         row = b or a
         studies.append(Study(sid, row.image, b.prompt if b else None, a.prompt if a else prompt_a(), row.target,
                              row.where))
-    from datasets_io.jsonl import join
-
     missing = [s for s in studies if not path_exists(join(data_root, s.image))]
     if missing:
         raise LauncherError(f"{len(missing)} image(s) not found under --data-root {data_root}, first: "
@@ -140,8 +142,6 @@ class ArmOutput:
 
     def __post_init__(self) -> None:
         if not self.parsed:
-            from training.generate import parse_report
-
             self.parsed = [parse_report(t, ARM_EXPECTS_ICD[self.arm]) for t in self.texts]
 
     @property
@@ -176,8 +176,6 @@ class References:
 
 def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
     """Metric name -> stats.SummedStats (per-study sufficient statistics): the metrics that get intervals and tests."""
-    from training.metrics import scores
-
     preds_imp, preds_chx = out.impressions, out.chexpert
     m: dict[str, Any] = {
         "text/bleu_1": scores.bleu_metric(preds_imp, refs.impressions, order=1),
@@ -210,9 +208,6 @@ def _icd_problem(p: ParsedTarget) -> bool:
 
 def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int) -> tuple[dict, dict[str, Any]]:
     """(the arm's metrics section for metrics.json, its SummedStats for paired tests)."""
-    from training.metrics import scores
-    from training.metrics.stats import bootstrap_ci
-
     stats = arm_metric_stats(out, refs)
     preds_imp, preds_chx = out.impressions, out.chexpert
     section: dict[str, Any] = {
@@ -247,8 +242,6 @@ def _interval_dict(iv: Any) -> dict[str, float]:
 def compare_stats(a: dict[str, Any], b: dict[str, Any], *, n_resamples: int, seed: int,
                   only: Callable[[str], bool] = lambda name: True) -> dict[str, dict[str, float]]:
     """Paired a - b per metric both sides have: each side's value, the difference, its interval and the p-value."""
-    from training.metrics.stats import compare_arms
-
     out = {}
     for name in a:
         if name not in b or not only(name):
@@ -267,13 +260,8 @@ def _text_or_chexpert(name: str) -> bool:
 def majority_baseline(refs: References, train_file: str | None, data_root: str | None, *, n_resamples: int,
                       seed: int) -> tuple[dict, dict[str, Any]]:
     """The CheXpert majority-class prediction, fit on the training file when readable, else on the evaluation refs."""
-    from training.metrics import scores
-    from training.metrics.stats import bootstrap_ci
-
     fit_on, fit_refs = "evaluation data", refs.chexpert
     if train_file and "://" not in train_file and Path(train_file).is_file():
-        from datasets_io.jsonl import read_records
-
         rows, _ = read_records(train_file, data_root or str(Path(train_file).parent), policy="skip",
                                check_images="none")
         train_refs = [p.chexpert for r in rows if (p := parse_target(r.target, expect_icd=False)).chexpert]
@@ -326,6 +314,7 @@ class LoadedModel:
     max_seq_len: int | None
     config: Any = None  # launcher.config.Config of the checkpoint, when known
     training_run_id: str | None = None
+    tracking_uri: str | None = None  # the store a registered model came from (the evaluation run goes there too)
 
 
 def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
@@ -345,9 +334,6 @@ def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
 
 
 def default_max_new_tokens(model: LoadedModel, prompts: Sequence[str]) -> int:
-    from datasets_io.tokens import encode_prompt
-    from training.generate import DEFAULT_MAX_NEW_TOKENS, max_new_tokens_for
-
     if not model.max_seq_len:
         return DEFAULT_MAX_NEW_TOKENS
     b = model.bundle
@@ -357,8 +343,6 @@ def default_max_new_tokens(model: LoadedModel, prompts: Sequence[str]) -> int:
 
 def generate_arms(model: LoadedModel, studies: Sequence[Study], arms: Sequence[str], images: list[np.ndarray],
                   opts: EvalOptions) -> dict[str, ArmOutput]:
-    from training.generate import generate_reports
-
     outputs = {}
     for arm in arms:
         prompts = [s.prompt(arm) for s in studies]
@@ -386,8 +370,6 @@ def run_evaluation(opts: EvalOptions) -> dict:
     """Generate, score, compare, write metrics.json / report.md / plots (and predictions when asked), log to MLflow."""
     import torch
 
-    from datasets_io.images import preprocess_image
-    from datasets_io.jsonl import join, read_bytes
     from launcher.local import resolve_device
 
     if opts.batch_size < 1:
@@ -453,11 +435,15 @@ def load_main_model(opts: EvalOptions, device: str) -> LoadedModel:
         raise LauncherError("give exactly one of --checkpoint DIR or --model models:/NAME@ALIAS")
     if opts.checkpoint:
         return load_checkpoint_model("model", opts.checkpoint, device)
-    from training.registry import load_registered_bundle
+    from launcher.config import load_config
+    from training.registry import load_registered_bundle, resolve_registry_uri
 
-    bundle, info = load_registered_bundle(opts.model_uri, opts.tracking_uri)
+    uri = resolve_registry_uri(opts.tracking_uri)
+    bundle, info = load_registered_bundle(opts.model_uri, uri)
     bundle.model.to(device)
-    return LoadedModel("model", opts.model_uri, bundle, info.get("max_seq_len"), None, info.get("run_id"))
+    cfg_file = Path(info["adapter_dir"]) / "config.yaml"  # the training config travels in the adapter bundle
+    cfg = load_config(cfg_file) if cfg_file.is_file() else None
+    return LoadedModel("model", opts.model_uri, bundle, info.get("max_seq_len"), cfg, info.get("run_id"), uri)
 
 
 def stage_a_end_sibling(opts: EvalOptions) -> Path | None:
@@ -590,7 +576,7 @@ def log_to_mlflow(result: dict, model: LoadedModel, out_dir: Path, plots: list[P
     from training.registry import ensure_experiment, resolve_registry_uri
 
     cfg = model.config
-    uri = resolve_registry_uri(opts.tracking_uri, cfg)
+    uri = model.tracking_uri or resolve_registry_uri(opts.tracking_uri, cfg)
     experiment = cfg.mlflow.experiment if cfg else "radiology-report"
     client = mlflow.MlflowClient(uri)
     exp_id = ensure_experiment(client, experiment, uri)
@@ -631,7 +617,8 @@ def write_plots(result: dict, plot_dir: Path) -> list[Path]:
     arms = result["models"]["model"]["arms"]
     has_icd = any("icd" in a for a in arms.values())
     fig, axes = plt.subplots(1 + has_icd, 1, figsize=(11, 4.5 * (1 + has_icd)), squeeze=False)
-    series = [(arm, sec["chexpert"]) for arm, sec in arms.items()] + [("majority baseline", result["baseline"]["chexpert"])]
+    series = [(arm, sec["chexpert"]) for arm, sec in arms.items()]
+    series.append(("majority baseline", result["baseline"]["chexpert"]))
     _bars(axes[0][0], list(CHEXPERT_LABELS), [(name, [_nan0(c[f"u_pos/f1/{lab}"]) for lab in CHEXPERT_LABELS])
                                               for name, c in series],
           "CheXpert per-label F1 (Uncertain = positive; undefined F1 shown as 0)")
@@ -701,103 +688,99 @@ def _p(p: float) -> str:
     return "n/a" if p is None or (isinstance(p, float) and math.isnan(p)) else (f"{p:.3g}")
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _diff_rows(metrics: dict[str, dict], keys: Sequence[str]) -> list[list[str]]:
+    return [[k, _f(metrics[k]["a"]), _f(metrics[k]["b"]),
+             f"{_f(metrics[k]['diff'])} [{_f(metrics[k]['diff_low'])}, {_f(metrics[k]['diff_high'])}]",
+             _p(metrics[k]["p_value"])] for k in keys]
+
+
 def render_report(result: dict, plots: Sequence[Path]) -> str:
-    e = result["evaluation"]
-    models = result["models"]
+    """report.md: settings, validity, CheXpert vs the baseline, text, ICD, the paired comparisons, per-label F1."""
+    e, models, base = result["evaluation"], result["models"], result["baseline"]
     main = models["model"]
+    model_arms = [(name, arm, a) for name, sec in models.items() for arm, a in sec["arms"].items()]
+    has_ehr = any(arm != "stage_a" for arm in e["arms"])
     limit_note = f", the first {e['limit']}" if e["limit"] else ""
+    beside = f"; beside it the end of Stage A: `{e['models'][STAGE_A_END]}`" if STAGE_A_END in models else ""
     lines = [
         "# Evaluation report",
         "",
-        f"- Model: `{e['checkpoint'] or e['model_uri']}`"
-        + (f"; beside it the end of Stage A: `{e['models'][STAGE_A_END]}`" if STAGE_A_END in models else ""),
-        f"- Data: `{e['data']}` ({e['n_studies']} studies with {'a Stage B row' if 'ehr_on' in e['arms'] or 'ehr_off' in e['arms'] else 'Stage A rows only'}"
-        f"{limit_note}); study-list hash `{e['studies_sha256']}`",
+        f"- Model: `{e['checkpoint'] or e['model_uri']}`{beside}",
+        f"- Data: `{e['data']}`: {e['n_studies']} studies "
+        f"({'with a Stage B row' if has_ehr else 'Stage A rows only'}{limit_note}); study-list hash "
+        f"`{e['studies_sha256']}`",
         f"- Greedy decoding, batch {e['batch_size']}, max new tokens "
         f"{e['max_new_tokens'] or 'data.max_seq_len - prompt'}; device {e['device']}; generation {e['generation_s']} s",
         f"- Intervals: percentile bootstrap 95% over studies ({e['n_resamples']} resamples, seed {e['seed']}); "
-        "A/B p-values: paired approximate randomization (arms swapped per study).",
+        "p-values: paired approximate randomization (the two arms' outputs swapped per study).",
         "",
         "Arms (every arm is scored against the study's Stage B target):",
         "",
+        *[f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}" for arm in e["arms"]],
+        "", "## Format validity", "",
+        *_table(["model", "arm", "whole report", "CheXpert block", "ICD block"],
+                [[n, arm, _f(a["validity"]["report"]), _f(a["validity"]["chexpert"]), _f(a["validity"].get("icd"))]
+                 for n, arm, a in model_arms]),
+        "", "## CheXpert F1 against the majority-class baseline", "",
+        f"Baseline: each label's most frequent value in the {base['fit_on']}, predicted for every study. U+ counts "
+        "Uncertain as positive, U- as negative. A label with no positive in references nor predictions has no F1 and "
+        "is left out of macro-F1.",
+        "",
     ]
-    lines += [f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}" for arm in e["arms"]]
-
-    lines += ["", "## Format validity", "", "| model | arm | report | CheXpert block | ICD block |", "|---|---|---|---|---|"]
-    for name, sec in models.items():
-        for arm, a in sec["arms"].items():
-            v = a["validity"]
-            lines.append(f"| {name} | {arm} | {_f(v['report'])} | {_f(v['chexpert'])} | {_f(v.get('icd'))} |")
-
-    lines += ["", "## CheXpert F1 against the majority-class baseline", "",
-              f"Baseline: each label's most frequent value in the {result['baseline']['fit_on']}, predicted for every "
-              "study. Labels with no positive in references nor predictions have no F1 and are left out of macro-F1.",
-              "", "| model / arm | macro-F1 14 (U+) | macro-F1 5 (U+) | micro-F1 14 (U+) | macro-F1 14 (U-) | macro-F1 5 (U-) |",
-              "|---|---|---|---|---|---|"]
-    for name, sec in list(models.items()) + [("baseline", None)]:
-        rows = [("majority", result["baseline"])] if sec is None else list(sec["arms"].items())
-        for arm, a in rows:
-            lines.append(f"| {name} / {arm} | {_ci(a, 'chexpert/u_pos/macro_f1')} | {_ci(a, 'chexpert/u_pos/macro_f1_5')} "
-                         f"| {_ci(a, 'chexpert/u_pos/micro_f1')} | {_ci(a, 'chexpert/u_neg/macro_f1')} "
-                         f"| {_ci(a, 'chexpert/u_neg/macro_f1_5')} |")
-
-    lines += ["", "## Report text (Impression)", "", "| model / arm | BLEU-1 | BLEU-4 | ROUGE-L |", "|---|---|---|---|"]
-    for name, sec in models.items():
-        for arm, a in sec["arms"].items():
-            lines.append(f"| {name} / {arm} | {_ci(a, 'text/bleu_1')} | {_ci(a, 'text/bleu_4')} | {_ci(a, 'text/rouge_l')} |")
-
-    if any("icd" in a for a in main["arms"].values()):
-        lines += ["", "## ICD flags", "", "| model / arm | micro-F1 | macro-F1 |", "|---|---|---|"]
-        for name, sec in models.items():
-            for arm, a in sec["arms"].items():
-                if "icd" in a:
-                    lines.append(f"| {name} / {arm} | {_ci(a, 'icd/micro_f1')} | {_ci(a, 'icd/macro_f1')} |")
+    chx_keys = ["chexpert/u_pos/macro_f1", "chexpert/u_pos/macro_f1_5", "chexpert/u_pos/micro_f1",
+                "chexpert/u_neg/macro_f1", "chexpert/u_neg/macro_f1_5"]
+    lines += _table(["model / arm", "macro-F1 14 (U+)", "macro-F1 5 (U+)", "micro-F1 14 (U+)", "macro-F1 14 (U-)",
+                     "macro-F1 5 (U-)"],
+                    [[f"{n} / {arm}", *[_ci(a, k) for k in chx_keys]] for n, arm, a in model_arms]
+                    + [["majority baseline", *[_ci(base, k) for k in chx_keys]]])
+    lines += ["", "## Report text (Impression)", "",
+              *_table(["model / arm", "BLEU-1", "BLEU-4", "ROUGE-L"],
+                      [[f"{n} / {arm}", _ci(a, "text/bleu_1"), _ci(a, "text/bleu_4"), _ci(a, "text/rouge_l")]
+                       for n, arm, a in model_arms])]
+    if any("icd" in a for _, _, a in model_arms):
+        lines += ["", "## ICD flags", "",
+                  *_table(["model / arm", "micro-F1", "macro-F1"],
+                          [[f"{n} / {arm}", _ci(a, "icd/micro_f1"), _ci(a, "icd/macro_f1")]
+                           for n, arm, a in model_arms if "icd" in a])]
 
     for name, sec in models.items():
         for comp, metrics in sec["ab"].items():
             a, b = comp.split("-")
             title = "The EHR A/B test" if comp == "ehr_on-ehr_off" else f"{a} against {b}"
-            lines += ["", f"## {title} ({name})", "",
-                      f"Paired per study: `{a}` - `{b}`, same model, same images.", "",
-                      f"| metric | {a} | {b} | difference [95% CI] | p-value |", "|---|---|---|---|---|"]
-            lines += [f"| {k} | {_f(d['a'])} | {_f(d['b'])} | {_f(d['diff'])} [{_f(d['diff_low'])}, {_f(d['diff_high'])}] "
-                      f"| {_p(d['p_value'])} |" for k, d in metrics.items()]
-
+            lines += ["", f"## {title} ({name})", "", f"Paired per study: `{a}` - `{b}`, same model, same images.", "",
+                      *_table(["metric", a, b, "difference [95% CI]", "p-value"], _diff_rows(metrics, list(metrics)))]
     for comp, metrics in result["comparisons"].items():
-        keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "icd/micro", "validity/report"))]
-        if not keys:
-            continue
-        lines += ["", f"## Comparison {comp}", "", "| metric | model | other | difference [95% CI] | p-value |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {k} | {_f(metrics[k]['a'])} | {_f(metrics[k]['b'])} | {_f(metrics[k]['diff'])} "
-                  f"[{_f(metrics[k]['diff_low'])}, {_f(metrics[k]['diff_high'])}] | {_p(metrics[k]['p_value'])} |"
-                  for k in keys]
+        keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "icd/micro", "validity/"))]
+        if keys:
+            lines += ["", f"## Comparison {comp}", "",
+                      *_table(["metric", "model", "other", "difference [95% CI]", "p-value"],
+                              _diff_rows(metrics, keys))]
 
-    lines += ["", "## Per-label CheXpert F1 (Uncertain = positive)", "",
-              "| label | support | " + " | ".join(f"{n}/{a}" for n, s in models.items() for a in s["arms"]) + " | baseline |",
-              "|---|---|" + "---|" * (sum(len(s["arms"]) for s in models.values()) + 1)]
     first = next(iter(main["arms"].values()))["chexpert"]
-    for lab in CHEXPERT_LABELS:
-        cells = [_f(s["arms"][a]["chexpert"][f"u_pos/f1/{lab}"]) for s in models.values() for a in s["arms"]]
-        lines.append(f"| {lab} | {int(first[f'u_pos/support/{lab}'])} | " + " | ".join(cells)
-                     + f" | {_f(result['baseline']['chexpert'][f'u_pos/f1/{lab}'])} |")
-    icd_arms = [(a, s["icd"]) for a, s in main["arms"].items() if "icd" in s]
+    lines += ["", "## Per-label CheXpert F1 (U+)", "",
+              *_table(["label", "support", *[f"{n}/{arm}" for n, arm, _ in model_arms], "baseline"],
+                      [[lab, str(int(first[f"u_pos/support/{lab}"])),
+                        *[_f(a["chexpert"][f"u_pos/f1/{lab}"]) for _, _, a in model_arms],
+                        _f(base["chexpert"][f"u_pos/f1/{lab}"])] for lab in CHEXPERT_LABELS])]
+    icd_arms = [(arm, a["icd"]) for arm, a in main["arms"].items() if "icd" in a]
     if icd_arms:
         flags = [k.split("/", 1)[1] for k in icd_arms[0][1] if k.startswith("f1/")]
-        lines += ["", "## Per-flag ICD F1 (evaluated model)", "",
-                  "| flag | support | " + " | ".join(a for a, _ in icd_arms) + " |", "|---|---|" + "---|" * len(icd_arms)]
-        for f in flags:
-            lines.append(f"| {f} | {int(icd_arms[0][1][f'support/{f}'])} | "
-                         + " | ".join(_f(s[f"f1/{f}"]) for _, s in icd_arms) + " |")
-
-    problems = {f"{n}/{a}": s["arms"][a]["problems"] for n, s in models.items() for a in s["arms"]}
-    if any(problems.values()):
+        lines += ["", "## Per-flag ICD F1 (the evaluated model)", "",
+                  *_table(["flag", "support", *[arm for arm, _ in icd_arms]],
+                          [[f, str(int(icd_arms[0][1][f"support/{f}"])), *[_f(s[f"f1/{f}"]) for _, s in icd_arms]]
+                           for f in flags])]
+    problems = [(f"{n}/{arm}", a["problems"]) for n, arm, a in model_arms if a["problems"]]
+    if problems:
         lines += ["", "## Format problems (counts)", ""]
-        lines += [f"- {k}: " + ", ".join(f"{p} x{c}" for p, c in v.items()) for k, v in problems.items() if v]
+        lines += [f"- {k}: " + ", ".join(f"{p} x{c}" for p, c in v.items()) for k, v in problems]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+        lines += ["", "## Plots", "", *[f"![{p.stem}](plots/{p.name})" for p in plots]]
     lines += ["", f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
-              "(plus any other flag in the references).", ""]
+              "(plus any other flag named in the references).", ""]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 INPUT_COLUMNS = ("image", "ehr")
 OUTPUT_COLUMNS = ("report", "valid", "problems", "impression", "chexpert", "icd")
@@ -78,8 +79,6 @@ def ehr_value(value: Any, row: int) -> dict | None:
 
 
 def requests_from_frame(frame: Any) -> list[tuple[bytes, dict | None]]:
-    import pandas as pd
-
     if isinstance(frame, dict):
         frame = pd.DataFrame(frame)
     if not isinstance(frame, pd.DataFrame) or "image" not in frame.columns:
@@ -88,10 +87,8 @@ def requests_from_frame(frame: Any) -> list[tuple[bytes, dict | None]]:
     return [(image_bytes(im, i), ehr_value(e, i)) for i, (im, e) in enumerate(zip(frame["image"], ehr))]
 
 
-def results_frame(results: list[dict]) -> Any:
+def results_frame(results: list[dict]) -> pd.DataFrame:
     """predict_reports' dicts -> the output DataFrame (structured fields as JSON strings)."""
-    import pandas as pd
-
     enc = lambda v: None if v is None else json.dumps(v)  # noqa: E731
     return pd.DataFrame([{"report": r["report"], "valid": bool(r["valid"]), "problems": json.dumps(r["problems"]),
                           "impression": r["impression"], "chexpert": enc(r["chexpert"]), "icd": enc(r["icd"])}
@@ -117,7 +114,8 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
         self.max_seq_len = load_config(cfg_file).data.max_seq_len if cfg_file.is_file() else None
         self.default_batch_size = int(config.get("batch_size", 8))
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        # pd.DataFrame hints: MLflow takes the frame as is (the explicit signature() does the validation)
         from training.generate import predict_reports
 
         params = params or {}
@@ -128,3 +126,9 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
             return results_frame([])
         return results_frame(predict_reports(self.bundle, requests, max_seq_len=self.max_seq_len,
                                              max_new_tokens=max_new, batch_size=batch_size))
+
+
+# MLflow loads this file as "models from code" (registry.py passes its path as `python_model`): run under another
+# module name, it hands MLflow the model instance. Imported normally (training.pyfunc), it does nothing.
+if __name__ not in ("training.pyfunc", "__main__"):
+    mlflow.models.set_model(ReportGenerator())

@@ -3,18 +3,20 @@
     launcher register --checkpoint runs/tiny/checkpoints/final --name cxr-report-generator --alias candidate
     launcher local --config configs/tiny.yaml --set mlflow.register_at_end=true      (the same, at the end of training)
 
-    model = mlflow.pyfunc.load_model("models:/cxr-report-generator@candidate")      (any process; see training/pyfunc.py)
+    mlflow.pyfunc.load_model("models:/cxr-report-generator@candidate")      (in any process; see training/pyfunc.py)
 
 What a version carries:
-- artifacts: the adapter bundle directory, and the base model directory when the base is local (the tiny model);
-  a hub base is referenced by id (model config `base_model`), never copied;
+- artifacts: the adapter bundle (adapter, tokenizer, config.yaml, trainer_state.json; no optimizer state), and the
+  base model directory when the base is local (the tiny model); a hub base is referenced by id (model config
+  `base_model`), never copied;
 - code: the project packages (datasets_io, training, launcher), so the model loads in a process that has only the
   pinned pip requirements installed;
 - lineage tags: base model, config hash, sha256 of the train / val JSONL, git commit, the training run id, the
   checkpoint's step, and the validation losses recorded at the stage ends (trainer_state.json val_history).
 
-The model is logged in the checkpoint's training run when that run is in the target store (MLflow 3 "LoggedModel",
-registered with the model_uri log_model returns), else in a new run of the experiment. No patient data is logged.
+The model is logged in the checkpoint's training run when that run is in the target store and over (MLflow 3
+"LoggedModel", registered with the model_uri log_model returns), else in a new "registration" run of the experiment
+tagged with the training run id. No patient data is logged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from launcher.errors import LauncherError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("datasets_io", "training", "launcher")
 MODEL_NAME_IN_RUN = "report_generator"
+TRAINING_STATE_FILES = {"optimizer.safetensors", "rng_state.safetensors"}
 # What the pyfunc needs at load and predict time, pinned to what is installed here.
 PIP_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pillow",
                 "numpy", "pandas", "pyyaml", "tqdm", "pyarrow")
@@ -176,6 +180,16 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+def stage_bundle(ckpt: Path, dst: Path) -> Path:
+    """The inference part of a checkpoint: adapter, tokenizer, config.yaml, trainer_state.json. Optimizer and RNG
+    state (and DeepSpeed's engine directories) are for resuming and stay out of the registry."""
+    dst.mkdir(parents=True)
+    for p in ckpt.iterdir():
+        if p.is_file() and p.name not in TRAINING_STATE_FILES:
+            shutil.copy2(p, dst / p.name)
+    return dst
+
+
 def stage_code(dst: Path) -> list[str]:
     """Copies of the project packages without caches: what ships as the model's code."""
     out = []
@@ -187,14 +201,16 @@ def stage_code(dst: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- register
-def _run_in_store(client: Any, run_id: str | None) -> str | None:
+def _finished_run_in_store(client: Any, run_id: str | None) -> str | None:
+    """The training run, when it is in this store and over: the model is logged into it (resuming it briefly).
+    A RUNNING run is left alone (training may still be writing to it; ending it would mark it FINISHED)."""
     if not run_id:
         return None
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 -- MlflowException(RESOURCE_DOES_NOT_EXIST) on another store
         return None
-    return run_id
+    return run_id if run.info.status != "RUNNING" else None
 
 
 def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = None, cfg: Any = None,
@@ -205,9 +221,9 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
     """
     import mlflow
 
+    import training.pyfunc as pyfunc_module
     from launcher.config import load_config
     from training.checkpoint import read_state
-    from training.pyfunc import ReportGenerator, signature
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = Path(ckpt_dir).resolve()
@@ -228,32 +244,36 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
 
     uri = resolve_registry_uri(tracking_uri, cfg)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    run_id = _run_in_store(client, run_id or state.get("mlflow_run_id"))
+    run_id = _finished_run_in_store(client, run_id or state.get("mlflow_run_id"))
     exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
     tags = lineage_tags(ckpt, cfg, state, base)
 
-    artifacts = {"adapter": str(ckpt)}
     model_config: dict[str, Any] = {"batch_size": 8}
-    if base_is_dir:
-        artifacts["base_model"] = str(Path(base).resolve())
-    else:
-        model_config["base_model"] = base
-    with tempfile.TemporaryDirectory(prefix="cxr-code-") as tmp, _TrackingTarget(uri):
-        code_paths = stage_code(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="cxr-register-") as tmp, _TrackingTarget(uri):
+        artifacts = {"adapter": str(stage_bundle(ckpt, Path(tmp) / "adapter"))}
+        if base_is_dir:
+            artifacts["base_model"] = str(Path(base).resolve())
+        else:
+            model_config["base_model"] = base
+        code_paths = stage_code(Path(tmp) / "code")
         run_kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": f"register-{ckpt.name}"}
         with mlflow.start_run(**run_kwargs) as run:
             if not run_id:
-                mlflow.set_tags({"kind": "registration", "checkpoint": str(ckpt)})
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=ReportGenerator(),
-                artifacts=artifacts,
-                code_paths=code_paths,
-                pip_requirements=pip_requirements(),
-                signature=signature(),
-                model_config=model_config,
-                tags={k: v for k, v in tags.items() if not k.startswith("metrics.")},
-            )
+                mlflow.set_tags({"kind": "registration", "checkpoint": str(ckpt),
+                                 **({"training_run_id": tags["training_run_id"]} if "training_run_id" in tags else {})})
+            with warnings.catch_warnings():
+                # An input example would make MLflow run generation at log time; the signature says enough.
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME_IN_RUN,
+                    python_model=pyfunc_module.__file__,  # models from code: no pickled object in the model
+                    artifacts=artifacts,
+                    code_paths=code_paths,
+                    pip_requirements=pip_requirements(),
+                    signature=pyfunc_module.signature(),
+                    model_config=model_config,
+                    tags={k: v for k, v in tags.items() if not k.startswith("metrics.")},
+                )
             version = mlflow.register_model(info.model_uri, name, tags=tags)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)

@@ -1,0 +1,525 @@
+"""The Ray runtime: Ray Train schedules DeepSpeed ZeRO LoRA workers over sharded per-stage Ray Datasets.
+
+    launcher ray --config configs/tiny.yaml --num-workers 2                 # here: starts a local Ray on 127.0.0.1
+    ray job submit --address http://HEAD:8265 --working-dir . -- launcher ray --config configs/tiny.yaml
+    launcher submit --address http://HEAD:8265 --config configs/tiny.yaml   # the same, through the Jobs API
+
+The driver (`run_ray`) counts the rows of each stage up front (a Ray Dataset shard has no length), builds the
+tiny base model if the config asks for one, derives the step plan and the DeepSpeed JSON (pure functions), pins one
+MLflow run to the Ray run, builds the Stage A / Stage B Ray Datasets and hands everything to a `TorchTrainer`.
+
+Each worker (`train_worker`) rebuilds the typed config on its first line, builds the model (inside ZeRO-3's init
+context when stage 3) and a `DeepSpeedEngine`, opens its shard of each stage dataset at the checkpoint's data cursor,
+and runs THE loop, `training.loop.train`, the same function the local runtime runs. Checkpoints are reported to Ray
+Train from every rank (`ray.train.report` is a barrier), so after a worker dies the restarted group resumes from the
+latest one at the right stage, step and data position; running the same command again with the same
+`ray.storage_path` + `ray.name` resumes the run, and reuses its MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import Config, ConfigError, data_path, from_dict, to_dict
+from launcher.errors import LauncherError
+
+RUN_MARKER = "launcher_run.json"  # <storage>/<name>/launcher_run.json pins the MLflow run id to the Ray run
+RANKS_DIR = "ray_ranks"  # <output.dir>/ray_ranks/rank<R>.json (+ .events.jsonl): what each rank saw and when
+
+
+def say(message: str) -> None:
+    """One log line from a worker. Ray Train patches `print` to log AND echo (every line twice in the job log)."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_for_cluster(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None) -> Config:
+    """A copy of `cfg` whose paths mean the same thing on every worker: absolute output/data/storage paths and an
+    explicit MLflow tracking URI (a sqlite path relative to the driver's cwd would be another file on a worker)."""
+    from training.tracking import resolve_tracking_uri
+
+    d = copy.deepcopy(to_dict(cfg))
+    if num_workers is not None:
+        d["ray"]["num_workers"] = num_workers
+    if use_gpu is not None:
+        d["ray"]["use_gpu"] = use_gpu
+    out = Path(d["output"]["dir"]).expanduser().resolve()
+    d["output"]["dir"] = str(out)
+    if not is_uri(d["data"]["root"]):
+        d["data"]["root"] = str(Path(d["data"]["root"]).expanduser().resolve())
+    name_or_path = d["model"]["name_or_path"]
+    if name_or_path and Path(name_or_path).expanduser().is_dir():
+        d["model"]["name_or_path"] = str(Path(name_or_path).expanduser().resolve())
+    storage = d["ray"]["storage_path"] or str(out / "ray")
+    d["ray"]["storage_path"] = storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+    resolved = from_dict(d, "config")
+    resolved.mlflow.tracking_uri = resolve_tracking_uri(resolved)
+    return resolved
+
+
+def check_supported(cfg: Config) -> None:
+    problems = []
+    if cfg.curriculum.replay_fraction > 0:
+        problems.append(f"curriculum.replay_fraction: {cfg.curriculum.replay_fraction} is not supported by the Ray "
+                        "path (Stage B shards hold Stage B rows only); set it to 0 or use `launcher local`")
+    if cfg.ray.cpus_per_worker <= 0:
+        problems.append(f"ray.cpus_per_worker: must be > 0, got {cfg.ray.cpus_per_worker}")
+    if cfg.ray.max_failures < 0:
+        problems.append(f"ray.max_failures: must be >= 0, got {cfg.ray.max_failures}")
+    if cfg.ray.num_to_keep < 1:
+        problems.append(f"ray.num_to_keep: must be >= 1, got {cfg.ray.num_to_keep}")
+    if problems:
+        raise ConfigError(problems, "config (ray)")
+
+
+def _storage_fs(path: str):
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def read_run_marker(cfg: Config) -> dict | None:
+    import pyarrow.fs as pafs
+
+    fs, root = _storage_fs(cfg.ray.storage_path)
+    path = f"{root.rstrip('/')}/{cfg.ray.name}/{RUN_MARKER}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_run_marker(cfg: Config, marker: dict) -> None:
+    fs, root = _storage_fs(cfg.ray.storage_path)
+    run_dir = f"{root.rstrip('/')}/{cfg.ray.name}"
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(f"{run_dir}/{RUN_MARKER}") as f:
+        f.write(json.dumps(marker, indent=2).encode())
+
+
+def pinned_tracker(cfg: Config, plan: Any) -> tuple[Any, bool]:
+    """The MLflow run of this Ray run: created on the first launch (and its id stored next to Ray's run state),
+    reopened on every later launch with the same storage_path + name. Returns (tracker, reopened)."""
+    from training.tracking import MlflowTracker, config_params
+
+    marker = read_run_marker(cfg)
+    if marker and marker.get("mlflow_run_id"):
+        tracker = MlflowTracker(cfg, run_id=marker["mlflow_run_id"])
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        return tracker, True
+    tracker = MlflowTracker(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
+    tracker.log_params(config_params(cfg))
+    tracker.set_tags({"runtime": "ray", "ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
+                      "ray.num_workers": str(cfg.ray.num_workers),
+                      "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage),
+                      "total_steps": str(plan.total_steps), "stage_a_steps": str(plan.stage_a_steps)})
+    write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return tracker, False
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Join the running cluster (RAY_ADDRESS, which `ray job submit` sets for its entrypoint), else start a local
+    one bound to 127.0.0.1. Returns True when the cluster was started here (and should be shut down here)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    train_cpus = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    # Logical CPUs: room for the workers AND Ray Data's read/decode tasks (a full machine of 1-CPU workers
+    # starves the reads: a silent deadlock).
+    num_cpus = max(os.cpu_count() or 1, train_cpus + 2)
+    # The dashboard also serves the state API Ray Train's placement-group cleaner polls (without it: a warning
+    # every few seconds), and `ray job submit` against this cluster.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def make_preprocessor(cfg: Config, base_path: str) -> Any:
+    """The Preprocessor (data tasks and workers), from the base model's tokenizer and config only: no weights."""
+    from transformers import AutoTokenizer, LlavaConfig
+
+    from training.data import Preprocessor
+    from training.model import image_spec_for, num_image_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    config = LlavaConfig.from_pretrained(base_path)
+    return Preprocessor(tokenizer, image_spec_for(base_path, config), config.image_token_index,
+                        num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+
+
+def val_rows_for_workers(cfg: Config, val: dict[str, list], world: int) -> dict[str, list[list[dict]]]:
+    """Per stage, one equal slice of validation rows per rank, whole micro-batches only: under ZeRO-3 every forward
+    is collective, so every rank must evaluate the same number of batches."""
+    mb = cfg.train.micro_batch_size
+    out: dict[str, list[list[dict]]] = {}
+    for stage, rows in val.items():
+        per_rank = min(cfg.train.val_batches, len(rows) // (mb * world)) * mb
+        out[stage] = [[{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
+                       for r in rows[k * per_rank:(k + 1) * per_rank]] for k in range(world)]
+    return out
+
+
+def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
+            debug: dict | None = None) -> dict:
+    """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
+
+    `debug` (tests and benchmarks): {"fail": {"rank": 1, "step": 7, "marker": PATH}} kills that rank once at that
+    step; {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after training."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from datasets_io.ray_datasets import ingest_config, stage_dataset
+    from launcher.local import corpus_texts, ensure_data, load_run_data
+    from training import curriculum
+    from training.checkpoint import read_state
+    from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
+    from training.loop import LoopState, write_run_summary
+    from training.model import resolve_base_path
+
+    t_start, t_start_wall = time.perf_counter(), time.time()
+    cfg = resolve_for_cluster(cfg, num_workers, use_gpu)
+    check_supported(cfg)
+    debug = dict(debug or {})
+    if os.environ.get("LAUNCHER_DEBUG_FAIL"):  # rank:step:marker, for fault-tolerance drills from the CLI
+        rank, step, marker = os.environ["LAUNCHER_DEBUG_FAIL"].split(":", 2)
+        debug["fail"] = {"rank": int(rank), "step": int(step), "marker": marker}
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = cfg.ray.num_workers
+
+    ensure_data(cfg)
+    data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
+    counts = {s: len(data.train[s]) for s in ("A", "B")}
+    base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
+    plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
+    dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
+    ds_config = deepspeed_config(cfg, world, dtype)
+    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before any cluster
+    status, started_here = "FAILED", False
+    try:
+        started_here = connect_ray(cfg)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
+        pre = make_preprocessor(cfg, base_path)
+        train_path = data_path(cfg, "train_file")
+        n_lines = sum(counts.values()) + data.skipped
+        datasets = {
+            s: stage_dataset([train_path], s, pre, n_rows=counts[s], source_rows=n_lines,
+                             policy=cfg.data.bad_records, no_ehr_variant=(s == "B" and cfg.curriculum.ehr_dropout > 0),
+                             check_images=cfg.data.bad_records == "skip", decoders=max(1, min(world, 8)))
+            for s in ("A", "B")
+        }
+        loop_config = {
+            "cfg": to_dict(cfg), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
+            "val_rows": val_rows_for_workers(cfg, data.val, world), "base_model": base_path, "debug": debug,
+            "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
+                           for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
+        }
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path,
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
+            datasets=datasets,
+            dataset_config=ingest_config(),
+        )
+        print(f"[ray] {world} workers x {cfg.ray.cpus_per_worker} CPU{' + 1 GPU' if cfg.ray.use_gpu else ''}, "
+              f"ZeRO-{cfg.deepspeed.zero_stage} {dtype}, steps={plan.total_steps} (stage A {plan.stage_a_steps}, "
+              f"stage B {plan.stage_b_steps}), samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/"
+              f"{cfg.ray.name}{' (resuming)' if reopened else ''}, MLflow run {tracker.run_id}", flush=True)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise LauncherError(
+                f"Ray training failed ({cfg.ray.max_failures} restart(s) allowed by ray.max_failures): {e}\n"
+                f"Worker logs: the job's logs (`ray job logs`), or /tmp/ray/session_latest/logs on the nodes. "
+                f"Fix the cause and run the same command again to resume from the latest checkpoint."
+            ) from None
+        if result.checkpoint is None:
+            raise LauncherError("Ray training finished without reporting a checkpoint")
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = LoopState.from_json(read_state(ckpt_dir))
+        name = Path(result.checkpoint.path).name  # a bundle's own state was written before it got its name
+        state.checkpoints.setdefault(name, str(out / "checkpoints" / name))
+        rank0 = out / RANKS_DIR / "rank0.json"  # on the driver's disk when rank 0 ran on this node
+        first_step = json.loads(rank0.read_text()).get("first_step_wall_time") if rank0.is_file() else None
+        fresh = first_step is not None and first_step > t_start_wall  # not a previous run's report
+        summary = write_run_summary(
+            out / "run_summary.json", state, plan, mlflow_run_id=tracker.run_id, tracking_uri=tracker.tracking_uri,
+            runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
+            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
+            cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1), base_model=base_path,
+            skipped_records=data.skipped,
+            time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None)
+        tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
+                          **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
+        if started_here:
+            ray.shutdown()
+    if status == "FINISHED" and cfg.mlflow.register_at_end:
+        from training.registry import register_checkpoint
+
+        with result.checkpoint.as_directory() as ckpt_dir:
+            summary["registered"] = register_checkpoint(ckpt_dir, cfg.mlflow.registered_model_name,
+                                                        alias=cfg.mlflow.alias, cfg=cfg, run_id=tracker.run_id)
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+class ResumeSafeTracker:
+    """Rank 0's tracker. After a restart the loop replays the steps between the checkpoint and the crash; MLflow
+    already has their metrics, so a metric is written only at steps beyond the last one logged for its key.
+    Also prints the training lines, so `ray job logs` shows progress."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.run_id = inner, inner.run_id
+        client = inner.client
+        self.last_step = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+                          for key in client.get_run(self.run_id).data.metrics}
+
+    def log_params(self, params: dict) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
+        if fresh:
+            self.inner.log_metrics(fresh, step=step)
+            for k in fresh:
+                self.last_step[k] = step
+        if "train/loss" in metrics:
+            say(f"[train] step {step} stage {'AB'[int(metrics.get('train/stage', 0))]} loss {metrics['train/loss']:.4f}"
+                f" lr {metrics.get('train/lr', 0):.2e} samples/s {metrics.get('train/samples_per_s', 0):.1f}")
+        elif any(k.startswith("val/") for k in metrics):
+            say(f"[val] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def set_tags(self, tags: dict) -> None:
+        self.inner.set_tags(tags)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.inner.log_artifacts(local_dir, artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass  # the driver owns the run's status
+
+
+class PrimedIterator:
+    """Pulls the first item of `it` on a background thread, so the data pipeline's start-up (task processes,
+    first decodes: seconds) overlaps the model and DeepSpeed set-up on the main thread."""
+
+    def __init__(self, it: Any):
+        import threading
+
+        self.it, self.first, self.error = it, None, None
+        self.thread: Any = threading.Thread(target=self._pull, daemon=True, name="prime-data")
+        self.thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self.first = next(self.it)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the consuming thread
+            self.error = e
+
+    def __iter__(self) -> "PrimedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+            if self.error is not None:
+                raise self.error
+            return self.first
+        return next(self.it)
+
+
+def build_lora_model(cfg: Config, seed: int, dtype: str = "fp32") -> Any:
+    """`training.model.build_model`, re-seeded between loading the base and adding LoRA: ZeRO-3's partitioned
+    loading consumes the RNG differently, and the LoRA A init must not depend on the ZeRO stage (with this, ZeRO-2,
+    ZeRO-3 and a plain torch reference give the same gradients). The base loads in the training dtype (a 7B in
+    fp32 would be 28 GB of host memory per worker); DeepSpeed keeps fp32 master copies of the trainable tensors."""
+    import torch
+
+    from training.model import apply_lora, bundle_for, load_base, resolve_base_path
+
+    base_path = resolve_base_path(cfg, None)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    base, tokenizer = load_base(base_path, torch_dtype)
+    torch.manual_seed(seed)
+    return bundle_for(apply_lora(cfg, base), tokenizer, base_path)
+
+
+def _items(rows: list[dict]) -> list[tuple[str, str, str, str]]:
+    return [(r["prompt"], r["target"], r["image"], r["where"]) for r in rows]
+
+
+def train_worker(config: dict) -> None:
+    """Per-worker entry (every rank): config in, model + DeepSpeed engine + shards built, THE loop run, checkpoints
+    reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
+    t0 = time.perf_counter()
+    import ray.train
+
+    from datasets_io.ray_datasets import ShardSpec, collate, shard_rows
+    from training.checkpoint import read_state
+    from training.curriculum import StepPlan, stage_at
+
+    cfg = from_dict(config["cfg"], "config (worker)")  # the typed config, rebuilt on the worker's first line
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    debug, plan, ds_config = config.get("debug") or {}, StepPlan(**config["plan"]), config["deepspeed"]
+    mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
+
+    checkpoint = ray.train.get_checkpoint()  # the latest reported one: set after a restart or a re-run
+    held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
+    ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
+    saved = read_state(ckpt_dir) if ckpt_dir else None
+    if saved and saved.get("plan") != plan.__dict__:
+        raise LauncherError(
+            f"run {cfg.ray.storage_path}/{cfg.ray.name} was started with another step plan ({saved.get('plan')}), "
+            f"this config gives {plan.__dict__}: resume with the same config and worker count, or pick a new ray.name")
+    resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
+                    if saved else None)
+    step0, cursor0 = (saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})
+
+    # Data first, before the heavy imports: the shard of the stage this run starts in streams (read, decode,
+    # tokenize in Ray Data tasks) while this process imports torch/DeepSpeed and builds the model.
+    shards = {s: ray.train.get_dataset_shard(s) for s in ("A", "B")}
+    specs = {s: ShardSpec(s, mb, cfg.train.seed, rank, cfg.curriculum.ehr_dropout if s == "B" else 0.0)
+             for s in ("A", "B")}
+    primed: dict[tuple[str, int], Any] = {}
+    if step0 < plan.total_steps:
+        first = stage_at(step0, plan)
+        primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
+
+    import torch
+    from ray.train import Checkpoint, CheckpointConsistencyMode
+
+    from training.checkpoint import Checkpointer
+    from training.data import to_torch
+    from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
+    from training.loop import LoopIO, LoopState, train
+    from training.tracking import MlflowTracker, NullTracker
+
+    state = LoopState.from_json(saved) if saved else LoopState()
+    pre = make_preprocessor(cfg, config["base_model"])
+
+    def raw_batches(stage: str, start: int):
+        rows = primed.pop((stage, start), None) or shard_rows(shards[stage], specs[stage], start=start)
+        return (to_torch(collate(r, pre, specs[stage], epoch)) for r, epoch in rows)
+
+    if not cfg.ray.use_gpu:
+        prepare_deepspeed_cpu()
+        torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
+    init_deepspeed_comm()
+    zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
+    dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    bundle = build_lora_model(cfg, seed=cfg.train.seed, dtype=dtype)
+    engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
+    if saved:
+        engine.load_training_state(ckpt_dir, saved["engine"])
+        held.close()
+        say(f"[resume] rank {rank}: step {state.global_step}/{plan.total_steps}, stage {saved['stage']}, "
+            f"cursor {state.cursor}")
+    setup_s = time.perf_counter() - t0
+
+    first_step_of_stage: dict[str, int] = {}
+    fail = debug.get("fail")
+    out = Path(cfg.output.dir)
+    ranks_dir = out / RANKS_DIR
+    ranks_dir.mkdir(parents=True, exist_ok=True)
+
+    def source(stage: str, start_micro: int):
+        for batch in raw_batches(stage, start_micro):
+            step = (state.cursor["A"] + state.cursor["B"] - 1) // ga  # 0-based; the loop has counted this draw
+            if stage not in first_step_of_stage:  # one line per stage and attempt: where this rank entered it
+                first_step_of_stage[stage] = step
+                with open(ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
+                    f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step,
+                                        "cursor": dict(state.cursor), "resumed_from": resumed_from}) + "\n")
+            if fail and rank == fail["rank"] and step == fail["step"] and not Path(fail["marker"]).exists():
+                Path(fail["marker"]).write_text(f"rank {rank} killed at step {step}, cursor {state.cursor}\n")
+                say(f"[debug] killing rank {rank} at step {step} (cursor {state.cursor})")
+                os._exit(1)
+            yield batch
+
+    val_rows = {s: _items(config["val_rows"][s][rank]) for s in ("A", "B")}
+    val_cache: dict[str, list] = {}
+
+    def val_source(stage: str) -> list:
+        if stage not in val_cache:
+            rows = val_rows[stage]
+            val_cache[stage] = [to_torch(pre.batch(rows[i:i + mb])) for i in range(0, len(rows) - mb + 1, mb)]
+        return val_cache[stage]
+
+    def on_checkpoint(path: Path, loop_state: LoopState) -> None:
+        engine.barrier()  # the writer has renamed <name>.tmp -> <name>
+        mine = path if rank == 0 else None
+        staged = path.with_name(path.name + ".tmp")
+        if rank != 0 and staged.is_dir():  # a node that does not share rank 0's disk: its ZeRO partitions are here
+            mine = staged
+        metrics = {"global_step": loop_state.global_step, "loss": loop_state.losses[-1],
+                   "stage_switch_step": loop_state.stage_switch_step or -1, "checkpoint_name": path.name,
+                   "cursor_A": loop_state.cursor["A"], "cursor_B": loop_state.cursor["B"]}
+        # Every rank reports at every checkpoint (report is a barrier); Ray merges reported directories in storage.
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(mine)) if mine else None,
+                         checkpoint_dir_name=path.name, delete_local_checkpoint_after_upload=False)
+        # The controller registers reports asynchronously (it polls the workers every ~2 s); wait for it, so a
+        # checkpoint the loop has passed is the one a restart resumes from, not the one before.
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+
+    tracker = ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"])) if rank == 0 else NullTracker()
+    io = LoopIO(engine=engine, plan=plan, source=source, val_source=val_source, tracker=tracker,
+                checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
+                grad_accum=ga, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+                save_every=cfg.train.save_every, world_size=world, show_progress=False, on_checkpoint=on_checkpoint,
+                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+                extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
+                             "runtime": "ray", "world_size": world})
+    say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s (model, DeepSpeed "
+        f"ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
+    if state.global_step >= plan.total_steps:
+        say(f"[ray] rank {rank}: the run is already complete ({state.global_step} steps); nothing to train")
+    else:
+        state = train(io, state)
+
+    if debug.get("logits_probe"):  # eval logits of a fixed batch, to compare with the saved bundle (tests)
+        batch = to_torch(pre.batch(_items(config["probe_rows"])))
+        logits = engine.logits(batch)  # every rank: the forward is collective under ZeRO-3
+        if engine.is_writer:
+            from safetensors.torch import save_file
+
+            save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}},
+                      debug["logits_probe"])
+    (ranks_dir / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world_size": world, "global_step": state.global_step, "cursor": state.cursor,
+        "stage_switch_step": state.stage_switch_step, "first_step_of_stage": first_step_of_stage,
+        "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
+        "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
+                                 if state.first_step_done_at else None)}, indent=2))

@@ -1,0 +1,268 @@
+"""`launcher evaluate`: the studies and arms, scoring and the paired A/B on known outputs (fast), and the whole command
+on a tiny trained checkpoint (slow: both arms, paired ids, metrics.json keys, report.md, no predictions file unless
+asked, an MLflow run without patient data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from datasets_io.records import PROMPT_A, ehr_from_prompt, parse_target, target_b, with_empty_ehr
+from launcher.errors import LauncherError
+
+
+# --------------------------------------------------------------------------------------------- patient-data scan
+def patient_data_needles(data_files: list[Path]) -> tuple[set[str], set[float]]:
+    """Strings that must never reach MLflow (impressions, EHR text, prompt fragments) and EHR numbers."""
+    strings = {"Patient Data", "reference_range", "Impression:", "Chronic_conditions"}
+    numbers: set[float] = set()
+    for path in data_files:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            impression = parse_target(row["target"], expect_icd=row["stage"] == "B").impression
+            if impression and len(impression) >= 12:
+                strings.add(impression)
+            ehr = ehr_from_prompt(row["prompt"])
+            for value in _leaves(ehr or {}):
+                if isinstance(value, str) and len(value) >= 4:
+                    strings.add(value)
+                elif isinstance(value, float) and not value.is_integer():
+                    numbers.add(value)  # vitals and labs: one decimal, e.g. 79.9
+    return strings, numbers
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def assert_no_patient_data(tracking_uri: str, data_files: list[Path]) -> int:
+    """Scan every run's params, tags and metrics (names and values) and every model version's tags. Returns #runs."""
+    import mlflow
+
+    strings, numbers = patient_data_needles(data_files)
+    numbers_text = {str(n) for n in numbers if len(str(n)) >= 4}
+    client = mlflow.MlflowClient(tracking_uri)
+    exps = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in exps], max_results=1000)
+    texts: list[tuple[str, str]] = []
+    for run in runs:
+        texts += [(f"param {k}", f"{k}={v}") for k, v in run.data.params.items()]
+        texts += [(f"tag {k}", f"{k}={v}") for k, v in run.data.tags.items()]
+        texts += [(f"metric {k}", k) for k in run.data.metrics]
+        for k, v in run.data.metrics.items():
+            ehr_like = any(math.isclose(v, n, rel_tol=0, abs_tol=1e-9) for n in numbers)
+            assert not ehr_like, f"metric {k}={v} is an EHR value"
+        for k, v in {**run.data.params, **run.data.tags}.items():
+            assert v not in numbers_text, f"{k}={v} is an EHR value"
+    for rm in client.search_registered_models():
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            texts += [(f"model version tag {k}", f"{k}={v}") for k, v in mv.tags.items()]
+            for k, v in mv.tags.items():
+                assert v not in numbers_text, f"model version tag {k}={v} is an EHR value"
+    for where, text in texts:
+        leaked = [s for s in strings if s in text]
+        assert not leaked, f"{where} holds patient data: {leaked[:2]}"
+    assert runs
+    return len(runs)
+
+
+# --------------------------------------------------------------------------------------------- fast: no model
+@pytest.fixture(scope="module")
+def train_file(synth_dir) -> str:
+    return str(synth_dir / "curriculum_train.jsonl")
+
+
+def test_studies_are_paired_and_arms_share_image_and_target(synth_dir, train_file):
+    from training.evaluation import arms_for, load_studies
+
+    studies = load_studies(train_file, str(synth_dir), limit=5)
+    assert len(studies) == 5 and len({s.study_id for s in studies}) == 5
+    for s in studies:
+        assert s.has_ehr
+        assert s.prompt("ehr_on") == s.prompt_b and ehr_from_prompt(s.prompt("ehr_on"))
+        assert s.prompt("ehr_off") == with_empty_ehr(s.prompt_b) and ehr_from_prompt(s.prompt("ehr_off")) == {}
+        assert s.prompt("stage_a") == PROMPT_A
+        assert parse_target(s.target, expect_icd=True).valid  # every arm scores against the Stage B target
+    assert arms_for("both", studies) == ("ehr_on", "ehr_off", "stage_a")
+    assert arms_for("off", studies) == ("ehr_off", "stage_a")
+    with pytest.raises(LauncherError, match="--ehr"):
+        arms_for("sometimes", studies)
+
+
+def test_bad_inputs_are_user_errors(synth_dir, tmp_path):
+    from training.evaluation import load_studies
+
+    with pytest.raises(LauncherError, match="not found"):
+        load_studies(str(tmp_path / "nope.jsonl"), str(synth_dir))
+    with pytest.raises(LauncherError, match="--limit"):
+        load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir), limit=0)
+    with pytest.raises(LauncherError, match="image"):
+        load_studies(str(synth_dir / "curriculum_val.jsonl"), str(tmp_path))
+
+
+def _arms_from_targets(studies, drop_icd_in_off: bool):
+    """Outputs of an oracle: ehr_on copies the target; ehr_off the same without ICD flags (what EHR would add)."""
+    from training.evaluation import ArmOutput
+
+    on = [s.target for s in studies]
+    off = []
+    for s in studies:
+        p = parse_target(s.target, expect_icd=True)
+        off.append(target_b(p.impression, p.chexpert, {}) if drop_icd_in_off else s.target)
+    stage_a = [s.target.split("\n\nICD:")[0] for s in studies]
+    return {"ehr_on": ArmOutput("ehr_on", on), "ehr_off": ArmOutput("ehr_off", off),
+            "stage_a": ArmOutput("stage_a", stage_a)}
+
+
+def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
+    from training.evaluation import EvalOptions, References, load_studies, score_model
+
+    studies = load_studies(train_file, str(synth_dir), limit=40)
+    refs = References.of(studies)
+    assert sum(any(r.values()) for r in refs.icd) >= 5, "need ICD positives for the A/B to mean something"
+    opts = EvalOptions(data="", data_root="", out="", n_resamples=200)
+    section, stats = score_model(_arms_from_targets(studies, drop_icd_in_off=True), refs, opts)
+
+    on, off, a = (section["arms"][k] for k in ("ehr_on", "ehr_off", "stage_a"))
+    assert on["validity"] == {"report": 1.0, "chexpert": 1.0, "icd": 1.0}
+    assert a["validity"] == {"report": 1.0, "chexpert": 1.0} and "icd" not in a
+    assert on["chexpert"]["u_pos/micro_f1"] == 1.0 and on["chexpert"]["u_neg/macro_f1_5"] == 1.0
+    assert on["text"]["bleu_4"] == pytest.approx(1.0) and on["text"]["rouge_l"] == pytest.approx(1.0)
+    assert on["icd"]["micro_f1"] == 1.0 and off["icd"]["micro_f1"] == 0.0
+    assert on["ci"]["icd/micro_f1"] == {"estimate": 1.0, "low": 1.0, "high": 1.0}
+
+    ab = section["ab"]["ehr_on-ehr_off"]
+    assert ab["icd/micro_f1"]["diff"] == 1.0 and ab["icd/micro_f1"]["p_value"] < 0.01
+    assert ab["chexpert/u_pos/macro_f1"]["diff"] == 0.0 and ab["chexpert/u_pos/macro_f1"]["p_value"] == 1.0
+    assert set(ab["text/rouge_l"]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
+    assert not any(k.startswith("icd/") for k in section["ab"]["ehr_on-stage_a"])  # Stage A answers no ICD
+    assert section["ab"]["ehr_on-stage_a"]["chexpert/u_pos/micro_f1"]["diff"] == 0.0
+
+
+def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
+    from training.evaluation import ArmOutput, EvalOptions, References, load_studies, score_model
+
+    studies = load_studies(train_file, str(synth_dir), limit=8)
+    junk = ["", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
+    outputs = {"ehr_on": ArmOutput("ehr_on", [t or "" for t in junk])}
+    section, _ = score_model(outputs, References.of(studies), EvalOptions(data="", data_root="", out="",
+                                                                          n_resamples=50))
+    arm = section["arms"]["ehr_on"]
+    assert arm["validity"] == {"report": 0.0, "chexpert": 0.0, "icd": 0.0}
+    assert arm["chexpert"]["valid_rate"] == 0.0 and arm["problems"]
+
+
+def test_majority_baseline_fits_on_training_data(synth_dir, train_file):
+    from training.evaluation import References, load_studies, majority_baseline
+
+    refs = References.of(load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir)))
+    section, stats = majority_baseline(refs, train_file, str(synth_dir), n_resamples=50, seed=0)
+    assert section["fit_on"] == "training data"
+    assert section["prediction"].get("Support Devices") in (None, "Negative")  # a minority finding is never predicted
+    assert 0.0 <= section["chexpert"]["u_pos/micro_f1"] <= 1.0 or math.isnan(section["chexpert"]["u_pos/micro_f1"])
+    fallback, _ = majority_baseline(refs, None, None, n_resamples=50, seed=0)
+    assert fallback["fit_on"] == "evaluation data"
+
+
+def test_evaluate_needs_exactly_one_model_source():
+    from launcher.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--data", "x.jsonl", "--out", "o"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--checkpoint", "c", "--model", "models:/m@a", "--data", "x", "--out", "o"])
+    args = parser.parse_args(["evaluate", "--checkpoint", "c", "--data", "x", "--out", "o"])
+    assert args.ehr == "both" and args.limit is None and not args.save_predictions
+
+
+# --------------------------------------------------------------------------------------------- slow: the command
+REGISTERED_NAME, REGISTERED_ALIAS = "cxr-test", "candidate"
+
+
+def tiny_trained_run(synth_dir: Path, tmp_path_factory) -> Path:
+    """One tiny run per test session, shared by test_evaluate and test_registry (training is the slow part):
+    6 steps -> checkpoints/stage_A_end (step 2) and checkpoints/final, MLflow in <run>/mlflow.db, and the final
+    bundle registered at the end of training as cxr-test@candidate (mlflow.register_at_end)."""
+    from launcher.config import load_config
+    from launcher.local import run_local
+
+    out = tmp_path_factory.getbasetemp() / "tiny_trained_run"
+    if not (out / "run_summary.json").is_file():
+        cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synth_dir, out, **{
+            "mlflow.register_at_end": "true", "mlflow.registered_model_name": REGISTERED_NAME,
+            "mlflow.alias": REGISTERED_ALIAS}))
+        summary = run_local(cfg, device="cpu", show_progress=False)
+        assert set(summary["checkpoints"]) == {"stage_A_end", "final"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dir, tmp_path_factory) -> Path:
+    return tiny_trained_run(synth_dir, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
+    from launcher.cli import main
+
+    val = synth_dir / "curriculum_val.jsonl"
+    common = ["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(val),
+              "--data-root", str(synth_dir), "--limit", "3", "--batch-size", "3", "--max-new-tokens", "8",
+              "--bootstrap", "100", "--no-progress"]
+    out = tmp_path / "eval"
+    assert main([*common, "--ehr", "both", "--out", str(out)]) == 0
+
+    assert not (out / "predictions.jsonl").exists(), "predictions hold patient data: only with --save-predictions"
+    assert (out / "report.md").read_text().count("## The EHR A/B test") == 2  # the model and stage_A_end
+    assert {p.name for p in (out / "plots").iterdir()} == {"per_label_f1.png", "ab_differences.png"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"evaluation", "models", "baseline", "comparisons", "headline", "mlflow_run_id"}
+    assert m["evaluation"]["arms"] == ["ehr_on", "ehr_off", "stage_a"] and m["evaluation"]["n_studies"] == 3
+    assert set(m["models"]) == {"model", "stage_A_end"}
+    for model in m["models"].values():
+        assert set(model["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
+        assert all(arm["n"] == 3 for arm in model["arms"].values())
+        assert set(model["arms"]["ehr_on"]) >= {"validity", "text", "chexpert", "icd", "ci"}
+        ab = model["ab"]["ehr_on-ehr_off"]
+        for key in ("icd/micro_f1", "icd/macro_f1", "chexpert/u_pos/macro_f1", "chexpert/u_neg/macro_f1_5",
+                    "text/bleu_4", "text/rouge_l", "validity/report"):
+            assert set(ab[key]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
+            assert 0.0 < ab[key]["p_value"] <= 1.0
+    assert m["baseline"]["fit_on"] == "training data"
+    assert "model-stage_A_end/ehr_on" in m["comparisons"] and "model-baseline/ehr_on" in m["comparisons"]
+    assert {"chexpert_u_pos_macro_f1", "baseline_u_pos_macro_f1_5", "icd_micro_f1_p_value"} <= set(m["headline"])
+
+    # The MLflow run: the evaluation's settings as params, no patient data anywhere in the store.
+    import mlflow
+
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    run = mlflow.MlflowClient(uri).get_run(m["mlflow_run_id"])
+    assert run.data.params["eval.ehr"] == "both" and run.data.params["eval.limit"] == "3"
+    assert run.data.params["eval.checkpoint"] == str(trained / "checkpoints" / "final")
+    assert "model/ab/ehr_on-ehr_off/icd/micro_f1/p_value" in run.data.metrics
+    arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/plots"} <= arts
+    assert assert_no_patient_data(uri, [val, synth_dir / "curriculum_train.jsonl"]) >= 2  # training + evaluation
+
+    # --save-predictions: per arm, the same studies in the same order (the pairing), and nothing logged.
+    out2 = tmp_path / "eval2"
+    assert main([*common, "--ehr", "both", "--no-stage-a-end", "--no-mlflow", "--save-predictions",
+                 "--out", str(out2)]) == 0
+    rows = [json.loads(line) for line in (out2 / "predictions.jsonl").read_text().splitlines()]
+    by_arm = {arm: [r["study_id"] for r in rows if r["arm"] == arm] for arm in ("ehr_on", "ehr_off", "stage_a")}
+    assert len(by_arm["ehr_on"]) == 3 and by_arm["ehr_on"] == by_arm["ehr_off"] == by_arm["stage_a"]
+    assert {r["model"] for r in rows} == {"model"}
+    assert json.loads((out2 / "metrics.json").read_text())["evaluation"]["studies_sha256"] == \
+        m["evaluation"]["studies_sha256"]

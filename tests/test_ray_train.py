@@ -1,0 +1,304 @@
+"""The Ray path: driver-side pieces (fast), then end to end on real Ray clusters on 127.0.0.1 (slow): 2 DeepSpeed
+workers under ZeRO-3 and ZeRO-2, a worker killed in Stage B, and `ray job submit` against a `ray start` head.
+
+    python -m pytest tests/test_ray_train.py -q        (a few minutes on 2 cores)
+
+One local Ray instance serves the in-process runs (shared with tests/test_ray_datasets.py). The job-submission
+test, last, first shuts that one down, starts its own head with `ray start --block` in a dedicated temp dir and free
+ports, and stops exactly that head by sending SIGTERM to its `ray start` process (never `ray stop`, which stops
+every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    """100 studies: enough validation rows for one micro-batch per rank per stage."""
+    from datasets_io.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("ray_train_data")
+    write_synthetic(out, 100, seed=1, image_size=(128, 128), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """One local Ray (127.0.0.1, 4 logical CPUs, its own short temp dir) for the whole session: the first module that
+    needs it starts it, the session's end (or the job-submission test, which needs the machine to itself) stops it."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        # the Train controller polls workers (and registers reported checkpoints) at this interval; default 2 s
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+        temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp, object_store_memory=400 * 2**20)
+
+        def stop():
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+        request.config.add_cleanup(stop)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def ray_cfg(data: Path, out: Path, **extra):
+    from launcher.config import load_config
+
+    sets = {"ray.num_workers": 2, "ray.cpus_per_worker": 0.5, "ray.name": out.name, "ray.max_failures": 1,
+            "curriculum.ehr_dropout": 0.25, **extra}
+    return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(data, out, **sets))
+
+
+def rank_reports(out: Path) -> list[dict]:
+    return [json.loads((out / "ray_ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def metric_history(summary: dict, key: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    return sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: (m.step, m.timestamp))
+
+
+def decreasing(losses: list[float]) -> bool:
+    return losses[-1] < losses[0] and sum(losses[-3:]) < sum(losses[:3])
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+def test_config_is_resolved_for_the_cluster_and_replay_is_refused(train_data, tmp_path, monkeypatch):
+    from launcher.config import ConfigError
+    from launcher.ray_train import check_supported, resolve_for_cluster
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = ray_cfg(train_data, Path("rel/out"))
+    r = resolve_for_cluster(cfg, num_workers=3, use_gpu=False)
+    assert r.ray.num_workers == 3 and r.output.dir == str(tmp_path / "rel" / "out")
+    assert r.ray.storage_path == str(tmp_path / "rel" / "out" / "ray")  # absolute: Ray requires it
+    assert r.mlflow.tracking_uri == f"sqlite:///{tmp_path}/rel/out/mlflow.db"  # the same file from every worker
+    assert cfg.ray.num_workers == 2  # the original is untouched
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        check_supported(ray_cfg(train_data, tmp_path / "x", **{"curriculum.replay_fraction": 0.2}))
+
+
+def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
+    from launcher.local import load_run_data
+    from launcher.ray_train import val_rows_for_workers
+
+    cfg = ray_cfg(train_data, tmp_path / "v", **{"train.val_batches": 5})
+    data = load_run_data(cfg)
+    split = val_rows_for_workers(cfg, data.val, world=2)
+    for stage in ("A", "B"):
+        sizes = [len(rows) for rows in split[stage]]
+        assert sizes[0] == sizes[1] and sizes[0] % cfg.train.micro_batch_size == 0 and sizes[0] > 0
+        assert not {r["image"] for r in split[stage][0]} & {r["image"] for r in split[stage][1]}
+
+
+def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path):
+    import shlex
+
+    from launcher.cli import build_parser
+    from launcher.submit import build_entrypoint, build_runtime_env
+
+    entry = build_entrypoint(["train.max_steps=5", "mlflow.run_name=a b"], num_workers=4, use_gpu=True)
+    assert shlex.split(entry) == ["python", "-m", "launcher.cli", "ray", "--config", "env:LAUNCHER_CONFIG_YAML",
+                                  "--num-workers", "4", "--use-gpu", "--set", "train.max_steps=5",
+                                  "--set", "mlflow.run_name=a b"]
+    env = build_runtime_env("train:\n  max_steps: 5\n", str(tmp_path), str(REPO / "cluster" / "runtime_env.yaml"))
+    assert env["working_dir"] == str(tmp_path) and env["env_vars"]["LAUNCHER_CONFIG_YAML"].startswith("train:")
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and ".venv/" in env["excludes"]
+    args = build_parser().parse_args(shlex.split(entry)[3:])  # what the job runs parses
+    assert args.command == "ray" and args.num_workers == 4 and args.use_gpu is True
+
+
+def test_cluster_config_passes_rays_schema():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(cluster))  # what `ray up` checks first
+    assert {"head", "gpu_worker"} <= set(cluster["available_node_types"])
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    assert runtime_env["working_dir"] == "." and "env_vars" in runtime_env
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-3
+@pytest.mark.slow
+def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train_data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from launcher.ray_train import run_ray
+
+    out = tmp_path / "z3"
+    cfg = ray_cfg(train_data, out, **{"deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
+                                      "train.max_steps": 8})
+    summary = run_ray(cfg, debug={"logits_probe": str(tmp_path / "probe.safetensors")})
+
+    assert summary["global_step"] == summary["total_steps"] == 8 and len(summary["losses"]) == 8
+    assert decreasing(summary["losses"]), summary["losses"]
+    stage_a = 3  # round(0.35 * 8)
+    for r in rank_reports(out):  # both ranks switched at the same step, and drew the same number of batches
+        assert r["stage_switch_step"] == stage_a and r["first_step_of_stage"] == {"A": 0, "B": stage_a}, r
+        assert r["cursor"] == {"A": stage_a, "B": 8 - stage_a} and r["resumed_from"] is None
+    assert [m.step for m in metric_history(summary, "val/loss_B")] == [stage_a, 8]  # validation ran (collective)
+
+    # the reported checkpoint (Ray storage) is a complete bundle: PEFT files + every rank's ZeRO-3 partitions
+    ckpt = Path(summary["ray_checkpoint"])
+    assert ckpt.name == "final" and ckpt.parent == Path(cfg.output.dir).resolve() / "ray" / cfg.ray.name
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "config.yaml",
+            "tokenizer.json", "engine"} <= names
+    engine_files = {p.name for p in (ckpt / "engine").iterdir()}
+    partitions = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")}
+    assert partitions <= engine_files
+
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered: never Size([0])
+    assert any(".lora_A." in k for k in adapter) and any("multi_modal_projector" in k for k in adapter)
+
+    # plain PEFT on the plain base model gives the logits the live (ZeRO-3 partitioned) model gave
+    base = LlavaForConditionalGeneration.from_pretrained(summary["base_model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(ckpt)).eval()
+    probe = load_file(str(tmp_path / "probe.safetensors"))
+    with torch.no_grad():
+        logits = model(pixel_values=probe["pixel_values"], input_ids=probe["input_ids"],
+                       attention_mask=probe["attention_mask"]).logits
+    assert logits.shape == probe["logits"].shape
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-2 + a kill
+@pytest.mark.slow
+def test_zero2_worker_killed_in_stage_b_resumes_exactly(ray_local, train_data, tmp_path):
+    import torch
+
+    from launcher.ray_train import run_ray
+
+    out = tmp_path / "z2kill"
+    marker = tmp_path / "killed-once"
+    cfg = ray_cfg(train_data, out, **{"deepspeed.zero_stage": 2, "train.max_steps": 10, "train.save_every": 6})
+    # stage A = round(3.5) = 4 steps; checkpoints after steps 4 (stage_A_end), 6 and 10 (final); rank 1 dies
+    # drawing the batch of step index 8, i.e. two steps into Stage B past the step-6 checkpoint
+    summary = run_ray(cfg, debug={"fail": {"rank": 1, "step": 8, "marker": str(marker)}})
+
+    assert marker.is_file(), "the fault was never injected"
+    assert summary["global_step"] == summary["total_steps"] == 10 and len(summary["losses"]) == 10
+    assert summary["cursor"] == {"A": 4, "B": 6}
+    assert decreasing(summary["losses"]), summary["losses"]
+    resumed = {"global_step": 6, "stage": "B", "cursor": {"A": 4, "B": 2}}
+    for r in rank_reports(out):  # written by the restarted group
+        assert r["resumed_from"] == resumed, r
+        assert r["first_step_of_stage"] == {"B": 6}  # picked up Stage B where it was, not at its start
+        assert r["cursor"] == {"A": 4, "B": 6} and r["stage_switch_step"] == 4 and r["global_step"] == 10
+    for rank in (0, 1):  # each attempt of each rank: where it entered each stage
+        lines = (out / "ray_ranks" / f"rank{rank}.events.jsonl").read_text().splitlines()
+        events = [json.loads(line) for line in lines]
+        assert [(e["stage"], e["step"], e["resumed_from"]) for e in events] == [
+            ("A", 0, None), ("B", 4, None), ("B", 6, resumed)], events  # the switch at step 4 on both ranks
+
+    # one MLflow run, each step once; steps 7-8 were logged before the kill and recomputed after the restart
+    history = metric_history(summary, "train/loss")
+    assert [m.step for m in history] == list(range(1, 11))
+    for m in history[6:8]:  # same data position + restored optimizer state => the same losses again
+        assert summary["losses"][m.step - 1] == pytest.approx(m.value, abs=1e-4)
+
+    # the engine checkpoint holds trainable parameters only
+    ckpt = Path(summary["ray_checkpoint"])
+    states = torch.load(ckpt / "engine" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved = set(states["module"])
+    assert saved and all(".lora_" in k or ".modules_to_save." in k for k in saved), sorted(saved)[:5]
+    assert not any(".base_layer." in k or ".original_module." in k for k in saved)
+
+
+# ------------------------------------------------------------------------------------------------ ray job submit
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
+    """`ray start --head --node-ip-address 127.0.0.1` + `ray job submit -- launcher ray ...`, then stop THAT head."""
+    import ray
+
+    if ray.is_initialized():  # no other Ray cluster of this session alive while a head runs
+        ray.shutdown()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    gcs, dash, client, agent, metrics, worker_lo = _free_ports(6)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: tear down now, not after a 30 s drain
+           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
+         "--num-cpus", "4", "--temp-dir", temp, "--object-store-memory", str(400 * 2**20),
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = tmp_path / "job"
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        overrides = tiny_overrides(train_data, out, **{"train.max_steps": 2, "ray.num_workers": 1,
+                                                       "ray.cpus_per_worker": 1.0, "ray.name": "job"})
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+               "launcher", "ray", "--config", str(REPO / "configs" / "tiny.yaml")]
+        for item in overrides:
+            cmd += ["--set", item]
+        job = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "[done] 2/2 steps on 1 workers" in job.stdout and "succeeded" in job.stdout.lower()
+        summary = json.loads((out / "run_summary.json").read_text())
+        assert summary["global_step"] == 2 and summary["runtime"] == "ray"
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` kills the processes of this head only
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
