@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,13 +75,15 @@ def run_ray_side(data: Path, work: Path, args) -> dict:
 
     cfg = config(data, work / "ray", args)
     t0 = time.time()
+    ray_temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"))
+             _node_ip_address="127.0.0.1", _temp_dir=ray_temp)
     t_cluster = time.time()
     try:
         summary = run_ray(cfg)
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_temp, ignore_errors=True)
     m = step_metrics(summary, t0, args.micro_batch)
     m["first_step_on_running_cluster_s"] = m["first_step_s"] - (t_cluster - t0)
     return m
@@ -107,8 +110,11 @@ def main() -> None:
     write_synthetic(data, args.studies, seed=0, image_size=(256, 256), progress=False)
     print(f"[bench] {args.steps} steps, micro-batch {args.micro_batch}, {args.threads} torch thread(s), "
           f"{os.cpu_count()} CPUs, work dir {work}")
-    local = run_local_side(data, work, args)
-    ray_m = run_ray_side(data, work, args)
+    try:
+        local = run_local_side(data, work, args)
+        ray_m = run_ray_side(data, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print("\n                          local        ray (1 worker, DeepSpeed ZeRO-%d)   ratio" % args.zero_stage)
     for stage in ("A", "B"):
         lo, ra = local[stage], ray_m[stage]
