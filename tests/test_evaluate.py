@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from launcher.errors import LauncherError
 
 
 # --------------------------------------------------------------------------------------------- patient-data scan
-def patient_data_needles(data_files: list[Path]) -> tuple[set[str], set[float]]:
-    """Strings that must never reach MLflow (impressions, EHR text, prompt fragments) and EHR numbers."""
+def patient_data_needles(data_files: list[Path]) -> tuple[set[str], set[str], set[float]]:
+    """What must never reach MLflow: impressions and prompt fragments (as substrings), EHR words (as whole words:
+    "copd" may not appear alone, "copd_exacerbation" is a flag name) and EHR numbers."""
     strings = {"Patient Data", "reference_range", "Impression:", "Chronic_conditions"}
+    words: set[str] = set()
     numbers: set[float] = set()
     for path in data_files:
         for line in Path(path).read_text().splitlines():
@@ -28,11 +31,11 @@ def patient_data_needles(data_files: list[Path]) -> tuple[set[str], set[float]]:
                 strings.add(impression)
             ehr = ehr_from_prompt(row["prompt"])
             for value in _leaves(ehr or {}):
-                if isinstance(value, str) and len(value) >= 4:
-                    strings.add(value)
-                elif isinstance(value, float) and not value.is_integer():
-                    numbers.add(value)  # vitals and labs: one decimal, e.g. 79.9
-    return strings, numbers
+                if isinstance(value, str) and len(value) >= 3:
+                    words.add(value)
+                elif isinstance(value, float) and not value.is_integer() and abs(value) > 1:
+                    numbers.add(value)  # vitals and labs, e.g. 79.9 (not 0.5: F1s and p-values live in [0, 1])
+    return strings, words, numbers
 
 
 def _leaves(obj):
@@ -50,7 +53,8 @@ def assert_no_patient_data(tracking_uri: str, data_files: list[Path]) -> int:
     """Scan every run's params, tags and metrics (names and values) and every model version's tags. Returns #runs."""
     import mlflow
 
-    strings, numbers = patient_data_needles(data_files)
+    strings, words, numbers = patient_data_needles(data_files)
+    word_re = re.compile(r"\b(" + "|".join(map(re.escape, sorted(words))) + r")\b") if words else None
     numbers_text = {str(n) for n in numbers if len(str(n)) >= 4}
     client = mlflow.MlflowClient(tracking_uri)
     exps = client.search_experiments()
@@ -71,7 +75,7 @@ def assert_no_patient_data(tracking_uri: str, data_files: list[Path]) -> int:
             for k, v in mv.tags.items():
                 assert v not in numbers_text, f"model version tag {k}={v} is an EHR value"
     for where, text in texts:
-        leaked = [s for s in strings if s in text]
+        leaked = [s for s in strings if s in text] + (word_re.findall(text) if word_re else [])
         assert not leaked, f"{where} holds patient data: {leaked[:2]}"
     assert runs
     return len(runs)
@@ -254,7 +258,17 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     assert "model/ab/ehr_on-ehr_off/icd/micro_f1/p_value" in run.data.metrics
     arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/plots"} <= arts
-    assert assert_no_patient_data(uri, [val, synth_dir / "curriculum_train.jsonl"]) >= 2  # training + evaluation
+    data_files = [val, synth_dir / "curriculum_train.jsonl"]
+    assert assert_no_patient_data(uri, data_files) >= 2  # training + evaluation
+    # ... and the scan does catch a leak (then the offending run is deleted, so other tests see a clean store).
+    client = mlflow.MlflowClient(uri)
+    leak = client.create_run(run.info.experiment_id)
+    impressions = [parse_target(json.loads(line)["target"], expect_icd=False).impression
+                   for line in val.read_text().splitlines()]
+    client.log_param(leak.info.run_id, "note", max(impressions, key=len))
+    with pytest.raises(AssertionError, match="holds patient data"):
+        assert_no_patient_data(uri, data_files)
+    client.delete_run(leak.info.run_id)
 
     # --save-predictions: per arm, the same studies in the same order (the pairing), and nothing logged.
     out2 = tmp_path / "eval2"

@@ -1,6 +1,7 @@
 """The model, the loop and the local runtime on a tiny model built from config (seconds per run, no download)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,9 @@ def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
 
 def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):
     cfg = tiny_cfg(**{"train.grad_accum": "2", "train.max_steps": "5", "mlflow.log_checkpoints": "true"})
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     summary = run_local(cfg, device="cpu", show_progress=False)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # no global state leaks into the next run
     out = Path(cfg.output.dir)
     assert summary["global_step"] == 5 and summary["stage_switch_step"] == 2  # round(0.35 * 5) optimizer steps
     on_disk = json.loads((out / "run_summary.json").read_text())

@@ -89,7 +89,8 @@ class MlflowTracker:
         check_reachable(uri)
         if uri.startswith("sqlite:"):
             Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
+        # An explicit client, never mlflow.set_tracking_uri: that also exports MLFLOW_TRACKING_URI, and the next run
+        # in this process would silently log into this run's store.
         self.client = mlflow.MlflowClient(uri)
         exp = self.client.get_experiment_by_name(cfg.mlflow.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
