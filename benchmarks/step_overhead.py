@@ -1,6 +1,6 @@
 """The local loop's step time against a minimal hand-written PyTorch loop, same model, same batch, one run.
 
-    python benchmarks/step_overhead.py [--steps 30] [--rounds 3]
+    python benchmarks/step_overhead.py [--steps 30] [--rounds 3] [--batch 8]
 Target: at most 1.05x. Both sides do forward, backward, clip, AdamW step on the tiny model with LoRA; the loop side
 runs `training.loop.train` through the AccelerateEngine with a real MLflow tracker (sqlite, log_every=10), so what
 is measured is everything the project adds per step: stage lookup, LR schedule, metrics, progress bar, cursor.
@@ -62,12 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch size (tiny.yaml trains with 16)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.root={d}/data", f"output.dir={d}/run",
-                                                             "data.synth_studies=80"])
+                                                             "data.synth_studies=80", f"train.micro_batch_size={args.batch}"])
         from launcher.local import ensure_data
 
         ensure_data(cfg)
