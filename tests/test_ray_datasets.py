@@ -8,9 +8,6 @@ dir) shared with tests/test_ray_train.py and shut down at the end of the session
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -37,30 +34,6 @@ def prepared(synth_dir, tmp_path_factory):
     data = load_run_data(cfg)
     base = resolve_base_path(cfg, corpus_texts(data))
     return cfg, make_preprocessor(cfg, base), data
-
-
-@pytest.fixture(scope="module")
-def ray_local(request):
-    """One local Ray (127.0.0.1, 4 logical CPUs, its own short temp dir) for the whole session: the first module that
-    needs it starts it, the session's end (or the job-submission test, which needs the machine to itself) stops it."""
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        os.environ.pop("RAY_ADDRESS", None)
-        # the Train controller polls workers (and registers reported checkpoints) at this interval; default 2 s
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
-        temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=temp, object_store_memory=400 * 2**20)
-
-        def stop():
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-
-        request.config.add_cleanup(stop)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
 
 
 def train_lines(cfg) -> list[str]:
