@@ -17,7 +17,6 @@ label is not positive; unknown labels are ignored. References must parse (ValueE
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 
 from training.metrics import scores
@@ -40,14 +39,7 @@ class CheXpertF1(evaluate.Metric):
     """CheXpert F1 (per label, micro, macro; 14 and 5 labels; u_pos and u_neg) and validity of generated reports."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=__doc__ or "",
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return scores.text_pair_metric_info(__doc__ or "", _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(
         self, predictions: list[str | None], references: list[str], zero_division: float | None = None

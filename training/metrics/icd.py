@@ -16,7 +16,6 @@ Plain-Python version for dicts: `scores.icd_scores`.
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 
 from training.metrics import scores
@@ -38,14 +37,7 @@ class IcdF1(evaluate.Metric):
     """ICD flag F1 (per flag, micro, macro) and validity of generated Stage B reports."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=__doc__ or "",
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return scores.text_pair_metric_info(__doc__ or "", _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(
         self, predictions: list[str | None], references: list[str], zero_division: float | None = None

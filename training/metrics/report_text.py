@@ -14,7 +14,6 @@ in [0, 1]. Details and conventions: `training/metrics/scores.py`.
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 
 from training.metrics import scores
@@ -37,14 +36,7 @@ class ReportText(evaluate.Metric):
     """Corpus BLEU-1..n and mean ROUGE-L F of generated reports against references."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=__doc__ or "",
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return scores.text_pair_metric_info(__doc__ or "", _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(
         self,

@@ -117,6 +117,20 @@ def icd_from_text(text: str | None, *, strict: bool = False) -> dict[str, bool] 
 
 
 
+def text_pair_metric_info(description: str, citation: str, inputs_description: str) -> Any:
+    """The `evaluate.MetricInfo` the three metric modules share: string predictions against string references.
+    (Imports evaluate lazily: this module stays importable without it.)"""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+    )
+
+
 def parse_references(texts: Sequence[str], parse: Callable[..., Any], metric: str) -> list[Any]:
     """Parse reference reports strictly; a reference that does not parse is an error naming its index."""
     out = []
