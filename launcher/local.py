@@ -9,6 +9,7 @@ Builds the pieces (records, model, plan, engine, tracker, checkpointer, batch so
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -197,5 +198,5 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
         summary["registered"] = register_checkpoint(
             state.checkpoints["final"], cfg.mlflow.registered_model_name, alias=cfg.mlflow.alias, cfg=cfg,
             run_id=tracker.run_id)
-        (out / "run_summary.json").write_text(__import__("json").dumps(summary, indent=2))
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
