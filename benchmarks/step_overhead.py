@@ -23,7 +23,7 @@ from training.curriculum import plan_steps
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
 from training.engines import AccelerateEngine
 from training.loop import LoopIO, train
-from training.model import build_model
+from training.model import build_model, label_loss
 from training.tracking import MlflowTracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def hand_loop(model, batch, steps: int, lr: float) -> float:
     opt = torch.optim.AdamW(params, lr=lr)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = model(**batch).loss
+        loss = label_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

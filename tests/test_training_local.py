@@ -64,6 +64,34 @@ def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
     assert any("lora_B" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
 
 
+def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
+    from launcher.local import corpus_texts, load_run_data
+    from training.data import Preprocessor, StageStream, StreamSpec, to_torch
+    from training.model import build_model, label_loss
+
+    cfg = tiny_cfg()
+    data = load_run_data(cfg)
+    bundle = build_model(cfg, corpus_texts(data))
+    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
+                       "truncate", cfg.data.root)
+    stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))  # mixed prompt lengths: padding
+    batch = to_torch(pre.batch([stream.item(i) for i in range(6)]))
+    batch.pop("truncated", None)
+    model = bundle.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = label_loss(model, batch)
+    g_ours = torch.autograd.grad(ours, params, allow_unused=True)  # CLIP's unused post-layernorm
+    theirs = model(**batch).loss
+    g_theirs = torch.autograd.grad(theirs, params, allow_unused=True)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert [a is None for a in g_ours] == [b is None for b in g_theirs]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_ours, g_theirs) if a is not None)
+    first = int((batch["labels"][0] != -100).nonzero()[0])
+    batch["labels"][0, first:first + 3] = -100  # it follows the labels, not a fixed layout
+    changed = label_loss(model, batch)
+    assert not torch.allclose(changed, theirs) and torch.allclose(changed, model(**batch).loss, rtol=1e-5)
+
+
 def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):
     cfg = tiny_cfg(**{"train.grad_accum": "2", "train.max_steps": "5", "mlflow.log_checkpoints": "true"})
     env_before = os.environ.get("MLFLOW_TRACKING_URI")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from training.engines import make_optimizer, set_lr
+from training.model import label_loss
 
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINE_SUBDIR = "engine"  # DeepSpeed's checkpoint tag: <checkpoint>/engine/{mp_rank_00_model_states,zero_pp_rank_*}.pt
@@ -154,7 +155,7 @@ class DeepSpeedEngine:
             raise ValueError(f"the loop's grad_accum (scale {scale}) != DeepSpeed's gradient_accumulation_steps "
                              f"{self.grad_accum}")
         self.engine.train()
-        loss = self.engine(**self._to_device(batch)).loss
+        loss = label_loss(self.engine, self._to_device(batch))
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
             self._boundary_pending = True  # the optimizer step happens in optimizer_step(), after the lr is set
@@ -184,7 +185,7 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.engine.eval()  # ZeRO-3: the forward all-gathers parameters, so every rank evaluates as many batches
-        return self.engine(**self._to_device(batch)).loss.detach()
+        return label_loss(self.engine, self._to_device(batch)).detach()
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.model import trainable_parameter_groups
+from training.model import label_loss, trainable_parameter_groups
 
 
 class Engine(Protocol):
@@ -88,7 +88,7 @@ class AccelerateEngine:
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         self.model.train()
         with self.accelerator.autocast():
-            loss = self.model(**self._to_device(batch)).loss
+            loss = label_loss(self.model, self._to_device(batch))
         self.accelerator.backward(loss * scale)
         return loss.detach()
 
@@ -110,7 +110,7 @@ class AccelerateEngine:
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.model.eval()
         with self.accelerator.autocast():
-            return self.model(**self._to_device(batch)).loss.detach()
+            return label_loss(self.model, self._to_device(batch)).detach()
 
     def trainable_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
