@@ -154,7 +154,8 @@ class DeepSpeedEngine:
         if abs(scale * self.grad_accum - 1.0) > 1e-6:
             raise ValueError(f"the loop's grad_accum (scale {scale}) != DeepSpeed's gradient_accumulation_steps "
                              f"{self.grad_accum}")
-        self.engine.train()
+        if not self.engine.training:  # train() walks every submodule: once after an evaluation, not every step
+            self.engine.train()
         loss = label_loss(self.engine, self._to_device(batch))
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():

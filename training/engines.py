@@ -86,7 +86,8 @@ class AccelerateEngine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        self.model.train()
+        if not self.model.training:  # train() walks every submodule: once after an evaluation, not every step
+            self.model.train()
         with self.accelerator.autocast():
             loss = label_loss(self.model, self._to_device(batch))
         self.accelerator.backward(loss * scale)
