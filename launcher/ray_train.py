@@ -252,6 +252,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
               f"ZeRO-{cfg.deepspeed.zero_stage} {dtype}, steps={plan.total_steps} (stage A {plan.stage_a_steps}, "
               f"stage B {plan.stage_b_steps}), samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/"
               f"{cfg.ray.name}{' (resuming)' if reopened else ''}, MLflow run {tracker.run_id}", flush=True)
+        t_fit_wall = time.time()
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -267,15 +268,22 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         name = Path(result.checkpoint.path).name  # a bundle's own state was written before it got its name
         state.checkpoints.setdefault(name, str(out / "checkpoints" / name))
         rank0 = out / RANKS_DIR / "rank0.json"  # on the driver's disk when rank 0 ran on this node
-        first_step = json.loads(rank0.read_text()).get("first_step_wall_time") if rank0.is_file() else None
+        report0 = json.loads(rank0.read_text()) if rank0.is_file() else {}
+        first_step = report0.get("first_step_wall_time")
         fresh = first_step is not None and first_step > t_start_wall  # not a previous run's report
+        startup = {  # where the time to the first step went (rank 0), in seconds
+            "driver": round(t_fit_wall - t_start_wall, 1),  # data check, tiny base, MLflow, datasets (+ ray.init)
+            "ray_train_start": round(report0["entry_wall_time"] - t_fit_wall, 1),  # controller, workers, gloo
+            **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
+            "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
+        } if fresh else None
         summary = write_run_summary(
             out / "run_summary.json", state, plan, mlflow_run_id=tracker.run_id, tracking_uri=tracker.tracking_uri,
             runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
             ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
             cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1), base_model=base_path,
             skipped_records=data.skipped,
-            time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None)
+            time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
         tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
                           **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
         status = "FINISHED"
@@ -383,7 +391,7 @@ def _items(rows: list[dict]) -> list[tuple[str, str, str, str]]:
 def train_worker(config: dict) -> None:
     """Per-worker entry (every rank): config in, model + DeepSpeed engine + shards built, THE loop run, checkpoints
     reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
-    t0 = time.perf_counter()
+    t0, entry_wall = time.perf_counter(), time.time()
     import ray.train
 
     from datasets_io.ray_datasets import ShardSpec, collate, shard_rows
@@ -418,6 +426,7 @@ def train_worker(config: dict) -> None:
         first = stage_at(step0, plan)
         primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
 
+    phases = {"data": time.perf_counter() - t0}
     import torch
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
@@ -438,10 +447,13 @@ def train_worker(config: dict) -> None:
         prepare_deepspeed_cpu()
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
     init_deepspeed_comm()
+    phases["imports"] = time.perf_counter() - t0 - sum(phases.values())
     zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
     dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     bundle = build_lora_model(cfg, seed=cfg.train.seed, dtype=dtype)
+    phases["model"] = time.perf_counter() - t0 - sum(phases.values())
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
+    phases["deepspeed"] = time.perf_counter() - t0 - sum(phases.values())
     if saved:
         engine.load_training_state(ckpt_dir, saved["engine"])
         held.close()
@@ -502,8 +514,9 @@ def train_worker(config: dict) -> None:
                 log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
                 extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
                              "runtime": "ray", "world_size": world})
-    say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s (model, DeepSpeed "
-        f"ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
+    say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s ("
+        + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        + f"; DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
     if state.global_step >= plan.total_steps:
         say(f"[ray] rank {rank}: the run is already complete ({state.global_step} steps); nothing to train")
     else:
@@ -521,5 +534,6 @@ def train_worker(config: dict) -> None:
         "rank": rank, "world_size": world, "global_step": state.global_step, "cursor": state.cursor,
         "stage_switch_step": state.stage_switch_step, "first_step_of_stage": first_step_of_stage,
         "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
+        "setup_phases": {k: round(v, 1) for k, v in phases.items()}, "entry_wall_time": entry_wall,
         "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
                                  if state.first_step_done_at else None)}, indent=2))
