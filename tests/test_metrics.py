@@ -450,3 +450,15 @@ def test_stats_input_errors():
         stats.bootstrap_ci(lambda idx: 0.0)
     with pytest.raises(ValueError, match="same studies"):
         stats.compare_arms(scores.mean_metric([1.0]), scores.mean_metric([1.0, 2.0]))
+
+
+def test_bootstrap_interval_ignores_resamples_where_the_metric_is_undefined():
+    values = np.array([1.0] + [0.0] * 9)
+
+    def share_of_ones_among_first(idx):  # undefined (NaN) when the resample misses item 0
+        return float(values[idx].mean()) if 0 in idx else math.nan
+
+    ci = stats.bootstrap_ci(share_of_ones_among_first, 10, n_resamples=300, seed=1)
+    assert math.isfinite(ci.low) and math.isfinite(ci.high) and 0.0 < ci.low <= ci.high <= 1.0
+    nowhere = stats.bootstrap_ci(lambda idx: math.nan, 10, n_resamples=20, seed=1)
+    assert math.isnan(nowhere.low) and math.isnan(nowhere.high)

@@ -1,5 +1,5 @@
 """The tiny model's tokenizer: byte-level BPE trained on the training corpus, with two choices that decide whether a
-tiny model can learn this task (see README "What the tiny model learns"):
+tiny model can learn this task (see README "What the tiny model learns, and the choices that decide it"):
 
 - numbers split into single digits, so "BNP 2693" is read digit by digit and a threshold rule is learnable
   (multi-digit chunks act as per-row keys and the model memorizes instead);

@@ -17,6 +17,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -136,7 +138,10 @@ def _interval(estimate: float, values: np.ndarray, confidence: float) -> Interva
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     alpha = 1.0 - confidence
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    defined = values[np.isfinite(values)]  # a resample can leave a metric undefined (an F1 with no positives)
+    if defined.size == 0:
+        return Interval(float(estimate), math.nan, math.nan, confidence, int(values.shape[0]))
+    low, high = np.quantile(defined, [alpha / 2, 1 - alpha / 2])
     return Interval(float(estimate), float(low), float(high), confidence, int(values.shape[0]))
 
 
