@@ -90,6 +90,10 @@ def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
     batch["labels"][0, first:first + 3] = -100  # it follows the labels, not a fixed layout
     changed = label_loss(model, batch)
     assert not torch.allclose(changed, theirs) and torch.allclose(changed, model(**batch).loss, rtol=1e-5)
+    batch["labels"][:] = -100  # nothing to learn from: zero loss and zero gradients, not NaN poisoning the step
+    empty = label_loss(model, batch)
+    empty.backward()
+    assert float(empty) == 0.0 and all(p.grad is None or not p.grad.any() for p in params)
 
 
 def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):

@@ -245,4 +245,6 @@ def label_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=keep).logits  # (label tokens, vocab)
+    if logits.shape[0] == 0:  # no label in the whole micro-batch (prompts that fill max_seq_len): no signal, not NaN
+        return logits.sum() * 0.0
     return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
