@@ -426,7 +426,12 @@ def train_worker(config: dict) -> None:
         first = stage_at(step0, plan)
         primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
 
-    phases = {"data": time.perf_counter() - t0}
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # seconds since the previous lap (the first: since entry)
+        phases[name] = time.perf_counter() - t0 - sum(phases.values())
+
+    lap("data")
     import torch
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
@@ -447,13 +452,13 @@ def train_worker(config: dict) -> None:
         prepare_deepspeed_cpu()
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
     init_deepspeed_comm()
-    phases["imports"] = time.perf_counter() - t0 - sum(phases.values())
+    lap("imports")
     zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
     dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     bundle = build_lora_model(cfg, seed=cfg.train.seed, dtype=dtype)
-    phases["model"] = time.perf_counter() - t0 - sum(phases.values())
+    lap("model")
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
-    phases["deepspeed"] = time.perf_counter() - t0 - sum(phases.values())
+    lap("deepspeed")
     if saved:
         engine.load_training_state(ckpt_dir, saved["engine"])
         held.close()

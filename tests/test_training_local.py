@@ -41,21 +41,27 @@ def test_lora_only_in_the_language_model(tiny_cfg):
     assert trainable == set(lora) | {n for n in trainable if "multi_modal_projector.modules_to_save" in n}
 
 
-def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
+def model_and_stage_b_batch(cfg, rows: int, spec):
+    """The tiny model built from `cfg` and one Stage B batch of its training data (the first `rows` positions)."""
     from launcher.local import corpus_texts, load_run_data
-    from training.data import Preprocessor, StageStream, StreamSpec
-    from training.data import to_torch
-    from training.engines import AccelerateEngine
+    from training.data import Preprocessor, StageStream, to_torch
     from training.model import build_model
 
-    cfg = tiny_cfg(**{"model.train_vision_tower": "false", "model.train_token_embeddings": "false", "train.lr": "0.01"})
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
                        "truncate", cfg.data.root)
-    stream = StageStream("B", data.train["B"], StreamSpec(0))
-    batch = to_torch(pre.batch([stream.item(i) for i in range(4)]))
+    stream = StageStream("B", data.train["B"], spec)
+    return bundle, to_torch(pre.batch([stream.item(i) for i in range(rows)]))
+
+
+def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
+    from training.data import StreamSpec
+    from training.engines import AccelerateEngine
+
+    cfg = tiny_cfg(**{"model.train_vision_tower": "false", "model.train_token_embeddings": "false", "train.lr": "0.01"})
+    bundle, batch = model_and_stage_b_batch(cfg, 4, StreamSpec(0))
+    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
     engine = AccelerateEngine(bundle.model, cfg.train, "cpu")
     engine.forward_backward(batch, 1.0)
     engine.optimizer_step(1.0)
@@ -65,17 +71,10 @@ def test_after_a_step_only_adapter_and_projector_changed(tiny_cfg):
 
 
 def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
-    from launcher.local import corpus_texts, load_run_data
-    from training.data import Preprocessor, StageStream, StreamSpec, to_torch
-    from training.model import build_model, label_loss
+    from training.data import StreamSpec
+    from training.model import label_loss
 
-    cfg = tiny_cfg()
-    data = load_run_data(cfg)
-    bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
-                       "truncate", cfg.data.root)
-    stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))  # mixed prompt lengths: padding
-    batch = to_torch(pre.batch([stream.item(i) for i in range(6)]))
+    bundle, batch = model_and_stage_b_batch(tiny_cfg(), 6, StreamSpec(0, ehr_dropout=0.5))  # mixed lengths: padding
     batch.pop("truncated", None)
     model = bundle.model.train()
     params = [p for p in model.parameters() if p.requires_grad]

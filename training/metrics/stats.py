@@ -18,7 +18,6 @@ Conventions
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
