@@ -86,6 +86,34 @@ def test_map_batches_columns_and_collate_match_the_local_batch(prepared):
     np.testing.assert_array_equal(all_dropped["input_ids"], want0["input_ids"])
 
 
+def test_data_tasks_decode_without_importing_torch(prepared, tmp_path):
+    """Ray Data's processes (read/decode tasks, split coordinators, dataset manager) unpickle the Preprocessor and
+    run parse_lines/preprocess_rows; a torch import there costs each of them seconds of CPU at start-up."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    cfg, pre, _ = prepared
+    job = tmp_path / "job.pkl"
+    job.write_bytes(cloudpickle.dumps((pre, train_lines(cfg)[:40], cfg.data.root)))
+    code = (
+        "import pickle, sys\n"
+        "import numpy as np\n"
+        "from datasets_io.ray_datasets import parse_lines, preprocess_rows\n"
+        f"pre, lines, root = pickle.loads(open({str(job)!r}, 'rb').read())\n"
+        "rows = parse_lines({'text': np.asarray(lines, dtype=object)}, stage='B', source='t', data_root=root,\n"
+        "                   policy='error', check_images=True)\n"
+        "out = preprocess_rows(rows, pre=pre, no_ehr_variant=True)\n"
+        "print(len(out['study_id']), out['pixel_values'].shape[1], 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    n_rows, channels, torch_imported = run.stdout.split()
+    assert int(n_rows) > 0 and channels == "3"  # it really decoded something
+    assert torch_imported == "False"
+
+
 def test_ehr_dropout_is_a_deterministic_draw_per_row_and_epoch():
     ids = [str(50_000_000 + i) for i in range(4000)]
     first = [ehr_dropped(0, sid, 0, 0.15) for sid in ids]

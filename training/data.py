@@ -5,21 +5,26 @@ per-epoch permutation seeded by (seed, S, epoch), so the data cursor of a checkp
 resuming at position p reproduces exactly the batches an uninterrupted run would have drawn. In Stage B a position
 may be a replay of a Stage A row (`curriculum.replay_fraction`) or have its Patient Data emptied
 (`curriculum.ehr_dropout`); both are decided by the same position-seeded draw.
+
+torch is imported only where a tensor is made: Ray Data's processes unpickle `Preprocessor` (read/decode tasks, the
+split coordinators, the dataset manager), and each torch import there costs seconds of CPU at start-up.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from datasets_io.images import ImageSpec, preprocess_image
 from datasets_io.jsonl import join, read_bytes
 from datasets_io.records import Record, with_empty_ehr
 from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Preprocessor:
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
     return {k: torch.from_numpy(v) for k, v in batch.items() if k != "truncated"}
 
 
@@ -101,8 +108,8 @@ class StageStream:
         return prompt, r.target, r.image, r.where
 
 
-class _PositionBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose item k is the micro-batch at positions [start + k*B, start + (k+1)*B)."""
+class _PositionBatches:
+    """Map-style dataset (what torch's DataLoader indexes) whose item k is the micro-batch at positions [start + k*B, start + (k+1)*B)."""
 
     def __init__(self, stream: StageStream, pre: Preprocessor, start: int, batch_size: int, count: int):
         self.stream, self.pre, self.start, self.batch_size, self.count = stream, pre, start, batch_size, count
@@ -119,6 +126,8 @@ def local_batches(
     stream: StageStream, pre: Preprocessor, start: int, batch_size: int, count: int, num_workers: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`count` micro-batches from position `start`, decoded by `num_workers` DataLoader processes."""
+    import torch
+
     loader = torch.utils.data.DataLoader(
         _PositionBatches(stream, pre, start, batch_size, count),
         batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
