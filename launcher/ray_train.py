@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,22 @@ def say(message: str) -> None:
     """One log line from a worker. Ray Train patches `print` to log AND echo (every line twice in the job log)."""
     sys.__stdout__.write(message + "\n")
     sys.__stdout__.flush()
+
+
+class Laps:
+    """Wall seconds per start-up phase: `mark(name)` books the time since the previous mark (or since creation)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.phases.items()}
 
 
 # ------------------------------------------------------------------------------------------------ driver side
@@ -151,6 +168,9 @@ def connect_ray(cfg: Config) -> bool:
     # every few seconds), and `ray job submit` against this cluster.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True)
+    # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
+    # process (~3 CPU-s of imports) starting next to the worker's. Ray Train passes this to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return True
 
 
@@ -179,26 +199,59 @@ def val_rows_for_workers(cfg: Config, val: dict[str, list], world: int) -> dict[
     return out
 
 
+@dataclass
+class DriverSetup:
+    """What the driver prepares before any worker starts (see `prepare_run`)."""
+
+    data: Any  # launcher.local.RunData: validated records per split and stage
+    counts: dict[str, int]
+    base_path: str
+    plan: Any  # training.curriculum.StepPlan
+    dtype: str
+    ds_config: dict
+    tracker: Any
+    reopened: bool
+    seconds: float
+
+
+def prepare_run(cfg: Config) -> DriverSetup:
+    """The driver's own work: the heavy imports, the data check (every record validated, stages counted: a shard
+    has no length), the tiny base model (built once, here), the step plan, the DeepSpeed JSON and the pinned MLflow
+    run. Single-threaded Python: `run_ray` runs it on a thread while the cluster starts."""
+    t0 = time.perf_counter()
+    from ray.train.torch import TorchTrainer  # noqa: F401 - imported here, on the set-up thread
+
+    from launcher.local import corpus_texts, ensure_data, load_run_data
+    from training import curriculum
+    from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
+    from training.model import resolve_base_path
+
+    out = Path(cfg.output.dir)
+    world = cfg.ray.num_workers
+    ensure_data(cfg)
+    data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
+    counts = {s: len(data.train[s]) for s in ("A", "B")}
+    base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
+    plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
+    dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
+    ds_config = deepspeed_config(cfg, world, dtype)
+    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before training
+    return DriverSetup(data, counts, base_path, plan, dtype, ds_config, tracker, reopened,
+                       time.perf_counter() - t0)
+
+
 def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
             debug: dict | None = None) -> dict:
     """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
 
     `debug` (tests and benchmarks): {"fail": {"rank": 1, "step": 7, "marker": PATH}} kills that rank once at that
     step; {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after training."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t_start, t_start_wall = time.perf_counter(), time.time()  # imports are part of the start-up
     import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from datasets_io.ray_datasets import ingest_config, stage_dataset
-    from launcher.local import corpus_texts, ensure_data, load_run_data
-    from training import curriculum
-    from training.checkpoint import read_state
-    from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
-    from training.loop import LoopState, write_run_summary
-    from training.model import resolve_base_path
-
-    t_start, t_start_wall = time.perf_counter(), time.time()
     cfg = resolve_for_cluster(cfg, num_workers, use_gpu)
     check_supported(cfg)
     debug = dict(debug or {})
@@ -209,18 +262,35 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
     out.mkdir(parents=True, exist_ok=True)
     world = cfg.ray.num_workers
 
-    ensure_data(cfg)
-    data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
-    counts = {s: len(data.train[s]) for s in ("A", "B")}
-    base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
-    plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
-    dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
-    ds_config = deepspeed_config(cfg, world, dtype)
-    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before any cluster
-    status, started_here = "FAILED", False
+    # The driver's set-up is single-threaded Python; starting (or joining) the cluster is mostly other processes
+    # starting. Side by side they take ~the longer of the two instead of the sum.
+    status, started_here, setup = "FAILED", False, None
+    with ThreadPoolExecutor(1, thread_name_prefix="driver-setup") as pool:
+        pending = pool.submit(prepare_run, cfg)
+        try:
+            t_ray = time.perf_counter()
+            started_here = connect_ray(cfg)
+            ray_init_s = time.perf_counter() - t_ray
+            setup = pending.result()  # re-raises the set-up's error (bad data, unreachable tracking server)
+        except BaseException:
+            if pending.exception() is None:  # the cluster failed, the set-up did not: close its MLflow run
+                pending.result().tracker.close("FAILED")
+            if started_here:
+                ray.shutdown()
+            raise
+    data, counts, base_path, plan, tracker = setup.data, setup.counts, setup.base_path, setup.plan, setup.tracker
+    dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
+    driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
+
     try:
-        started_here = connect_ray(cfg)
+        import ray.data
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from datasets_io.ray_datasets import ingest_config, stage_dataset
+        from training.checkpoint import read_state
+        from training.loop import LoopState, write_run_summary
+
         ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
         pre = make_preprocessor(cfg, base_path)
         train_path = data_path(cfg, "train_file")
@@ -272,7 +342,8 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         first_step = report0.get("first_step_wall_time")
         fresh = first_step is not None and first_step > t_start_wall  # not a previous run's report
         startup = {  # where the time to the first step went (rank 0), in seconds
-            "driver": round(t_fit_wall - t_start_wall, 1),  # data check, tiny base, MLflow, datasets (+ ray.init)
+            "driver": round(t_fit_wall - t_start_wall, 1),  # up to trainer.fit(): the two below side by side, + datasets
+            **{f"driver_{k}": round(v, 1) for k, v in driver_phases.items()},
             "ray_train_start": round(report0["entry_wall_time"] - t_fit_wall, 1),  # controller, workers, gloo
             **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
             "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
@@ -392,6 +463,7 @@ def train_worker(config: dict) -> None:
     """Per-worker entry (every rank): config in, model + DeepSpeed engine + shards built, THE loop run, checkpoints
     reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
     t0, entry_wall = time.perf_counter(), time.time()
+    laps = Laps()
     import ray.train
 
     from datasets_io.ray_datasets import ShardSpec, collate, shard_rows
@@ -426,12 +498,7 @@ def train_worker(config: dict) -> None:
         first = stage_at(step0, plan)
         primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
 
-    phases: dict[str, float] = {}
-
-    def lap(name: str) -> None:  # seconds since the previous lap (the first: since entry)
-        phases[name] = time.perf_counter() - t0 - sum(phases.values())
-
-    lap("data")
+    laps.mark("data")
     import torch
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
@@ -452,13 +519,13 @@ def train_worker(config: dict) -> None:
         prepare_deepspeed_cpu()
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
     init_deepspeed_comm()
-    lap("imports")
+    laps.mark("imports")
     zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
     dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     bundle = build_lora_model(cfg, seed=cfg.train.seed, dtype=dtype)
-    lap("model")
+    laps.mark("model")
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
-    lap("deepspeed")
+    laps.mark("deepspeed")
     if saved:
         engine.load_training_state(ckpt_dir, saved["engine"])
         held.close()
@@ -520,7 +587,7 @@ def train_worker(config: dict) -> None:
                 extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
                              "runtime": "ray", "world_size": world})
     say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s ("
-        + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        + ", ".join(f"{k} {v:.1f}s" for k, v in laps.phases.items())
         + f"; DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
     if state.global_step >= plan.total_steps:
         say(f"[ray] rank {rank}: the run is already complete ({state.global_step} steps); nothing to train")
@@ -539,6 +606,6 @@ def train_worker(config: dict) -> None:
         "rank": rank, "world_size": world, "global_step": state.global_step, "cursor": state.cursor,
         "stage_switch_step": state.stage_switch_step, "first_step_of_stage": first_step_of_stage,
         "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
-        "setup_phases": {k: round(v, 1) for k, v in phases.items()}, "entry_wall_time": entry_wall,
+        "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
         "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
                                  if state.first_step_done_at else None)}, indent=2))

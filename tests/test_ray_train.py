@@ -278,3 +278,34 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_bad_record_fails_the_run_and_stops_the_cluster_it_started(train_data, tmp_path, monkeypatch):
+    """Without RAY_ADDRESS, `launcher ray` starts a local cluster while a thread checks the data: a bad record fails
+    the run with its file, line and field, no MLflow run is left behind, and the cluster started for it is gone."""
+    import ray
+
+    from datasets_io.records import RecordError
+    from launcher.ray_train import run_ray
+
+    if ray.is_initialized():  # the run must start its own cluster
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    data = tmp_path / "data"
+    shutil.copytree(train_data, data)
+    train = data / "curriculum_train.jsonl"
+    lines = train.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["stage"] = "C"
+    lines[2] = json.dumps(bad)
+    train.write_text("\n".join(lines) + "\n")
+    cfg = ray_cfg(data, tmp_path / "bad", **{"ray.num_workers": 1, "ray.cpus_per_worker": 1.0})
+
+    with pytest.raises(RecordError) as e:
+        run_ray(cfg)
+    assert e.value.where == f"{train}:3" and e.value.field == "stage"
+    assert not ray.is_initialized()
+    out = tmp_path / "bad"
+    assert not (out / "ray" / out.name / "launcher_run.json").exists()  # no MLflow run was pinned to the Ray run
+    assert not list(out.glob("**/mlflow.db"))
