@@ -12,10 +12,11 @@ step of each stage, excluding the first 3 steps of the run and the first 2 of St
 Each side is the command a user types (`launcher local` / `launcher ray`), run in a fresh process, so its imports
 count, and the Ray side starts its own local cluster as `launcher ray` does without RAY_ADDRESS. Time to first
 step = from starting that process to the first optimizer step's metric timestamp. A second Ray run joins a cluster
-that is already up (RAY_ADDRESS, as under `ray job submit`): "on a running cluster". The first Ray number is broken
-down by phase (process start, driver, Ray Train start, the worker's own set-up), and the CPU-seconds each process
-on the machine used until then are listed: on a small machine the start-up is bound by the Python processes Ray
-starts at once, not by waiting.
+that is already up (RAY_ADDRESS, as under `ray job submit`) with the base model from a directory, as in
+production: "on a running cluster". Both Ray numbers are broken down by phase (process start, driver, Ray Train
+start, the worker's own set-up), and the CPU-seconds each process on the machine used until the first one's first
+step are listed: on a small machine the start-up is bound by the Python processes Ray starts at once, not by
+waiting.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def overrides(data: Path, out: Path, args: argparse.Namespace) -> list[str]:
+def overrides(data: Path, out: Path, args: argparse.Namespace, **extra) -> list[str]:
     sets = {
         "data.root": str(data), "data.synth_if_missing": "false", "output.dir": str(out),
         "train.max_steps": args.steps, "train.micro_batch_size": args.micro_batch, "train.grad_accum": 1,
         "train.warmup_steps": 3, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0,
         "train.val_batches": 0, "deepspeed.zero_stage": args.zero_stage, "ray.num_workers": 1,
-        "ray.cpus_per_worker": float(args.threads), "ray.name": "bench",
+        "ray.cpus_per_worker": float(args.threads), "ray.name": "bench", **extra,
     }
     return [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
 
@@ -121,12 +122,12 @@ def process_name(info: dict) -> str:
 
 
 def run_cli(runtime: str, data: Path, work: Path, args, sampler: CpuSampler | None = None,
-            env_extra: dict | None = None, name: str | None = None) -> tuple[dict, float]:
+            env_extra: dict | None = None, name: str | None = None, sets: dict | None = None) -> tuple[dict, float]:
     """`launcher <runtime> --config configs/tiny.yaml --set ...` in a fresh process, as a user runs it (its imports,
     and for Ray the local cluster it starts, are part of the time). Returns (run summary, start wall time)."""
     out = work / (name or runtime)
     cmd = [sys.executable, "-m", "launcher.cli", runtime, "--config", str(REPO / "configs" / "tiny.yaml"),
-           *overrides(data, out, args)]
+           *overrides(data, out, args, **(sets or {}))]
     env = {**os.environ, **(env_extra or {})}
     if runtime == "local":
         cmd += ["--device", "cpu", "--no-progress"]
@@ -160,7 +161,8 @@ def run_ray_side(data: Path, work: Path, args) -> dict:
 
 
 def run_ray_on_running_cluster(data: Path, work: Path, args) -> dict:
-    """`launcher ray` joining a cluster that is already up (RAY_ADDRESS), as under `ray job submit`."""
+    """`launcher ray` joining a cluster that is already up (RAY_ADDRESS), as under `ray job submit`, with the base
+    model from a directory as in production (the first Ray run's tiny base: no build on the driver)."""
     import ray
 
     temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -168,7 +170,8 @@ def run_ray_on_running_cluster(data: Path, work: Path, args) -> dict:
              _node_ip_address="127.0.0.1", _temp_dir=temp)  # the dashboard serves Ray Train's state queries
     try:
         address = ray.get_runtime_context().gcs_address
-        summary, t0 = run_cli("ray", data, work, args, env_extra={"RAY_ADDRESS": address}, name="ray_running")
+        summary, t0 = run_cli("ray", data, work, args, env_extra={"RAY_ADDRESS": address}, name="ray_running",
+                              sets={"model.name_or_path": str(work / "ray" / "base_model")})
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)

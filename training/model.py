@@ -10,6 +10,9 @@ What trains (everything else is frozen):
 - optionally the vision tower and the token embeddings / LM head (`model.train_vision_tower`,
   `model.train_token_embeddings`): the tiny model's are random, so without this it could not learn pixels or the
   new tokenizer's vocabulary. A real LLaVA-Med keeps them frozen.
+
+peft and the modeling classes (seconds of imports) are imported in the functions that build models: the Ray driver
+uses only the config-level helpers here (`resolve_base_path`, `image_spec_for`, `num_image_tokens`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from transformers import (
-    AutoTokenizer,
-    CLIPVisionConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    MistralConfig,
-)
+from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, MistralConfig
 
 from datasets_io.images import CLIP_MEAN, CLIP_STD, ImageSpec
 from datasets_io.records import IMAGE_TOKEN
@@ -104,6 +99,8 @@ def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
 
 def build_tiny_base(cfg: Config, train_texts: list[str], out_dir: Path) -> Path:
     """Train the BPE tokenizer on the corpus, build the random tiny LLaVA (seeded) and save both to `out_dir`."""
+    from transformers import LlavaForConditionalGeneration
+
     from training.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(train_texts, cfg.model.tiny.vocab_size)
@@ -137,6 +134,8 @@ def num_image_tokens(config: LlavaConfig) -> int:
 
 def load_base(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration, tokenizer) from a local dir or hub id; clear error when it is not there."""
+    from transformers import LlavaForConditionalGeneration
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
@@ -162,6 +161,9 @@ def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
 
 
 def apply_lora(cfg: Config, model: Any) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     peft_cfg = PeftLoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -198,6 +200,8 @@ def bundle_for(model: Any, tokenizer: Any, base_path: str) -> ModelBundle:
 
 def load_trained(checkpoint_dir: str, dtype: torch.dtype = torch.float32, base_path: str | None = None) -> ModelBundle:
     """Base + adapter bundle for inference (evaluate / predict / pyfunc): plain `PeftModel.from_pretrained`."""
+    from peft import PeftModel
+
     ckpt = Path(checkpoint_dir)
     if not (ckpt / "adapter_config.json").is_file():
         raise LauncherError(f"{ckpt} is not an adapter bundle (no adapter_config.json)")
