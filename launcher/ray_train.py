@@ -499,8 +499,10 @@ def train_worker(config: dict) -> None:
         primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
 
     laps.mark("data")
+    import peft  # noqa: F401 - training.model imports peft and the modeling classes lazily; here they count as imports
     import torch
     from ray.train import Checkpoint, CheckpointConsistencyMode
+    from transformers import LlavaForConditionalGeneration  # noqa: F401
 
     from training.checkpoint import Checkpointer
     from training.data import to_torch
