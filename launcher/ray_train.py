@@ -168,10 +168,19 @@ def connect_ray(cfg: Config) -> bool:
     # every few seconds), and `ray job submit` against this cluster.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True)
-    # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
-    # process (~3 CPU-s of imports) starting next to the worker's. Ray Train passes this to its controller.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return True
+
+
+@contextlib.contextmanager
+def env_defaults(values: dict[str, str]):
+    """Set the environment variables of `values` that are not set yet, for the block only."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def make_preprocessor(cfg: Config, base_path: str) -> Any:
@@ -264,7 +273,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
 
     # The driver's set-up is single-threaded Python; starting (or joining) the cluster is mostly other processes
     # starting. Side by side they take ~the longer of the two instead of the sum.
-    status, started_here, setup = "FAILED", False, None
+    status, started_here = "FAILED", False
     with ThreadPoolExecutor(1, thread_name_prefix="driver-setup") as pool:
         pending = pool.submit(prepare_run, cfg)
         try:
@@ -323,8 +332,12 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
               f"stage B {plan.stage_b_steps}), samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/"
               f"{cfg.ray.name}{' (resuming)' if reopened else ''}, MLflow run {tracker.run_id}", flush=True)
         t_fit_wall = time.time()
+        # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
+        # process (~3 CPU-s of imports) starting next to the worker's. fit() passes this to the Train controller.
+        watcher_off = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if started_here else {}
         try:
-            result = trainer.fit()
+            with env_defaults(watcher_off):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise LauncherError(
                 f"Ray training failed ({cfg.ray.max_failures} restart(s) allowed by ray.max_failures): {e}\n"
@@ -342,7 +355,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         first_step = report0.get("first_step_wall_time")
         fresh = first_step is not None and first_step > t_start_wall  # not a previous run's report
         startup = {  # where the time to the first step went (rank 0), in seconds
-            "driver": round(t_fit_wall - t_start_wall, 1),  # up to trainer.fit(): the two below side by side, + datasets
+            "driver": round(t_fit_wall - t_start_wall, 1),  # to trainer.fit(): the two below side by side, + datasets
             **{f"driver_{k}": round(v, 1) for k, v in driver_phases.items()},
             "ray_train_start": round(report0["entry_wall_time"] - t_fit_wall, 1),  # controller, workers, gloo
             **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},

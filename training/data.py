@@ -109,7 +109,8 @@ class StageStream:
 
 
 class _PositionBatches:
-    """Map-style dataset (what torch's DataLoader indexes) whose item k is the micro-batch at positions [start + k*B, start + (k+1)*B)."""
+    """Map-style dataset (what torch's DataLoader indexes): item k is the micro-batch at positions
+    [start + k*B, start + (k+1)*B)."""
 
     def __init__(self, stream: StageStream, pre: Preprocessor, start: int, batch_size: int, count: int):
         self.stream, self.pre, self.start, self.batch_size, self.count = stream, pre, start, batch_size, count
