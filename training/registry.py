@@ -214,8 +214,10 @@ def _finished_run_in_store(client: Any, run_id: str | None) -> str | None:
 
 
 def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = None, cfg: Any = None,
-                        run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+                        run_id: str | None = None, tracking_uri: str | None = None,
+                        serving_limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the bundle at `ckpt_dir` as a pyfunc model, register a version of `name` with lineage tags, set `alias`.
+    `serving_limits`: training.pyfunc.ServingLimits fields to log instead of the defaults.
 
     Returns {name, version, alias, model_uri ("models:/NAME/VERSION"), logged_model_uri, run_id, tracking_uri}.
     """
@@ -231,6 +233,9 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
         raise LauncherError(f"--checkpoint {ckpt_dir}: not an adapter bundle (no adapter_config.json)")
     if not name:
         raise LauncherError("a registered model name is required (--name)")
+    unknown = set(serving_limits or {}) - set(pyfunc_module.ServingLimits().as_model_config())
+    if unknown:
+        raise LauncherError(f"serving_limits: unknown keys {sorted(unknown)} (see training.pyfunc.ServingLimits)")
     if cfg is None:
         if not (ckpt / "config.yaml").is_file():
             raise LauncherError(f"--checkpoint {ckpt_dir}: no config.yaml (the resolved run config) in the bundle")
@@ -248,7 +253,9 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
     exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
     tags = lineage_tags(ckpt, cfg, state, base)
 
-    model_config: dict[str, Any] = {"batch_size": 8}
+    # Every limit is written out: MLflow lets a load (or MLFLOW_PYFUNC_INFERENCE_CONFIG) override only logged keys.
+    limits = pyfunc_module.ServingLimits.from_model_config(serving_limits or {})
+    model_config: dict[str, Any] = {"batch_size": 8, **limits.as_model_config()}
     with tempfile.TemporaryDirectory(prefix="cxr-register-") as tmp, _TrackingTarget(uri):
         artifacts = {"adapter": str(stage_bundle(ckpt, Path(tmp) / "adapter"))}
         if base_is_dir:
