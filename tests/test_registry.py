@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import signal
@@ -20,12 +21,13 @@ import pytest
 from launcher.errors import LauncherError
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, assert_no_patient_data, tiny_trained_run
 
-# Run in a fresh interpreter from an unrelated directory: load by alias, predict one row with EHR (image as a path)
-# and one without (image as base64), and say where the project code was imported from.
+# Run in a fresh interpreter from an unrelated directory: load by alias, predict one row with EHR (image as a path,
+# which the model reads only when loaded with allow_local_paths) and one without (image as base64), and say where the
+# project code was imported from.
 LOAD_AND_PREDICT = r"""
 import json, sys
 import mlflow, pandas as pd
-model = mlflow.pyfunc.load_model(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[1], model_config={"allow_local_paths": True})
 frame = pd.DataFrame({"image": [sys.argv[2], sys.argv[3]], "ehr": [sys.argv[4], None]})
 out = model.predict(frame, params={"max_new_tokens": 6})
 import training.model
@@ -36,27 +38,37 @@ print("RESULT " + json.dumps({"rows": out.to_dict("records"), "columns": list(ou
 
 # --------------------------------------------------------------------------------------------- fast
 def test_pyfunc_input_parsing(tmp_path):
-    from training.pyfunc import ehr_value, image_bytes, requests_from_frame
-
-    jpg = tmp_path / "x.jpg"
-    jpg.write_bytes(b"\xff\xd8fake")
-    assert image_bytes(str(jpg), 0) == b"\xff\xd8fake"
-    assert image_bytes(base64.b64encode(b"\xff\xd8abc").decode(), 0) == b"\xff\xd8abc"
-    assert image_bytes(b"raw", 0) == b"raw"
-    with pytest.raises(ValueError, match="row 3: `image` is neither an existing file nor valid base64"):
-        image_bytes("/no/such/file.jpg", 3)
-    assert ehr_value(None, 0) is None and ehr_value(float("nan"), 0) is None and ehr_value(" ", 0) is None
-    assert ehr_value("{}", 0) == {} and ehr_value('{"Age": 70}', 0) == {"Age": 70}
-    with pytest.raises(ValueError, match="row 1: `ehr` is not valid JSON"):
-        ehr_value("{bad", 1)
-    with pytest.raises(ValueError, match="JSON object"):
-        ehr_value("[1]", 1)
+    """The basic shapes of a request; the bounds and the no-paths rule are in tests/test_serving.py."""
     import pandas as pd
 
-    reqs = requests_from_frame(pd.DataFrame({"image": [str(jpg)]}))
-    assert reqs == [(b"\xff\xd8fake", None)]
-    with pytest.raises(ValueError, match="`image` column"):
-        requests_from_frame(pd.DataFrame({"picture": [str(jpg)]}))
+    from training.pyfunc import InputError, ServingLimits, ehr_value, image_bytes, requests_from_frame
+
+    limits = ServingLimits()
+    jpg = tmp_path / "x.jpg"
+    jpg.write_bytes(b"\xff\xd8fake")
+    assert image_bytes(base64.b64encode(b"\xff\xd8abc").decode(), limits) == b"\xff\xd8abc"
+    assert image_bytes(b"raw", limits) == b"raw"
+    with pytest.raises(InputError, match="`image` is not valid base64; the served model does not read file paths"):
+        image_bytes(str(jpg), limits)  # a path is read only when asked for, in process
+    assert image_bytes(str(jpg), ServingLimits(allow_local_paths=True)) == b"\xff\xd8fake"
+    assert all(ehr_value(none, limits) is None for none in (None, float("nan"), " "))
+    assert ehr_value("{}", limits) == {} and ehr_value('{"Age": 70}', limits) == {"Age": 70}
+    with pytest.raises(InputError, match="`ehr` is not valid JSON"):
+        ehr_value("{bad", limits)
+    with pytest.raises(InputError, match="JSON object"):
+        ehr_value("[1]", limits)
+
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    assert requests_from_frame(pd.DataFrame({"image": [png]})) == [(buf.getvalue(), None)]
+    with pytest.raises(MlflowException, match="row 0: `image` is not a JPEG or PNG image"):
+        requests_from_frame(pd.DataFrame({"image": [str(jpg)]}), ServingLimits(allow_local_paths=True))
+    with pytest.raises(MlflowException, match="`image` column"):
+        requests_from_frame(pd.DataFrame({"picture": [png]}))
 
 
 def test_lineage_pieces(tmp_path):

@@ -121,7 +121,7 @@ def test_image_header_format_and_pixel_bounds(monkeypatch):
 
 def test_ehr_bounds():
     limits = ServingLimits(max_ehr_chars=200, max_ehr_depth=4)
-    assert ehr_value(None, limits) is None and ehr_value(float("nan"), limits) is None and ehr_value(" ", limits) is None
+    assert all(ehr_value(none, limits) is None for none in (None, float("nan"), " "))
     ok = {"Age": 70, "Labs": {"BNP": {"value": 1.0, "reference_range": [0, 100]}}}  # the Patient Data block: 4 deep
     assert ehr_value(json.dumps(ok), limits) == ok and ehr_value("{}", limits) == {}
     assert json_depth(ok) == 4 and json_depth(1) == 0 and json_depth([]) == 1
@@ -182,9 +182,10 @@ def test_params_and_limits_config():
     limits = ServingLimits(max_rows=4, max_new_tokens=100)
     assert generation_params(None, limits, 4) == (None, 4)
     assert generation_params({"max_new_tokens": 100, "batch_size": 2}, limits, 4) == (100, 2)
+    assert generation_params({"batch_size": 8}, limits, 4) == (None, 8)  # the signature's default, > max_rows
     for params, reason in (({"max_new_tokens": 101}, "max_new_tokens=101: expected 0"),
                            ({"max_new_tokens": -1}, "max_new_tokens=-1"),
-                           ({"batch_size": 5}, "batch_size=5: expected 1 to max_rows=4")):
+                           ({"batch_size": -2}, "batch_size=-2: expected an integer >= 1")):
         with pytest.raises(MlflowException, match=reason):
             generation_params(params, limits, 4)
 
@@ -236,6 +237,7 @@ def served(synth_dir, tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVER_CONFIG), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # the model's own code (code_paths) is what serves
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # it execs `uvicorn` by name
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED_NAME}@{REGISTERED_ALIAS}",
@@ -255,12 +257,21 @@ def served(synth_dir, tmp_path_factory):
                 time.sleep(1)
         yield {"url": url, "log": log_path}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (mlflow + uvicorn and its workers), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            proc.wait(timeout=30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            continue
 
 
 def invoke(served: dict, records: list[dict], params: dict | None = None) -> tuple[int, dict]:
@@ -275,7 +286,8 @@ def invoke(served: dict, records: list[dict], params: dict | None = None) -> tup
 
 
 def model_error(answer: dict) -> str:
-    """Our part of an error answer: MLflow's server prefixes "Failed to predict data '<the frame's repr>'.\\nError: "."""
+    """Our part of an error answer (MLflow's server puts "Failed to predict data '<the frame's repr>'.\\nError: "
+    before it)."""
     assert set(answer) <= {"error_code", "message", "error_class", "sqlstate"}, answer  # no "stack_trace"
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
     return answer["message"].split("\nError: ", 1)[1]

@@ -72,7 +72,7 @@ class ServingLimits:
     keys the logged model_config already has. The defaults fit MIMIC-CXR (3056x2544 JPEGs of ~1-4 MB)."""
 
     max_rows: int = 16
-    """Rows (studies) per request; more is refused whole. Also caps the `batch_size` param."""
+    """Rows (studies) per request; more is refused whole (so no request is more than one max_rows batch)."""
     max_image_bytes: int = 40_000_000
     """Size of one encoded image file (the decoded base64), bytes. A base64 string longer than 4/3 of it is refused
     before it is decoded."""
@@ -257,8 +257,8 @@ def generation_params(params: dict[str, Any] | None, limits: ServingLimits, defa
     batch_size = int(params.get("batch_size") or default_batch_size)
     if not 0 <= max_new <= limits.max_new_tokens:
         raise bad_request(f"param max_new_tokens={max_new}: expected 0 (the default) to {limits.max_new_tokens}")
-    if not 1 <= batch_size <= limits.max_rows:
-        raise bad_request(f"param batch_size={batch_size}: expected 1 to max_rows={limits.max_rows}")
+    if batch_size < 1:  # no upper bound needed: a request holds at most max_rows rows, so it is one batch at most
+        raise bad_request(f"param batch_size={batch_size}: expected an integer >= 1")
     return max_new or None, batch_size
 
 
@@ -288,7 +288,7 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
         self.bundle = load_trained(adapter, base_path=base)
         cfg_file = Path(adapter) / "config.yaml"
         self.max_seq_len = load_config(cfg_file).data.max_seq_len if cfg_file.is_file() else None
-        self.default_batch_size = min(int(config.get("batch_size", 8)), self.limits.max_rows)
+        self.default_batch_size = int(config.get("batch_size", 8))
 
     def request_limits(self) -> ServingLimits:
         """The loaded limits; inside MLflow's scoring server never with local paths."""
