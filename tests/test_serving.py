@@ -96,9 +96,11 @@ def test_image_size_is_bounded_before_decoding():
         image_bytes(b64(b"x" * 1001), limits)
     with pytest.raises(InputError, match=r"`image` is 1001 bytes"):
         image_bytes(b"x" * 1001, limits)
-    for missing in (None, "", float("nan"), 5):
+    for missing in (None, "", float("nan")):
         with pytest.raises(InputError, match="`image` is missing"):
             image_bytes(missing, limits)
+    with pytest.raises(InputError, match="`image` must be a base64 string, got int"):
+        image_bytes(5, limits)
 
 
 def test_image_header_format_and_pixel_bounds(monkeypatch):
@@ -157,13 +159,13 @@ def test_a_bad_row_fails_the_request_naming_every_bad_row():
     Image.effect_noise((300, 300), 60).save(noise, format="PNG")
     truncated = noise.getvalue()[:2000]  # the header passes, the pixel data does not decode
     frame = pd.DataFrame({"image": [good, b64(b"GIF89a...."), good, b64(truncated)],
-                          "ehr": [None, None, "{bad", None]})
+                          "ehr": [None, "[1]", "{bad", None]})
     with pytest.raises(MlflowException) as e:
         requests_from_frame(frame, limits, decode)
     assert e.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and e.value.get_http_status_code() == 400
     msg = e.value.message
-    assert msg.startswith("3 of 4 rows rejected, nothing was generated: row 1: `image` is not a JPEG or PNG image; "
-                          "row 2: `ehr` is not valid JSON")
+    assert msg.startswith("3 of 4 rows rejected, nothing was generated: row 1: `image` is not a JPEG or PNG image, "
+                          "`ehr` must be a JSON object, got list; row 2: `ehr` is not valid JSON")  # both columns
     assert "row 3: `image` is a PNG whose data does not decode" in msg and "row 0" not in msg
     assert "Traceback" not in msg and "/" not in msg.replace("JPEG or PNG", "")
 

@@ -120,8 +120,10 @@ def image_bytes(value: Any, limits: ServingLimits) -> bytes:
     string is ever looked up on the file system, so an answer cannot tell whether a path exists."""
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
-    elif not isinstance(value, str) or not value:
+    elif value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         raise InputError("`image` is missing: send the image bytes base64-encoded")
+    elif not isinstance(value, str):
+        raise InputError(f"`image` must be a base64 string, got {type(value).__name__}")
     elif limits.allow_local_paths and len(value) < 4096 and Path(value).is_file():
         data = Path(value).read_bytes()
     else:
@@ -217,10 +219,22 @@ def bad_request(message: str) -> Exception:
 
 def parse_row(image: Any, ehr: Any, limits: ServingLimits,
               decode: Callable[[bytes], Any] | None) -> tuple[Any, dict | None]:
-    """One row -> (image bytes, or what `decode` makes of them; EHR dict or None). Raises InputError."""
-    data = image_bytes(image, limits)
-    fmt, _, _ = check_image_header(data, limits)
-    return (decode_checked(data, fmt, decode) if decode else data), ehr_value(ehr, limits)
+    """One row -> (image bytes, or what `decode` makes of them; EHR dict or None). Raises InputError with the
+    problems of both columns."""
+    problems, pixels, patient = [], None, None
+    try:
+        data = image_bytes(image, limits)
+        fmt, _, _ = check_image_header(data, limits)
+        pixels = decode_checked(data, fmt, decode) if decode else data
+    except InputError as e:
+        problems.append(str(e))
+    try:
+        patient = ehr_value(ehr, limits)
+    except InputError as e:
+        problems.append(str(e))
+    if problems:
+        raise InputError(", ".join(problems))
+    return pixels, patient
 
 
 def requests_from_frame(frame: Any, limits: ServingLimits | None = None,
