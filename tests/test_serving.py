@@ -178,7 +178,7 @@ def test_a_bad_row_fails_the_request_naming_every_bad_row():
         requests_from_frame(many, ServingLimits(max_rows=30))
 
 
-def test_params_and_limits_config():
+def test_params_and_limits_config(monkeypatch):
     from training.pyfunc import ReportGenerator
 
     limits = ServingLimits(max_rows=4, max_new_tokens=100)
@@ -202,11 +202,24 @@ def test_params_and_limits_config():
     model = ReportGenerator.__new__(ReportGenerator)  # no weights needed for the limits
     model.limits = ServingLimits(allow_local_paths=True)
     assert model.request_limits().allow_local_paths
-    os.environ["_MLFLOW_IS_IN_SERVING_ENVIRONMENT"] = "true"  # what MLflow's scoring server sets
-    try:
-        assert not model.request_limits().allow_local_paths
-    finally:
-        del os.environ["_MLFLOW_IS_IN_SERVING_ENVIRONMENT"]
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")  # what MLflow's scoring server sets
+    assert not model.request_limits().allow_local_paths
+
+
+def test_an_internal_failure_is_a_500_without_its_stack_in_the_server(monkeypatch, caplog):
+    from training.pyfunc import ReportGenerator
+
+    model = ReportGenerator.__new__(ReportGenerator)
+    model.limits, model.default_batch_size, model.bundle = ServingLimits(), 8, None  # generation will fail
+    frame = pd.DataFrame({"image": [b64(encoded("PNG"))]})
+    with pytest.raises(AttributeError):  # in process: the real error
+        model.predict(None, frame)
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    with pytest.raises(MlflowException) as e:
+        model.predict(None, frame)
+    assert e.value.get_http_status_code() == 500 and "AttributeError" not in e.value.message
+    assert e.value.__cause__ is None and e.value.__suppress_context__ and not e.value.json_kwargs  # no stack_trace
+    assert "AttributeError" in caplog.text  # ... which goes to the server's log
 
 
 def test_register_refuses_unknown_serving_limits(tmp_path):

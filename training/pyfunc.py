@@ -31,6 +31,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 import os
 import warnings
@@ -45,6 +46,7 @@ INPUT_COLUMNS = ("image", "ehr")
 OUTPUT_COLUMNS = ("report", "valid", "problems", "impression", "chexpert", "icd")
 IMAGE_FORMATS = ("JPEG", "PNG")  # what chest X-rays come as; Pillow is asked to try no other decoder
 MAX_LISTED_ROWS = 20  # bad rows named one by one in an error answer
+logger = logging.getLogger(__name__)
 
 
 def signature() -> Any:
@@ -312,6 +314,22 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # pd.DataFrame hints: MLflow takes the frame as is (the explicit signature() does the validation)
+        if not in_scoring_server():
+            return self.generate(model_input, params)  # in process: the real exception, with its traceback
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+        try:
+            return self.generate(model_input, params)
+        except MlflowException:
+            raise
+        except Exception:  # noqa: BLE001 -- MLflow's server would send this stack (server paths) to the client
+            logger.exception("prediction failed on a request that passed the input checks")
+            raise MlflowException("the model failed on this request (an internal error; the server log has the "
+                                  "details)", error_code=INTERNAL_ERROR) from None
+
+    def generate(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> pd.DataFrame:
+        """Check every row, then generate (training.generate.predict_reports)."""
         from datasets_io.images import preprocess_image
         from training.generate import predict_reports
 
