@@ -123,14 +123,15 @@ def request_prompt(ehr: dict | None) -> str:
 
 def predict_reports(
     bundle: Any,
-    requests: Sequence[tuple[bytes, dict | None]],
+    requests: Sequence[tuple[bytes | np.ndarray, dict | None]],
     *,
     max_seq_len: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """(image bytes, EHR dict or None) requests -> report text and parsed labels, for `predict` and the pyfunc.
+    """(image, EHR dict or None) requests -> report text and parsed labels, for `predict` and the pyfunc. An image is
+    JPEG/PNG bytes or already preprocessed (3, S, S) pixels (the pyfunc decodes while it checks its input).
 
     max_new_tokens defaults to max_seq_len (the checkpoint's data.max_seq_len) minus the longest prompt.
     """

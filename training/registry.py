@@ -11,6 +11,8 @@ What a version carries:
   `base_model`), never copied;
 - code: the project packages (datasets_io, training, launcher), so the model loads in a process that has only the
   pinned pip requirements installed;
+- model_config: every serving limit (training.pyfunc.ServingLimits: rows, image bytes and pixels, EHR size and depth,
+  max_new_tokens, allow_local_paths=false), written out so a load or MLFLOW_PYFUNC_INFERENCE_CONFIG can change them;
 - lineage tags: base model, config hash, sha256 of the train / val JSONL, git commit, the training run id, the
   checkpoint's step, and the validation losses recorded at the stage ends (trainer_state.json val_history).
 
