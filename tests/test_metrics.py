@@ -115,6 +115,45 @@ def test_rouge_l_matches_rouge_score_per_sample():
     assert scores.rouge_l(["The Lungs, clear."], ["the lungs clear"]) == 1.0  # case and punctuation ignored
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_comparable_bleu_is_sacrebleu_with_its_defaults(order):
+    """The comparable figure is sacrebleu's default corpus BLEU (13a, case-sensitive, exp smoothing), / 100."""
+    from sacrebleu.metrics import BLEU
+
+    expected = BLEU(max_ngram_order=order).corpus_score(PREDICTIONS, [REFERENCES]).score / 100
+    assert scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)[f"bleu_{order}_13a"] == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < expected < 1.0
+    # Case-sensitive (unlike the project's own BLEU), and it differs from the project's tokenization.
+    upper = [p.upper() for p in PREDICTIONS]
+    assert scores.sacrebleu_bleu(upper, REFERENCES)["bleu_1_13a"] < scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)[
+        "bleu_1_13a"]
+    assert scores.bleu(upper, REFERENCES)["bleu_1"] == scores.bleu(PREDICTIONS, REFERENCES)["bleu_1"]
+
+
+def test_comparable_bleu_per_study_stats_recompute_sacrebleu_on_any_resample():
+    """The bootstrap's resamples (repeats included) score exactly what sacrebleu scores on that resampled corpus."""
+    from sacrebleu.metrics import BLEU
+
+    metric = scores.sacrebleu_metric(PREDICTIONS, REFERENCES, order=4)
+    rng = np.random.default_rng(3)
+    for idx in [np.arange(10), rng.integers(0, 10, 10), np.array([5, 5, 1]), np.array([6])]:
+        expected = BLEU().corpus_score([PREDICTIONS[i] for i in idx], [[REFERENCES[i] for i in idx]]).score / 100
+        assert metric(idx) == pytest.approx(expected, abs=1e-12)
+    weights = np.stack([np.bincount(rng.integers(0, 10, 10), minlength=10) for _ in range(4)])
+    assert metric.from_weights(weights).shape == (4,)
+    assert scores.sacrebleu_bleu(["", "x"], ["a b", "x"])["bleu_1_13a"] >= 0.0  # an empty output is scorable
+
+
+def test_holm_known_answer():
+    # m = 4 defined: sorted 0.01, 0.02, 0.03, 0.04 -> x4, x3, x2, x1 = 0.04, 0.06, 0.06, 0.04 -> running max
+    # 0.04, 0.06, 0.06, 0.06; the NaN (an undefined comparison) stays NaN and does not count in m.
+    adjusted = stats.holm_adjust([0.03, float("nan"), 0.01, 0.04, 0.02])
+    np.testing.assert_allclose(adjusted, [0.06, np.nan, 0.04, 0.06, 0.06], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(stats.holm_adjust([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    assert stats.holm_adjust([0.2]).tolist() == [0.2]  # one test: unchanged
+    assert np.isnan(stats.holm_adjust([float("nan")])).all() and stats.holm_adjust([]).size == 0
+
+
 # --------------------------------------------------------------------------------------------- CheXpert
 REFS_CX = [
     {"Cardiomegaly": "Positive", "Edema": "Uncertain", "No Finding": "Negative"},
@@ -301,7 +340,8 @@ def test_evaluate_modules_load_offline_from_their_path(tmp_path):
         for k in a:
             assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-12), k
 
-    text_scores = {**scores.bleu(PREDICTIONS, REFERENCES), "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES)}
+    text_scores = {**scores.bleu(PREDICTIONS, REFERENCES), **scores.sacrebleu_bleu(PREDICTIONS, REFERENCES),
+                   "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES)}
     same(out["report_text"], text_scores)
     cx_refs = [scores.chexpert_from_text(t) for t in targets]
     cx = scores.chexpert_scores([scores.chexpert_from_text(t) for t in reports], cx_refs)
