@@ -136,7 +136,7 @@ def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
     refs = References.of(studies)
     assert sum(any(r.values()) for r in refs.icd) >= 5, "need ICD positives for the A/B to mean something"
     opts = EvalOptions(data="", data_root="", out="", n_resamples=200)
-    section, stats = score_model(_arms_from_targets(studies, drop_icd_in_off=True), refs, opts)
+    section, stats = score_model(_arms_from_targets(studies, drop_icd_in_off=True), studies, opts)
 
     on, off, a = (section["arms"][k] for k in ("ehr_on", "ehr_off", "stage_a"))
     assert on["validity"] == {"report": 1.0, "chexpert": 1.0, "icd": 1.0}
@@ -149,19 +149,87 @@ def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
     ab = section["ab"]["ehr_on-ehr_off"]
     assert ab["icd/micro_f1"]["diff"] == 1.0 and ab["icd/micro_f1"]["p_value"] < 0.01
     assert ab["chexpert/u_pos/macro_f1"]["diff"] == 0.0 and ab["chexpert/u_pos/macro_f1"]["p_value"] == 1.0
-    assert set(ab["text/rouge_l"]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
+    assert set(ab["text/rouge_l"]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm", "n"}
+    assert ab["text/bleu_4_13a"]["a"] == pytest.approx(1.0) and ab["text/rouge_l"]["n"] == 40
+    assert ab["icd/micro_f1"]["p_holm"] >= ab["icd/micro_f1"]["p_value"]  # Holm never lowers a p-value
     assert not any(k.startswith("icd/") for k in section["ab"]["ehr_on-stage_a"])  # Stage A answers no ICD
     assert section["ab"]["ehr_on-stage_a"]["chexpert/u_pos/micro_f1"]["diff"] == 0.0
 
 
+def variant_file(synth_dir: Path, out: Path, *, no_icd: bool = False, drop_stage_b: int = 0) -> Path:
+    """The val file, rewritten: with `no_icd` every Stage B target flags no ICD code (so ICD F1 is undefined when the
+    model flags none either); the first `drop_stage_b` studies lose their Stage B row (no admission, as in MIMIC)."""
+    rows = [json.loads(line) for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()]
+    dropped = list(dict.fromkeys(r["study_id"] for r in rows))[:drop_stage_b]
+    kept = []
+    for r in rows:
+        if r["stage"] == "B" and r["study_id"] in dropped:
+            continue
+        if r["stage"] == "B" and no_icd:
+            p = parse_target(r["target"], expect_icd=True)
+            r = {**r, "target": target_b(p.impression, p.chexpert, {})}
+        kept.append(r)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return out
+
+
+def test_limit_is_a_seeded_random_sample_in_file_order(synth_dir, train_file):
+    from training.evaluation import load_studies
+
+    every = [s.study_id for s in load_studies(train_file, str(synth_dir))]
+    picks = {seed: [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=seed)]
+             for seed in (0, 1)}
+    assert picks[0] == [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=0)]
+    assert picks[0] != picks[1] and picks[0] != every[:5]  # not the file's first subjects
+    for pick in picks.values():
+        assert len(set(pick)) == 5 and pick == [sid for sid in every if sid in pick]  # kept in file order
+    assert len(load_studies(train_file, str(synth_dir), limit=10_000)) == len(every)
+
+
+def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path):
+    from training.evaluation import (ArmOutput, EvalOptions, arm_coverage, arm_indices, arms_for, load_studies,
+                                     score_model)
+
+    data = variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)
+    studies = load_studies(str(data), str(synth_dir))
+    assert len(studies) == 7 and sum(s.has_ehr for s in studies) == 5
+    arms = arms_for("both", studies)
+    assert arms == ("ehr_on", "ehr_off", "stage_a")
+    assert arm_indices("stage_a", studies) == list(range(7)) and arm_indices("ehr_on", studies) == list(range(2, 7))
+    coverage = arm_coverage(arms, studies)
+    assert coverage["stage_a"]["n"] == 7 and coverage["ehr_off"]["n"] == 5 and coverage["ehr_on"]["of"] == 7
+    assert coverage["ehr_on"]["studies_sha256"] == coverage["ehr_off"]["studies_sha256"] != \
+        coverage["stage_a"]["studies_sha256"]
+
+    outputs = {arm: ArmOutput(arm, [studies[i].target for i in arm_indices(arm, studies)],
+                              indices=arm_indices(arm, studies)) for arm in arms}
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
+    assert section["arms"]["stage_a"]["n"] == 7 and section["arms"]["ehr_on"]["n"] == 5
+    assert section["arms"]["stage_a"]["chexpert"]["u_pos/micro_f1"] == 1.0  # its 2 extra studies score on their A target
+    assert section["ab"]["ehr_on-stage_a"]["text/rouge_l"]["n"] == 5  # paired on the studies both arms cover
+    assert section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]["n"] == 5
+
+
+def test_undefined_comparison_is_written_as_undefined(synth_dir, tmp_path):
+    from training.evaluation import ArmOutput, EvalOptions, _json_safe, load_studies, render_report, score_model
+
+    studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True)), str(synth_dir))
+    outputs = {arm: ArmOutput(arm, [s.target for s in studies]) for arm in ("ehr_on", "ehr_off")}
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
+    icd = section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]  # no ICD positive anywhere: F1 undefined on both sides
+    assert "undefined" in icd and math.isnan(icd["diff"]) and math.isnan(icd["p_value"]) and math.isnan(icd["p_holm"])
+    assert json.loads(json.dumps(_json_safe(icd)))["p_value"] is None
+    rouge = section["ab"]["ehr_on-ehr_off"]["text/rouge_l"]
+    assert "undefined" not in rouge and rouge["p_value"] == 1.0 and rouge["p_holm"] == 1.0
+
+
 def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
-    from training.evaluation import ArmOutput, EvalOptions, References, load_studies, score_model
+    from training.evaluation import ArmOutput, EvalOptions, load_studies, score_model
 
     studies = load_studies(train_file, str(synth_dir), limit=8)
     junk = ["", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
     outputs = {"ehr_on": ArmOutput("ehr_on", [t or "" for t in junk])}
-    section, _ = score_model(outputs, References.of(studies), EvalOptions(data="", data_root="", out="",
-                                                                          n_resamples=50))
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     arm = section["arms"]["ehr_on"]
     assert arm["validity"] == {"report": 0.0, "chexpert": 0.0, "icd": 0.0}
     assert arm["chexpert"]["valid_rate"] == 0.0 and arm["problems"]
