@@ -302,16 +302,23 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"evaluation", "models", "baseline", "comparisons", "headline", "mlflow_run_id"}
     assert m["evaluation"]["arms"] == ["ehr_on", "ehr_off", "stage_a"] and m["evaluation"]["n_studies"] == 3
+    assert m["evaluation"]["max_new_tokens"] == 8 and m["status"] == "complete"
+    assert {c["n"] for c in m["evaluation"]["coverage"].values()} == {3}
+    assert "p (Holm)" in (out / "report.md").read_text() and "BLEU-4 (13a)" in (out / "report.md").read_text()
     assert set(m["models"]) == {"model", "stage_A_end"}
     for model in m["models"].values():
         assert set(model["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
         assert all(arm["n"] == 3 for arm in model["arms"].values())
         assert set(model["arms"]["ehr_on"]) >= {"validity", "text", "chexpert", "icd", "ci"}
+        assert {arm["max_new_tokens"] for arm in model["arms"].values()} == {8}
+        assert set(model["arms"]["stage_a"]["text"]) >= {"bleu_1_13a", "bleu_4_13a", "rouge_l", "bleu_4"}
         ab = model["ab"]["ehr_on-ehr_off"]
         for key in ("icd/micro_f1", "icd/macro_f1", "chexpert/u_pos/macro_f1", "chexpert/u_neg/macro_f1_5",
-                    "text/bleu_4", "text/rouge_l", "validity/report"):
-            assert set(ab[key]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
-            assert 0.0 < ab[key]["p_value"] <= 1.0
+                    "text/bleu_4", "text/bleu_4_13a", "text/rouge_l", "validity/report"):
+            assert set(ab[key]) - {"undefined"} == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm",
+                                                    "n"}
+            # a sample of 3 studies may hold no positive of a label set: then the comparison is marked undefined
+            assert ab[key].get("undefined") or 0.0 < ab[key]["p_value"] <= ab[key]["p_holm"] <= 1.0
     assert m["baseline"]["fit_on"] == "training data"
     assert "model-stage_A_end/ehr_on" in m["comparisons"] and "model-baseline/ehr_on" in m["comparisons"]
     assert {"chexpert_u_pos_macro_f1", "baseline_u_pos_macro_f1_5", "icd_micro_f1_p_value"} <= set(m["headline"])
@@ -348,3 +355,85 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     assert {r["model"] for r in rows} == {"model"}
     assert json.loads((out2 / "metrics.json").read_text())["evaluation"]["studies_sha256"] == \
         m["evaluation"]["studies_sha256"]
+
+
+@pytest.mark.slow
+def test_one_generation_budget_for_every_arm(trained, synth_dir):
+    """Without --max-new-tokens every arm gets max_seq_len minus the longest prompt of *any* arm (the EHR-on one),
+    not its own: the image-only and EHR-off arms would otherwise get more room than EHR-on."""
+    from datasets_io.tokens import encode_prompt
+    from training.evaluation import (EvalOptions, arms_for, load_checkpoint_model, load_studies,
+                                     shared_max_new_tokens)
+
+    model = load_checkpoint_model("model", str(trained / "checkpoints" / "final"), "cpu")
+    studies = load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir))
+    arms = arms_for("both", studies)
+    b = model.bundle
+    length = {arm: max(len(encode_prompt(b.tokenizer, s.prompt(arm), b.image_token_id, b.num_image_tokens))
+                       for s in studies) for arm in arms}
+    budget, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out=""))
+    assert length["ehr_on"] > length["ehr_off"] > length["stage_a"]
+    assert budget == model.max_seq_len - length["ehr_on"] and str(length["ehr_on"]) in source
+    fixed, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out="",
+                                                                              max_new_tokens=11))
+    assert fixed == 11 and source == "--max-new-tokens"
+
+
+@pytest.mark.slow
+def test_limit_3_with_an_undefined_icd_difference_completes(trained, synth_dir, tmp_path):
+    """No ICD flag in any reference (and none in 8-token outputs): the ICD difference is undefined; the run still
+    writes metrics.json (marked undefined), report.md and plots; the image-only arm covers the studies without
+    a Stage B row."""
+    from launcher.cli import main
+
+    data = variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True, drop_stage_b=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(data),
+                 "--data-root", str(synth_dir), "--limit", "3", "--seed", "2", "--batch-size", "3",
+                 "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress", "--no-stage-a-end", "--no-mlflow",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["evaluation"]["n_studies"] == 3
+    coverage = m["evaluation"]["coverage"]
+    assert coverage["stage_a"]["n"] == 3 and coverage["ehr_on"]["n"] == coverage["ehr_off"]["n"]
+    icd = m["models"]["model"]["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]
+    assert icd["undefined"] and icd["diff"] is None and icd["p_value"] is None and icd["p_holm"] is None
+    assert "| icd/micro_f1 |" in (out / "report.md").read_text() and "undefined" in (out / "report.md").read_text()
+
+
+def image_only_run(synth_dir: Path, tmp_path_factory) -> Path:
+    """A second tiny model trained image-only (curriculum.stage_split=1.0) for the same 6 steps."""
+    from launcher.config import load_config
+    from launcher.local import run_local
+
+    out = tmp_path_factory.getbasetemp() / "tiny_image_only_run"
+    if not (out / "run_summary.json").is_file():
+        cfg = load_config(REPO / "configs" / "tiny.yaml",
+                          tiny_overrides(synth_dir, out, **{"curriculum.stage_split": "1.0"}))
+        run_local(cfg, device="cpu", show_progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_baseline_checkpoint_compares_two_trained_models(trained, synth_dir, tmp_path_factory, tmp_path):
+    from launcher.cli import main
+
+    baseline = image_only_run(synth_dir, tmp_path_factory) / "checkpoints" / "final"
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--baseline-checkpoint",
+                 str(baseline), "--data", str(synth_dir / "curriculum_val.jsonl"), "--data-root", str(synth_dir),
+                 "--limit", "3", "--batch-size", "3", "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress",
+                 "--no-stage-a-end", "--no-mlflow", "--save-predictions", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["evaluation"]["models"] == {"model": str(trained / "checkpoints" / "final"),
+                                         "trained_baseline": str(baseline)}
+    assert set(m["models"]["trained_baseline"]["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
+    for arm in ("ehr_on", "ehr_off", "stage_a"):
+        comp = m["comparisons"][f"model-trained_baseline/{arm}"]
+        assert comp["text/rouge_l"]["n"] == 3 and "p_holm" in comp["text/rouge_l"]
+        assert ("icd/micro_f1" in comp) == (arm != "stage_a")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    ids = {model: [r["study_id"] for r in rows if r["model"] == model and r["arm"] == "ehr_on"]
+           for model in ("model", "trained_baseline")}
+    assert len(ids["model"]) == 3 and ids["model"] == ids["trained_baseline"]  # same studies, same order
+    assert "## Comparison model-trained_baseline/ehr_on" in (out / "report.md").read_text()
