@@ -502,3 +502,121 @@ def test_bootstrap_interval_ignores_resamples_where_the_metric_is_undefined():
     assert math.isfinite(ci.low) and math.isfinite(ci.high) and 0.0 < ci.low <= ci.high <= 1.0
     nowhere = stats.bootstrap_ci(lambda idx: math.nan, 10, n_resamples=20, seed=1)
     assert math.isnan(nowhere.low) and math.isnan(nowhere.high)
+
+
+# --------------------------------------------------------------------------------------------- clinical metrics
+# Tiny random-weight checkpoints of the real architectures, built here: the numbers mean nothing; loading, the file
+# formats, the label mapping and the aggregation are what is tested.
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "lungs", "are", "clear", "no", "acute", "process",
+              "edema", "effusion", ".", ",", "heart", "size", "normal", "mild", "pleural", "small", "right", "left"]
+
+
+def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A BERT directory as a hub download has it (config.json, model.safetensors, vocab.txt, tokenizer files)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=512).save_pretrained(str(path))
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(str(path))
+    return path
+
+
+def tiny_chexbert_dir(path: Path, forced_classes: list[int] | None = None) -> Path:
+    """chexbert.pth in the original's format ({"model_state_dict": {"module.bert.*", "module.linear_heads.i.*"}}) next
+    to bert-base-uncased-style config and vocab. With `forced_classes` every head's weights are 0 and its bias one-hot,
+    so the labeler outputs exactly those classes for any text."""
+    import torch
+    from transformers import BertModel
+
+    tiny_bert_dir(path)
+    bert = BertModel.from_pretrained(str(path))
+    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    for i in range(14):
+        n_classes = 4 if i < 13 else 2
+        weight, bias = torch.randn(n_classes, 32, generator=gen), torch.randn(n_classes, generator=gen)
+        if forced_classes is not None:
+            weight, bias = torch.zeros(n_classes, 32), torch.nn.functional.one_hot(
+                torch.tensor(forced_classes[i]), n_classes).float() * 10
+        state[f"module.linear_heads.{i}.weight"], state[f"module.linear_heads.{i}.bias"] = weight, bias
+    torch.save({"model_state_dict": state}, path / "chexbert.pth")
+    (path / "model.safetensors").unlink()  # the labeler's weights live in chexbert.pth only, as in the real download
+    return path
+
+
+def test_chexbert_class_mapping_known_answer():
+    from training.metrics.clinical import CHEXBERT_HEADS, chexbert_dict
+
+    classes = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]  # blank, positive, negative, uncertain, ...; No Finding: pos
+    d = chexbert_dict(classes)
+    assert d == {"Cardiomegaly": "Positive", "Lung Opacity": "Negative", "Lung Lesion": "Uncertain",
+                 "Consolidation": "Positive", "Pneumonia": "Negative", "Atelectasis": "Uncertain",
+                 "Pleural Effusion": "Positive", "Pleural Other": "Negative", "Fracture": "Uncertain",
+                 "No Finding": "Positive"}
+    assert set(CHEXBERT_HEADS) == set(CHEXPERT_LABELS)  # every head maps onto the project's 14 labels
+    with pytest.raises(ValueError, match="14 outputs"):
+        chexbert_dict([1, 2])
+
+
+def test_chexbert_f1_aggregation_known_answer():
+    from training.metrics.clinical import chexbert_stats
+
+    preds = [{"Edema": "Positive"}, {"Edema": "Uncertain"}, {"Cardiomegaly": "Positive"}]
+    refs = [{"Edema": "Positive"}, {"Edema": "Positive"}, {"Cardiomegaly": "Negative"}]
+    s = {k: v.value for k, v in chexbert_stats(preds, refs).items()}
+    # U+: Edema TP 2; Cardiomegaly FP 1 -> micro 2*2/(4+1) = 0.8; macro over defined labels (Edema 1, Cardio 0) = 0.5
+    assert s["chexbert/u_pos/micro_f1"] == pytest.approx(0.8) and s["chexbert/u_pos/macro_f1"] == pytest.approx(0.5)
+    # U-: Edema TP 1 FN 1, Cardiomegaly FP 1 -> micro 2/(2+1+1) = 0.5; macro (2/3 + 0) / 2
+    assert s["chexbert/u_neg/micro_f1"] == pytest.approx(0.5)
+    assert s["chexbert/u_neg/macro_f1_5"] == pytest.approx(1 / 3)
+
+
+def test_chexbert_labeler_loads_a_local_checkpoint_end_to_end(tmp_path):
+    from training.metrics.clinical import CheXbertLabeler, ClinicalScorers, chexbert_dict
+
+    forced = [1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0]
+    labeler = CheXbertLabeler(tiny_chexbert_dir(tmp_path / "forced", forced))
+    texts = ["The lungs are clear.", "", "mild edema " * 400]  # empty text and one past 512 tokens
+    assert labeler.label(texts) == [chexbert_dict(forced)] * 3
+
+    random_dir = tiny_chexbert_dir(tmp_path / "random")
+    scorers = ClinicalScorers.load(str(random_dir), None, None)
+    assert len(scorers.skipped) == 2 and "RadGraph" in scorers.skipped[0] and "BERTScore" in scorers.skipped[1]
+    stats_ = scorers.stats(PREDICTIONS, REFERENCES)
+    assert set(stats_) == {f"clinical/chexbert/{c}/{a}_f1{s}" for c in ("u_pos", "u_neg") for a in ("micro", "macro")
+                           for s in ("", "_5")}
+    same = scorers.stats(REFERENCES, REFERENCES)  # a labeler agrees with itself: every defined F1 is 1
+    assert all(math.isnan(v.value) or v.value == 1.0 for v in same.values())
+    assert len(stats_["clinical/chexbert/u_neg/micro_f1"]) == len(PREDICTIONS)  # per study, for the bootstrap
+
+    (random_dir / "chexbert.pth").write_bytes(b"")
+    with pytest.raises(Exception):
+        CheXbertLabeler(random_dir)
+    import torch
+
+    torch.save({"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}}, random_dir / "chexbert.pth")
+    with pytest.raises(ValueError, match="not a CheXbert checkpoint"):
+        CheXbertLabeler(random_dir)
+    with pytest.raises(FileNotFoundError, match="chexbert.pth"):
+        CheXbertLabeler(tmp_path)
+
+
+def test_bertscore_from_a_local_model_directory_matches_bert_score(tmp_path):
+    from bert_score import BERTScorer
+
+    from training.metrics.clinical import bertscore_f1_per_sample, bertscore_layer
+
+    d = tiny_bert_dir(tmp_path / "tiny-bert")
+    assert bertscore_layer(d) == 2  # not in bert-score's table: the model's last layer
+    preds, refs = ["The lungs are clear.", "mild edema", "", "no effusion"], ["lungs clear", "mild edema .", "x", ""]
+    f1 = bertscore_f1_per_sample(preds, refs, d)
+    assert f1[2] == 0.0 and f1[3] == 0.0  # an empty side scores 0, as bert-score documents
+    _, _, expected = BERTScorer(model_type=str(d), num_layers=2).score(preds[:2], refs[:2])
+    np.testing.assert_allclose(f1[:2], expected.double().numpy(), rtol=0, atol=1e-6)
+    assert bertscore_f1_per_sample(["mild edema"], ["mild edema"], d)[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="--bertscore-model"):
+        bertscore_f1_per_sample(preds, refs, tmp_path)

@@ -56,6 +56,7 @@ from datasets_io.tokens import encode_prompt
 from launcher.errors import LauncherError
 from training.generate import DEFAULT_MAX_NEW_TOKENS, generate_reports, max_new_tokens_for, parse_report
 from training.metrics import scores
+from training.metrics.clinical import ClinicalScorers
 from training.metrics.stats import SummedStats, bootstrap_ci, compare_arms, holm_adjust
 
 ARM_DESCRIPTIONS = {
@@ -230,7 +231,7 @@ class ArmStats:
         return {name: SummedStats(s.per_sample[rows], s.finalize) for name, s in self.stats.items()}
 
 
-def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
+def arm_metric_stats(out: ArmOutput, refs: References, clinical: ClinicalScorers | None = None) -> dict[str, Any]:
     """Metric name -> stats.SummedStats (per-study sufficient statistics): the metrics that get intervals and tests.
     `text/bleu_n_13a` and `text/rouge_l` are the comparable figures; `text/bleu_n` the project's own tokenization."""
     preds_imp, preds_chx = out.impressions, out.chexpert
@@ -253,6 +254,8 @@ def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
         for avg in ("micro", "macro"):
             m[f"icd/{avg}_f1"] = scores.icd_f1_metric(preds_icd, refs.icd, flags=flags, average=avg)
         m["validity/icd"] = scores.mean_metric([p is not None for p in preds_icd])
+    if clinical is not None and clinical.active:
+        m.update(clinical.stats(preds_imp, refs.impressions))
     return m
 
 
@@ -264,10 +267,11 @@ def _icd_problem(p: ParsedTarget) -> bool:
     return p.icd is None or any("ICD" in x or x == "empty text" for x in p.problems)
 
 
-def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int) -> tuple[dict, dict[str, Any]]:
+def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int,
+              clinical: ClinicalScorers | None = None) -> tuple[dict, dict[str, Any]]:
     """(the arm's metrics section for metrics.json, its SummedStats for paired tests). `refs` are the references of
     the arm's studies, in the arm's order."""
-    stats = arm_metric_stats(out, refs)
+    stats = arm_metric_stats(out, refs, clinical)
     preds_imp, preds_chx = out.impressions, out.chexpert
     section: dict[str, Any] = {
         "n": len(out.texts),
@@ -278,6 +282,9 @@ def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int) 
         "chexpert": scores.chexpert_scores(preds_chx, refs.chexpert),
         "problems": _problem_counts(out.parsed),
     }
+    clinical_values = {k.split("/", 1)[1]: v.value for k, v in stats.items() if k.startswith("clinical/")}
+    if clinical_values:
+        section["clinical"] = clinical_values
     if "validity/icd" in stats:
         section["icd"] = scores.icd_scores(out.icd, refs.icd, flags=scores.icd_flag_set(refs.icd))
     section["ci"] = {name: _interval_dict(bootstrap_ci(s, n_resamples=n_resamples, seed=seed))
@@ -331,7 +338,7 @@ def compare_stats(a: ArmStats, b: ArmStats, *, n_resamples: int, seed: int,
 
 
 def _text_or_chexpert(name: str) -> bool:
-    return name.startswith(("text/", "chexpert/", "validity/report", "validity/chexpert"))
+    return name.startswith(("text/", "chexpert/", "clinical/", "validity/report", "validity/chexpert"))
 
 
 # --------------------------------------------------------------------------------------------- baseline
@@ -381,6 +388,9 @@ class EvalOptions:
     n_resamples: int = 1000
     device: str = "auto"
     compare_stage_a_end: bool = True
+    chexbert: str | None = None  # local CheXbert directory (training/metrics/clinical.py lists the files)
+    radgraph: str | None = None  # local RadGraph directory (holding radgraph/)
+    bertscore_model: str | None = None  # local transformers model directory for BERTScore
     tracking_uri: str | None = None
     mlflow: bool = True
     progress: bool = True
@@ -447,13 +457,15 @@ def generate_arms(model: LoadedModel, studies: Sequence[Study], arms: Sequence[s
     return outputs
 
 
-def score_arms(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions) -> tuple[dict, dict]:
+def score_arms(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
+               clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
     """Each arm scored on the studies it covers: ({"arms": {arm: section}}, {arm: ArmStats})."""
     section: dict[str, Any] = {"arms": {}}
     stats: dict[str, ArmStats] = {}
     for arm, out in outputs.items():
         refs = References.of([studies[i] for i in out.indices])
-        section["arms"][arm], arm_stats = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed)
+        section["arms"][arm], arm_stats = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed,
+                                                    clinical=clinical)
         stats[arm] = ArmStats(list(out.indices), arm_stats)
     return section, stats
 
@@ -470,9 +482,10 @@ def compare_model_arms(stats: dict[str, ArmStats], opts: EvalOptions) -> dict[st
     return ab
 
 
-def score_model(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions) -> tuple[dict, dict]:
+def score_model(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
+                clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
     """score_arms, then compare_model_arms into section["ab"]."""
-    section, stats = score_arms(outputs, studies, opts)
+    section, stats = score_arms(outputs, studies, opts, clinical)
     section["ab"] = compare_model_arms(stats, opts)
     return section, stats
 
@@ -504,6 +517,9 @@ def run_evaluation(opts: EvalOptions) -> dict:
     spec = models[0].bundle.image_spec
     images = [preprocess_image(read_bytes(join(opts.data_root, s.image)), spec) for s in studies]
     max_new, max_new_source = shared_max_new_tokens(models, studies, arms, opts)
+    clinical = ClinicalScorers.load(opts.chexbert, opts.radgraph, opts.bertscore_model, device)
+    for line in clinical.skipped:
+        print(f"[eval] {line}")
 
     t_gen = time.perf_counter()
     outputs = {m.name: generate_arms(m, studies, arms, images, max_new, opts) for m in models}
@@ -523,12 +539,14 @@ def run_evaluation(opts: EvalOptions) -> dict:
             "models": {m.name: m.source for m in models},
             "n_studies": len(studies), "studies_sha256": studies_digest(studies),
             "generation_s": round(gen_s, 2),
+            "clinical": {"chexbert": opts.chexbert, "radgraph": opts.radgraph,
+                         "bertscore_model": opts.bertscore_model, "skipped": list(clinical.skipped)},
         },
         "models": {},
     }
     all_stats = {}
     for m in models:
-        result["models"][m.name], all_stats[m.name] = score_arms(outputs[m.name], studies, opts)
+        result["models"][m.name], all_stats[m.name] = score_arms(outputs[m.name], studies, opts, clinical)
         for sec in result["models"][m.name]["arms"].values():
             sec["max_new_tokens"] = max_new
     train_file = _train_file(models[0])
@@ -679,7 +697,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
 
     for model, sec in result["models"].items():
         for arm, a in sec["arms"].items():
-            for group in ("validity", "text", "chexpert", "icd"):
+            for group in ("validity", "text", "chexpert", "icd", "clinical"):
                 for k, v in a.get(group, {}).items():
                     if "/support/" not in k and not k.startswith("support/") and k != "n":
                         put(f"{model}/{arm}/{group}/{k}", v)
@@ -903,6 +921,7 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
                        "project BLEU-1", "project BLEU-4"],
                       [[f"{n} / {arm}", *[_ci(a, f"text/bleu_{k}_13a") for k in (1, 2, 3, 4)], _ci(a, "text/rouge_l"),
                         _ci(a, "text/bleu_1"), _ci(a, "text/bleu_4")] for n, arm, a in model_arms])]
+    lines += _clinical_section(e, model_arms)
     if any("icd" in a for _, _, a in model_arms):
         lines += ["", "## ICD flags", "",
                   *_table(["model / arm", "micro-F1", "macro-F1"],
@@ -948,6 +967,28 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
     lines += ["", f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
               "(plus any other flag named in the references).", ""]
     return "\n".join(lines)
+
+
+CLINICAL_COLUMNS = (("CheXbert micro-F1 14 (U-)", "clinical/chexbert/u_neg/micro_f1"),
+                    ("CheXbert macro-F1 14 (U-)", "clinical/chexbert/u_neg/macro_f1"),
+                    ("CheXbert micro-F1 5 (U-)", "clinical/chexbert/u_neg/micro_f1_5"),
+                    ("CheXbert macro-F1 5 (U-)", "clinical/chexbert/u_neg/macro_f1_5"),
+                    ("CheXbert micro-F1 14 (U+)", "clinical/chexbert/u_pos/micro_f1"),
+                    ("RadGraph F1 (partial)", "clinical/radgraph_f1"),
+                    ("BERTScore F1", "clinical/bertscore_f1"))
+
+
+def _clinical_section(e: dict, model_arms: list[tuple[str, str, dict]]) -> list[str]:
+    """The labeler / RadGraph / BERTScore table on the Impression text, and a line per metric skipped."""
+    cols = [(title, key) for title, key in CLINICAL_COLUMNS if any(key in a["ci"] for _, _, a in model_arms)]
+    lines = ["", "## Clinical metrics (Impression text)", ""]
+    if cols:
+        lines += ["CheXbert labeler run on the generated and the reference Impression (U- = Uncertain as negative, "
+                  "as published tables report); weights from local directories (training/metrics/clinical.py).", "",
+                  *_table(["model / arm", *[t for t, _ in cols]],
+                          [[f"{n} / {arm}", *[_ci(a, k) for _, k in cols]] for n, arm, a in model_arms]), ""]
+    lines += [f"- {line}" for line in e["clinical"]["skipped"]]
+    return lines
 
 
 def summary_lines(result: dict) -> list[str]:

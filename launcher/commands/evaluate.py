@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples and permutations per metric (default: %(default)s)")
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
     e.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    for flag, what in (("--chexbert", "CheXbert labeler (chexbert.pth + bert-base-uncased config/vocab)"),
+                       ("--radgraph", "RadGraph (DIR/radgraph/: the extracted radgraph.tar.gz)"),
+                       ("--bertscore-model", "BERTScore model (a transformers model directory)")):
+        e.add_argument(flag, default=None, metavar="DIR",
+                       help=f"local weights of the {what}; without it the metric is skipped (README: Evaluation)")
     e.add_argument("--no-stage-a-end", action="store_true",
                    help="do not evaluate the sibling stage_A_end/ checkpoint beside the model")
     e.add_argument("--no-mlflow", action="store_true", help="write the files only; log no MLflow run")
@@ -107,7 +112,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, save_predictions=args.save_predictions,
         seed=args.seed, n_resamples=args.bootstrap, device=args.device,
         compare_stage_a_end=not args.no_stage_a_end, tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow,
-        progress=not args.no_progress,
+        progress=not args.no_progress, chexbert=args.chexbert, radgraph=args.radgraph,
+        bertscore_model=args.bertscore_model,
     )
     result = run_evaluation(opts)
     print("\n".join(summary_lines(result)))
