@@ -383,22 +383,32 @@ def test_one_generation_budget_for_every_arm(trained, synth_dir):
 def test_limit_3_with_an_undefined_icd_difference_completes(trained, synth_dir, tmp_path):
     """No ICD flag in any reference (and none in 8-token outputs): the ICD difference is undefined; the run still
     writes metrics.json (marked undefined), report.md and plots; the image-only arm covers the studies without
-    a Stage B row."""
+    a Stage B row. The clinical metrics run offline from local tiny CheXbert / BERTScore directories; RadGraph,
+    not given, is skipped with its one line."""
     from launcher.cli import main
+    from test_metrics import tiny_bert_dir, tiny_chexbert_dir
 
     data = variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True, drop_stage_b=2)
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(data),
                  "--data-root", str(synth_dir), "--limit", "3", "--seed", "2", "--batch-size", "3",
                  "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress", "--no-stage-a-end", "--no-mlflow",
-                 "--out", str(out)]) == 0
+                 "--chexbert", str(tiny_chexbert_dir(tmp_path / "chexbert")),
+                 "--bertscore-model", str(tiny_bert_dir(tmp_path / "bertscore")), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and m["evaluation"]["n_studies"] == 3
     coverage = m["evaluation"]["coverage"]
     assert coverage["stage_a"]["n"] == 3 and coverage["ehr_on"]["n"] == coverage["ehr_off"]["n"]
     icd = m["models"]["model"]["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]
     assert icd["undefined"] and icd["diff"] is None and icd["p_value"] is None and icd["p_holm"] is None
-    assert "| icd/micro_f1 |" in (out / "report.md").read_text() and "undefined" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| icd/micro_f1 |" in report and "undefined" in report
+    for arm in m["models"]["model"]["arms"].values():
+        assert {"chexbert/u_neg/micro_f1_5", "chexbert/u_pos/macro_f1", "bertscore_f1"} <= set(arm["clinical"])
+        assert "clinical/bertscore_f1" in arm["ci"]
+    assert "clinical/bertscore_f1" in m["models"]["model"]["ab"]["ehr_on-stage_a"]
+    assert [line.split(" skipped")[0] for line in m["evaluation"]["clinical"]["skipped"]] == ["RadGraph F1"]
+    assert "## Clinical metrics" in report and "RadGraph F1 skipped" in report and "BERTScore F1 |" in report
 
 
 def image_only_run(synth_dir: Path, tmp_path_factory) -> Path:

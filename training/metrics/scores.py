@@ -61,7 +61,7 @@ _POSITIVE_VALUES: dict[str, frozenset[str]] = {
     "u_neg": frozenset({"Positive"}),
 }
 
-METRIC_NAMES: tuple[str, ...] = ("report_text", "chexpert", "icd")
+METRIC_NAMES: tuple[str, ...] = ("report_text", "chexpert", "icd", "clinical_text")
 _METRICS_DIR = Path(__file__).resolve().parent
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
