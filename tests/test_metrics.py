@@ -629,3 +629,20 @@ def test_bertscore_from_a_local_model_directory_matches_bert_score(tmp_path):
     assert bertscore_f1_per_sample(["mild edema"], ["mild edema"], d)[0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(FileNotFoundError, match="--bertscore-model"):
         bertscore_f1_per_sample(preds, refs, tmp_path)
+
+
+def test_radgraph_is_refused_up_front_with_the_reason(tmp_path):
+    """RadGraph F1 cannot run beside transformers 5 (radgraph's vendored allennlp needs tokenizer.encode_plus): a
+    --radgraph directory is refused before any generation, naming what is missing or why it cannot run."""
+    from training.metrics.clinical import ClinicalScorers, radgraph_unavailable
+
+    with pytest.raises(FileNotFoundError, match=r"--radgraph .*no .*radgraph"):
+        ClinicalScorers.load(None, str(tmp_path), None)
+    (tmp_path / "radgraph").mkdir()
+    (tmp_path / "radgraph" / "config.json").write_text("{}")
+    why = radgraph_unavailable()
+    assert why  # this stack: radgraph not installed, or transformers >= 5
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        ClinicalScorers.load(None, str(tmp_path), None)
+    with pytest.raises(FileNotFoundError, match="--bertscore-model"):
+        ClinicalScorers.load(None, None, str(tmp_path))

@@ -517,7 +517,10 @@ def run_evaluation(opts: EvalOptions) -> dict:
     spec = models[0].bundle.image_spec
     images = [preprocess_image(read_bytes(join(opts.data_root, s.image)), spec) for s in studies]
     max_new, max_new_source = shared_max_new_tokens(models, studies, arms, opts)
-    clinical = ClinicalScorers.load(opts.chexbert, opts.radgraph, opts.bertscore_model, device)
+    try:
+        clinical = ClinicalScorers.load(opts.chexbert, opts.radgraph, opts.bertscore_model, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LauncherError(str(e)) from None
     for line in clinical.skipped:
         print(f"[eval] {line}")
 

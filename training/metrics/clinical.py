@@ -18,6 +18,11 @@ and BERTScore. Weights come only from local directories, never from a hub at run
   `DIR/<model_type>/` is missing or empty, which this module refuses first). Directory: `DIR/radgraph/` holding the
   extracted radgraph.tar.gz (hf.co/StanfordAIMI/RRG_scorers: config.json, vocabulary/, weights.th), whose config names
   its BERT encoder; that encoder must be in the local HF cache or the config must name a local directory.
+  radgraph 0.1.18 (the latest) cannot run beside this project's transformers 5.24: its vendored allennlp calls
+  `tokenizer.encode_plus`, which transformers 5 removed (measured: AttributeError while building the embedder). So
+  it is not in the `clinical-metrics` extra, and `--radgraph` is refused with that reason (`radgraph_unavailable`)
+  rather than crashing after generation; in an environment with transformers < 5 and `pip install radgraph==0.1.18`
+  the same function runs.
 - BERTScore (`bertscore_f1_per_sample`): the bert-score package's `BERTScorer(model_type=DIR, num_layers=L)` (a
   local transformers directory loads offline), F1 without idf or baseline rescaling. bert-score 0.3.13 crashes on an
   empty sentence under transformers 5 (`build_inputs_with_special_tokens` is gone); its documented result for an empty
@@ -56,7 +61,8 @@ SKIP_HELP = {
                 "config.json, vocab.txt, tokenizer_config.json (hf.co/google-bert/bert-base-uncased) into one "
                 "directory and pass --chexbert DIR",
     "radgraph": "RadGraph F1 skipped: extract radgraph.tar.gz (hf.co/StanfordAIMI/RRG_scorers) into DIR/radgraph/ "
-                "(config.json, vocabulary/, weights.th), pip install -e '.[clinical-metrics]' and pass --radgraph DIR",
+                "(config.json, vocabulary/, weights.th) and pass --radgraph DIR in an environment where radgraph "
+                "runs (transformers < 5, pip install radgraph==0.1.18)",
     "bertscore": "BERTScore skipped: download a transformers model directory (e.g. hf.co/distilbert/distilroberta-base:"
                  " config.json, model.safetensors, tokenizer files) and pass --bertscore-model DIR",
 }
@@ -161,6 +167,11 @@ def bertscore_layer(directory: str | Path) -> int:
     return int(AutoConfig.from_pretrained(str(directory)).num_hidden_layers)
 
 
+def check_bertscore_dir(directory: str | Path) -> None:
+    if not Path(directory, "config.json").is_file():
+        raise FileNotFoundError(f"--bertscore-model {directory}: no config.json ({SKIP_HELP['bertscore']})")
+
+
 @functools.lru_cache(maxsize=2)
 def _bert_scorer(directory: str, layer: int, device: str) -> Any:
     from bert_score import BERTScorer
@@ -171,8 +182,7 @@ def _bert_scorer(directory: str, layer: int, device: str) -> Any:
 def bertscore_f1_per_sample(predictions: Sequence[str], references: Sequence[str], directory: str | Path, *,
                             layer: int | None = None, device: str = "cpu") -> np.ndarray:
     """(N,) BERTScore F1 (no idf, no rescaling); 0 where either side is empty (bert-score's own convention)."""
-    if not Path(directory, "config.json").is_file():
-        raise FileNotFoundError(f"--bertscore-model {directory}: no config.json ({SKIP_HELP['bertscore']})")
+    check_bertscore_dir(directory)
     out = np.zeros(len(predictions), dtype=np.float64)
     keep = [i for i, (p, r) in enumerate(zip(predictions, references, strict=True)) if p.strip() and r.strip()]
     if keep:
@@ -183,12 +193,32 @@ def bertscore_f1_per_sample(predictions: Sequence[str], references: Sequence[str
 
 
 # --------------------------------------------------------------------------------------------- RadGraph
-def radgraph_f1_per_sample(predictions: Sequence[str], references: Sequence[str], directory: str | Path, *,
-                           device: str = "cpu") -> np.ndarray:
-    """(N,) RadGraph partial-reward F1 per sample (radgraph's F1RadGraph, reward_level="partial")."""
+def radgraph_unavailable() -> str | None:
+    """Why RadGraph F1 cannot run in this environment (None when it can)."""
+    from transformers import PreTrainedTokenizerBase
+
+    try:
+        import radgraph  # noqa: F401
+    except ImportError:
+        return "the radgraph package is not installed (pip install radgraph==0.1.18, with transformers < 5)"
+    if not hasattr(PreTrainedTokenizerBase, "encode_plus"):
+        return ("radgraph's vendored allennlp calls tokenizer.encode_plus, which this transformers "
+                "(>= 5) no longer has: compute RadGraph F1 in an environment with transformers < 5")
+    return None
+
+
+def check_radgraph_dir(directory: str | Path) -> None:
     model_dir = Path(directory) / RADGRAPH_MODEL_TYPE
     if not model_dir.is_dir() or not any(model_dir.iterdir()):  # radgraph would download into it otherwise
         raise FileNotFoundError(f"--radgraph {directory}: no {model_dir} ({SKIP_HELP['radgraph']})")
+    if why := radgraph_unavailable():
+        raise RuntimeError(f"--radgraph {directory}: RadGraph F1 cannot run here: {why}")
+
+
+def radgraph_f1_per_sample(predictions: Sequence[str], references: Sequence[str], directory: str | Path, *,
+                           device: str = "cpu") -> np.ndarray:
+    """(N,) RadGraph partial-reward F1 per sample (radgraph's F1RadGraph, reward_level="partial")."""
+    check_radgraph_dir(directory)
     from radgraph import F1RadGraph
 
     f1 = F1RadGraph(reward_level="partial", model_type=RADGRAPH_MODEL_TYPE, model_cache_dir=str(directory),
@@ -211,8 +241,13 @@ class ClinicalScorers:
     @classmethod
     def load(cls, chexbert: str | None, radgraph: str | None, bertscore_model: str | None,
              device: str = "cpu") -> ClinicalScorers:
+        """Checks every directory given up front, before any generation (a bad one is an error, not a late crash)."""
         skipped = [SKIP_HELP[name] for name, d in (("chexbert", chexbert), ("radgraph", radgraph),
                                                    ("bertscore", bertscore_model)) if not d]
+        if radgraph:
+            check_radgraph_dir(radgraph)
+        if bertscore_model:
+            check_bertscore_dir(bertscore_model)
         labeler = CheXbertLabeler(chexbert, device) if chexbert else None
         return cls(labeler, radgraph, bertscore_model, device, tuple(skipped))
 
