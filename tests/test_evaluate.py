@@ -205,13 +205,14 @@ def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path
                               indices=arm_indices(arm, studies)) for arm in arms}
     section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     assert section["arms"]["stage_a"]["n"] == 7 and section["arms"]["ehr_on"]["n"] == 5
-    assert section["arms"]["stage_a"]["chexpert"]["u_pos/micro_f1"] == 1.0  # its 2 extra studies score on their A target
+    # its 2 extra studies score against their Stage A target
+    assert section["arms"]["stage_a"]["chexpert"]["u_pos/micro_f1"] == 1.0
     assert section["ab"]["ehr_on-stage_a"]["text/rouge_l"]["n"] == 5  # paired on the studies both arms cover
     assert section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]["n"] == 5
 
 
 def test_undefined_comparison_is_written_as_undefined(synth_dir, tmp_path):
-    from training.evaluation import ArmOutput, EvalOptions, _json_safe, load_studies, render_report, score_model
+    from training.evaluation import ArmOutput, EvalOptions, _json_safe, load_studies, score_model
 
     studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True)), str(synth_dir))
     outputs = {arm: ArmOutput(arm, [s.target for s in studies]) for arm in ("ehr_on", "ehr_off")}

@@ -333,7 +333,8 @@ def test_evaluate_modules_load_offline_from_their_path(tmp_path):
     payload = json.dumps([PREDICTIONS, REFERENCES, reports, targets])
     bert = tiny_bert_dir(tmp_path / "tiny-bert")
     proc = subprocess.run(
-        [sys.executable, "-c", _EVALUATE_SCRIPT, str(bert)], input=payload, env=env, cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", _EVALUATE_SCRIPT, str(bert)], input=payload, env=env, cwd=tmp_path,
+        capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -607,7 +608,8 @@ def test_chexbert_labeler_loads_a_local_checkpoint_end_to_end(tmp_path):
         CheXbertLabeler(random_dir)
     import torch
 
-    torch.save({"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}}, random_dir / "chexbert.pth")
+    torch.save({"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}},
+               random_dir / "chexbert.pth")
     with pytest.raises(ValueError, match="not a CheXbert checkpoint"):
         CheXbertLabeler(random_dir)
     with pytest.raises(FileNotFoundError, match="chexbert.pth"):

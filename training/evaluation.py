@@ -8,11 +8,11 @@
 What is generated (greedy, batched, left padded; training/generate.py), for every study of the file (with --limit N,
 a seeded random sample of N studies):
 
-    arm       prompt                                               covers                       scored
-    ehr_on    the Stage B prompt (Patient Data block filled)       studies with a Stage B row   Impression, CheXpert, ICD
-    ehr_off   the same prompt with the block emptied               studies with a Stage B row   Impression, CheXpert, ICD
+    arm       prompt                                          covers                       scored
+    ehr_on    the Stage B prompt (Patient Data block filled)  studies with a Stage B row   Impression, CheXpert, ICD
+    ehr_off   the same prompt with the block emptied          studies with a Stage B row   Impression, CheXpert, ICD
               (records.with_empty_ehr: same words, same image)
-    stage_a   the Stage A prompt (image only)                      every study                  Impression, CheXpert
+    stage_a   the Stage A prompt (image only)                 every study                  Impression, CheXpert
 
 Every arm and model gets the same max_new_tokens (shared_max_new_tokens), so no arm's outputs are cut shorter than
 another's. Arms score against the study's Stage B target (its Stage A target when it has none), and comparisons are
@@ -428,8 +428,9 @@ def shared_max_new_tokens(models: Sequence[LoadedModel], studies: Sequence[Study
     """One generation budget for every arm and model, and how it was chosen.
 
     A budget per arm (its max_seq_len minus its own longest prompt) would give the EHR-off and image-only arms more
-    room than the EHR-on arm, whose ICD block comes last: long outputs would be cut in one arm only. So: --max-new-tokens,
-    else the smallest room any model has after the longest prompt of any arm (what training allowed for the longest)."""
+    room than the EHR-on arm, whose ICD block comes last: long outputs would be cut in one arm only. So:
+    --max-new-tokens, else the smallest room any model has after the longest prompt of any arm (what training allowed
+    for the longest)."""
     if opts.max_new_tokens:
         return opts.max_new_tokens, "--max-new-tokens"
     prompts = {s.prompt(arm) for arm in arms for s in studies if s.covered_by(arm)}

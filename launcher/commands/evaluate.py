@@ -2,7 +2,8 @@
 
     launcher evaluate --checkpoint runs/tiny/checkpoints/final --data data/synth/curriculum_val.jsonl \\
         --data-root data/synth --ehr both --out runs/tiny/eval            (metrics.json, report.md, plots/, MLflow run)
-    launcher evaluate --checkpoint runs/tiny/checkpoints/final --baseline-checkpoint runs/image_only/checkpoints/final \\
+    launcher evaluate --checkpoint runs/tiny/checkpoints/final \\
+        --baseline-checkpoint runs/image_only/checkpoints/final \\
         --data data/synth/curriculum_val.jsonl --data-root data/synth --out runs/tiny/eval-vs-image-only
     launcher evaluate --model models:/cxr-report-generator@candidate --tracking-uri sqlite:///runs/tiny/mlflow.db \\
         --data data/synth/curriculum_val.jsonl --data-root data/synth --out runs/tiny/eval-registered

@@ -2,7 +2,7 @@
 and BERTScore. Weights come only from local directories, never from a hub at run time.
 
     pip install -e ".[clinical-metrics]"
-    launcher evaluate ... --chexbert weights/chexbert --radgraph weights/radgraph --bertscore-model weights/distilroberta-base
+    launcher evaluate ... --chexbert weights/chexbert --bertscore-model weights/distilroberta-base
 
 - CheXbert F1 (`CheXbertLabeler`): the CheXbert labeler (Smit et al. 2020) run on the generated and on the reference
   Impression; its 14 outputs become a CheXpert dict (blank -> label absent) and are scored by the project's one F1
@@ -91,7 +91,8 @@ def _chexbert_net(config: Any) -> Any:
             super().__init__()
             self.bert = BertModel(config)
             h = config.hidden_size
-            self.linear_heads = torch.nn.ModuleList([torch.nn.Linear(h, 4) for _ in range(13)] + [torch.nn.Linear(h, 2)])
+            heads = [torch.nn.Linear(h, 4) for _ in range(13)] + [torch.nn.Linear(h, 2)]
+            self.linear_heads = torch.nn.ModuleList(heads)
 
         def forward(self, ids: Any, mask: Any) -> list[Any]:
             cls = self.bert(ids, attention_mask=mask).last_hidden_state[:, 0]  # (B, H)

@@ -35,7 +35,7 @@ Returns:
 
 
 class ClinicalText(evaluate.Metric):
-    """CheXbert labeler F1 (14 / 5 labels, micro / macro, Uncertain as negative and as positive), RadGraph F1, BERTScore."""
+    """CheXbert labeler F1 (14 / 5 labels, micro / macro, Uncertain as negative / positive), RadGraph F1, BERTScore."""
 
     def _info(self) -> evaluate.MetricInfo:
         return scores.text_pair_metric_info(__doc__ or "", _CITATION, _KWARGS_DESCRIPTION)
