@@ -136,7 +136,7 @@ def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
     refs = References.of(studies)
     assert sum(any(r.values()) for r in refs.icd) >= 5, "need ICD positives for the A/B to mean something"
     opts = EvalOptions(data="", data_root="", out="", n_resamples=200)
-    section, stats = score_model(_arms_from_targets(studies, drop_icd_in_off=True), refs, opts)
+    section, stats = score_model(_arms_from_targets(studies, drop_icd_in_off=True), studies, opts)
 
     on, off, a = (section["arms"][k] for k in ("ehr_on", "ehr_off", "stage_a"))
     assert on["validity"] == {"report": 1.0, "chexpert": 1.0, "icd": 1.0}
@@ -149,19 +149,88 @@ def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
     ab = section["ab"]["ehr_on-ehr_off"]
     assert ab["icd/micro_f1"]["diff"] == 1.0 and ab["icd/micro_f1"]["p_value"] < 0.01
     assert ab["chexpert/u_pos/macro_f1"]["diff"] == 0.0 and ab["chexpert/u_pos/macro_f1"]["p_value"] == 1.0
-    assert set(ab["text/rouge_l"]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
+    assert set(ab["text/rouge_l"]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm", "n"}
+    assert ab["text/bleu_4_13a"]["a"] == pytest.approx(1.0) and ab["text/rouge_l"]["n"] == 40
+    assert ab["icd/micro_f1"]["p_holm"] >= ab["icd/micro_f1"]["p_value"]  # Holm never lowers a p-value
     assert not any(k.startswith("icd/") for k in section["ab"]["ehr_on-stage_a"])  # Stage A answers no ICD
     assert section["ab"]["ehr_on-stage_a"]["chexpert/u_pos/micro_f1"]["diff"] == 0.0
 
 
+def variant_file(synth_dir: Path, out: Path, *, no_icd: bool = False, drop_stage_b: int = 0) -> Path:
+    """The val file, rewritten: with `no_icd` every Stage B target flags no ICD code (so ICD F1 is undefined when the
+    model flags none either); the first `drop_stage_b` studies lose their Stage B row (no admission, as in MIMIC)."""
+    rows = [json.loads(line) for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()]
+    dropped = list(dict.fromkeys(r["study_id"] for r in rows))[:drop_stage_b]
+    kept = []
+    for r in rows:
+        if r["stage"] == "B" and r["study_id"] in dropped:
+            continue
+        if r["stage"] == "B" and no_icd:
+            p = parse_target(r["target"], expect_icd=True)
+            r = {**r, "target": target_b(p.impression, p.chexpert, {})}
+        kept.append(r)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return out
+
+
+def test_limit_is_a_seeded_random_sample_in_file_order(synth_dir, train_file):
+    from training.evaluation import load_studies
+
+    every = [s.study_id for s in load_studies(train_file, str(synth_dir))]
+    picks = {seed: [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=seed)]
+             for seed in (0, 1)}
+    assert picks[0] == [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=0)]
+    assert picks[0] != picks[1] and picks[0] != every[:5]  # not the file's first subjects
+    for pick in picks.values():
+        assert len(set(pick)) == 5 and pick == [sid for sid in every if sid in pick]  # kept in file order
+    assert len(load_studies(train_file, str(synth_dir), limit=10_000)) == len(every)
+
+
+def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path):
+    from training.evaluation import (ArmOutput, EvalOptions, arm_coverage, arm_indices, arms_for, load_studies,
+                                     score_model)
+
+    data = variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)
+    studies = load_studies(str(data), str(synth_dir))
+    assert len(studies) == 7 and sum(s.has_ehr for s in studies) == 5
+    arms = arms_for("both", studies)
+    assert arms == ("ehr_on", "ehr_off", "stage_a")
+    assert arm_indices("stage_a", studies) == list(range(7)) and arm_indices("ehr_on", studies) == list(range(2, 7))
+    coverage = arm_coverage(arms, studies)
+    assert coverage["stage_a"]["n"] == 7 and coverage["ehr_off"]["n"] == 5 and coverage["ehr_on"]["of"] == 7
+    assert coverage["ehr_on"]["studies_sha256"] == coverage["ehr_off"]["studies_sha256"] != \
+        coverage["stage_a"]["studies_sha256"]
+
+    outputs = {arm: ArmOutput(arm, [studies[i].target for i in arm_indices(arm, studies)],
+                              indices=arm_indices(arm, studies)) for arm in arms}
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
+    assert section["arms"]["stage_a"]["n"] == 7 and section["arms"]["ehr_on"]["n"] == 5
+    # its 2 extra studies score against their Stage A target
+    assert section["arms"]["stage_a"]["chexpert"]["u_pos/micro_f1"] == 1.0
+    assert section["ab"]["ehr_on-stage_a"]["text/rouge_l"]["n"] == 5  # paired on the studies both arms cover
+    assert section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]["n"] == 5
+
+
+def test_undefined_comparison_is_written_as_undefined(synth_dir, tmp_path):
+    from training.evaluation import ArmOutput, EvalOptions, _json_safe, load_studies, score_model
+
+    studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True)), str(synth_dir))
+    outputs = {arm: ArmOutput(arm, [s.target for s in studies]) for arm in ("ehr_on", "ehr_off")}
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
+    icd = section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]  # no ICD positive anywhere: F1 undefined on both sides
+    assert "undefined" in icd and math.isnan(icd["diff"]) and math.isnan(icd["p_value"]) and math.isnan(icd["p_holm"])
+    assert json.loads(json.dumps(_json_safe(icd)))["p_value"] is None
+    rouge = section["ab"]["ehr_on-ehr_off"]["text/rouge_l"]
+    assert "undefined" not in rouge and rouge["p_value"] == 1.0 and rouge["p_holm"] == 1.0
+
+
 def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
-    from training.evaluation import ArmOutput, EvalOptions, References, load_studies, score_model
+    from training.evaluation import ArmOutput, EvalOptions, load_studies, score_model
 
     studies = load_studies(train_file, str(synth_dir), limit=8)
     junk = ["", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
     outputs = {"ehr_on": ArmOutput("ehr_on", [t or "" for t in junk])}
-    section, _ = score_model(outputs, References.of(studies), EvalOptions(data="", data_root="", out="",
-                                                                          n_resamples=50))
+    section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     arm = section["arms"]["ehr_on"]
     assert arm["validity"] == {"report": 0.0, "chexpert": 0.0, "icd": 0.0}
     assert arm["chexpert"]["valid_rate"] == 0.0 and arm["problems"]
@@ -234,16 +303,23 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"evaluation", "models", "baseline", "comparisons", "headline", "mlflow_run_id"}
     assert m["evaluation"]["arms"] == ["ehr_on", "ehr_off", "stage_a"] and m["evaluation"]["n_studies"] == 3
+    assert m["evaluation"]["max_new_tokens"] == 8 and m["status"] == "complete"
+    assert {c["n"] for c in m["evaluation"]["coverage"].values()} == {3}
+    assert "p (Holm)" in (out / "report.md").read_text() and "BLEU-4 (13a)" in (out / "report.md").read_text()
     assert set(m["models"]) == {"model", "stage_A_end"}
     for model in m["models"].values():
         assert set(model["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
         assert all(arm["n"] == 3 for arm in model["arms"].values())
         assert set(model["arms"]["ehr_on"]) >= {"validity", "text", "chexpert", "icd", "ci"}
+        assert {arm["max_new_tokens"] for arm in model["arms"].values()} == {8}
+        assert set(model["arms"]["stage_a"]["text"]) >= {"bleu_1_13a", "bleu_4_13a", "rouge_l", "bleu_4"}
         ab = model["ab"]["ehr_on-ehr_off"]
         for key in ("icd/micro_f1", "icd/macro_f1", "chexpert/u_pos/macro_f1", "chexpert/u_neg/macro_f1_5",
-                    "text/bleu_4", "text/rouge_l", "validity/report"):
-            assert set(ab[key]) == {"a", "b", "diff", "diff_low", "diff_high", "p_value"}
-            assert 0.0 < ab[key]["p_value"] <= 1.0
+                    "text/bleu_4", "text/bleu_4_13a", "text/rouge_l", "validity/report"):
+            assert set(ab[key]) - {"undefined"} == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm",
+                                                    "n"}
+            # a sample of 3 studies may hold no positive of a label set: then the comparison is marked undefined
+            assert ab[key].get("undefined") or 0.0 < ab[key]["p_value"] <= ab[key]["p_holm"] <= 1.0
     assert m["baseline"]["fit_on"] == "training data"
     assert "model-stage_A_end/ehr_on" in m["comparisons"] and "model-baseline/ehr_on" in m["comparisons"]
     assert {"chexpert_u_pos_macro_f1", "baseline_u_pos_macro_f1_5", "icd_micro_f1_p_value"} <= set(m["headline"])
@@ -280,3 +356,95 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     assert {r["model"] for r in rows} == {"model"}
     assert json.loads((out2 / "metrics.json").read_text())["evaluation"]["studies_sha256"] == \
         m["evaluation"]["studies_sha256"]
+
+
+@pytest.mark.slow
+def test_one_generation_budget_for_every_arm(trained, synth_dir):
+    """Without --max-new-tokens every arm gets max_seq_len minus the longest prompt of *any* arm (the EHR-on one),
+    not its own: the image-only and EHR-off arms would otherwise get more room than EHR-on."""
+    from datasets_io.tokens import encode_prompt
+    from training.evaluation import (EvalOptions, arms_for, load_checkpoint_model, load_studies,
+                                     shared_max_new_tokens)
+
+    model = load_checkpoint_model("model", str(trained / "checkpoints" / "final"), "cpu")
+    studies = load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir))
+    arms = arms_for("both", studies)
+    b = model.bundle
+    length = {arm: max(len(encode_prompt(b.tokenizer, s.prompt(arm), b.image_token_id, b.num_image_tokens))
+                       for s in studies) for arm in arms}
+    budget, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out=""))
+    assert length["ehr_on"] > length["ehr_off"] > length["stage_a"]
+    assert budget == model.max_seq_len - length["ehr_on"] and str(length["ehr_on"]) in source
+    fixed, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out="",
+                                                                              max_new_tokens=11))
+    assert fixed == 11 and source == "--max-new-tokens"
+
+
+@pytest.mark.slow
+def test_limit_3_with_an_undefined_icd_difference_completes(trained, synth_dir, tmp_path):
+    """No ICD flag in any reference (and none in 8-token outputs): the ICD difference is undefined; the run still
+    writes metrics.json (marked undefined), report.md and plots; the image-only arm covers the studies without
+    a Stage B row. The clinical metrics run offline from local tiny CheXbert / BERTScore directories; RadGraph,
+    not given, is skipped with its one line."""
+    from launcher.cli import main
+    from test_metrics import tiny_bert_dir, tiny_chexbert_dir
+
+    data = variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True, drop_stage_b=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(data),
+                 "--data-root", str(synth_dir), "--limit", "3", "--seed", "2", "--batch-size", "3",
+                 "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress", "--no-stage-a-end", "--no-mlflow",
+                 "--chexbert", str(tiny_chexbert_dir(tmp_path / "chexbert")),
+                 "--bertscore-model", str(tiny_bert_dir(tmp_path / "bertscore")), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["evaluation"]["n_studies"] == 3
+    coverage = m["evaluation"]["coverage"]
+    assert coverage["stage_a"]["n"] == 3 and coverage["ehr_on"]["n"] == coverage["ehr_off"]["n"]
+    icd = m["models"]["model"]["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]
+    assert icd["undefined"] and icd["diff"] is None and icd["p_value"] is None and icd["p_holm"] is None
+    report = (out / "report.md").read_text()
+    assert "| icd/micro_f1 |" in report and "undefined" in report
+    for arm in m["models"]["model"]["arms"].values():
+        assert {"chexbert/u_neg/micro_f1_5", "chexbert/u_pos/macro_f1", "bertscore_f1"} <= set(arm["clinical"])
+        assert "clinical/bertscore_f1" in arm["ci"]
+    assert "clinical/bertscore_f1" in m["models"]["model"]["ab"]["ehr_on-stage_a"]
+    assert [line.split(" skipped")[0] for line in m["evaluation"]["clinical"]["skipped"]] == ["RadGraph F1"]
+    assert "## Clinical metrics" in report and "RadGraph F1 skipped" in report and "BERTScore F1 |" in report
+
+
+def image_only_run(synth_dir: Path, tmp_path_factory) -> Path:
+    """A second tiny model trained image-only (curriculum.stage_split=1.0) for the same 6 steps."""
+    from launcher.config import load_config
+    from launcher.local import run_local
+
+    out = tmp_path_factory.getbasetemp() / "tiny_image_only_run"
+    if not (out / "run_summary.json").is_file():
+        cfg = load_config(REPO / "configs" / "tiny.yaml",
+                          tiny_overrides(synth_dir, out, **{"curriculum.stage_split": "1.0"}))
+        run_local(cfg, device="cpu", show_progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_baseline_checkpoint_compares_two_trained_models(trained, synth_dir, tmp_path_factory, tmp_path):
+    from launcher.cli import main
+
+    baseline = image_only_run(synth_dir, tmp_path_factory) / "checkpoints" / "final"
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--baseline-checkpoint",
+                 str(baseline), "--data", str(synth_dir / "curriculum_val.jsonl"), "--data-root", str(synth_dir),
+                 "--limit", "3", "--batch-size", "3", "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress",
+                 "--no-stage-a-end", "--no-mlflow", "--save-predictions", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["evaluation"]["models"] == {"model": str(trained / "checkpoints" / "final"),
+                                         "trained_baseline": str(baseline)}
+    assert set(m["models"]["trained_baseline"]["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
+    for arm in ("ehr_on", "ehr_off", "stage_a"):
+        comp = m["comparisons"][f"model-trained_baseline/{arm}"]
+        assert comp["text/rouge_l"]["n"] == 3 and "p_holm" in comp["text/rouge_l"]
+        assert ("icd/micro_f1" in comp) == (arm != "stage_a")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    ids = {model: [r["study_id"] for r in rows if r["model"] == model and r["arm"] == "ehr_on"]
+           for model in ("model", "trained_baseline")}
+    assert len(ids["model"]) == 3 and ids["model"] == ids["trained_baseline"]  # same studies, same order
+    assert "## Comparison model-trained_baseline/ehr_on" in (out / "report.md").read_text()

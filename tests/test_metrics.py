@@ -115,6 +115,45 @@ def test_rouge_l_matches_rouge_score_per_sample():
     assert scores.rouge_l(["The Lungs, clear."], ["the lungs clear"]) == 1.0  # case and punctuation ignored
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_comparable_bleu_is_sacrebleu_with_its_defaults(order):
+    """The comparable figure is sacrebleu's default corpus BLEU (13a, case-sensitive, exp smoothing), / 100."""
+    from sacrebleu.metrics import BLEU
+
+    expected = BLEU(max_ngram_order=order).corpus_score(PREDICTIONS, [REFERENCES]).score / 100
+    assert scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)[f"bleu_{order}_13a"] == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < expected < 1.0
+    # Case-sensitive (unlike the project's own BLEU), and it differs from the project's tokenization.
+    upper = [p.upper() for p in PREDICTIONS]
+    assert scores.sacrebleu_bleu(upper, REFERENCES)["bleu_1_13a"] < scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)[
+        "bleu_1_13a"]
+    assert scores.bleu(upper, REFERENCES)["bleu_1"] == scores.bleu(PREDICTIONS, REFERENCES)["bleu_1"]
+
+
+def test_comparable_bleu_per_study_stats_recompute_sacrebleu_on_any_resample():
+    """The bootstrap's resamples (repeats included) score exactly what sacrebleu scores on that resampled corpus."""
+    from sacrebleu.metrics import BLEU
+
+    metric = scores.sacrebleu_metric(PREDICTIONS, REFERENCES, order=4)
+    rng = np.random.default_rng(3)
+    for idx in [np.arange(10), rng.integers(0, 10, 10), np.array([5, 5, 1]), np.array([6])]:
+        expected = BLEU().corpus_score([PREDICTIONS[i] for i in idx], [[REFERENCES[i] for i in idx]]).score / 100
+        assert metric(idx) == pytest.approx(expected, abs=1e-12)
+    weights = np.stack([np.bincount(rng.integers(0, 10, 10), minlength=10) for _ in range(4)])
+    assert metric.from_weights(weights).shape == (4,)
+    assert scores.sacrebleu_bleu(["", "x"], ["a b", "x"])["bleu_1_13a"] >= 0.0  # an empty output is scorable
+
+
+def test_holm_known_answer():
+    # m = 4 defined: sorted 0.01, 0.02, 0.03, 0.04 -> x4, x3, x2, x1 = 0.04, 0.06, 0.06, 0.04 -> running max
+    # 0.04, 0.06, 0.06, 0.06; the NaN (an undefined comparison) stays NaN and does not count in m.
+    adjusted = stats.holm_adjust([0.03, float("nan"), 0.01, 0.04, 0.02])
+    np.testing.assert_allclose(adjusted, [0.06, np.nan, 0.04, 0.06, 0.06], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(stats.holm_adjust([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    assert stats.holm_adjust([0.2]).tolist() == [0.2]  # one test: unchanged
+    assert np.isnan(stats.holm_adjust([float("nan")])).all() and stats.holm_adjust([]).size == 0
+
+
 # --------------------------------------------------------------------------------------------- CheXpert
 REFS_CX = [
     {"Cardiomegaly": "Positive", "Edema": "Uncertain", "No Finding": "Negative"},
@@ -301,7 +340,8 @@ def test_evaluate_modules_load_offline_from_their_path(tmp_path):
         for k in a:
             assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-12), k
 
-    text_scores = {**scores.bleu(PREDICTIONS, REFERENCES), "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES)}
+    text_scores = {**scores.bleu(PREDICTIONS, REFERENCES), **scores.sacrebleu_bleu(PREDICTIONS, REFERENCES),
+                   "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES)}
     same(out["report_text"], text_scores)
     cx_refs = [scores.chexpert_from_text(t) for t in targets]
     cx = scores.chexpert_scores([scores.chexpert_from_text(t) for t in reports], cx_refs)
@@ -310,6 +350,33 @@ def test_evaluate_modules_load_offline_from_their_path(tmp_path):
     same(out["icd"], icd)
     assert out["chexpert"]["valid_rate"] == pytest.approx(2 / 4) and out["icd"]["valid_rate"] == pytest.approx(1 / 4)
     assert "references[0]" in out["bad_reference"] and "missing CheXpert block" in out["bad_reference"]
+
+
+_CLINICAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from training.metrics.scores import load_metric
+    preds, refs = json.loads(sys.stdin.read())
+    print(json.dumps(load_metric("clinical_text").compute(predictions=preds, references=refs,
+                                                          bertscore_model=sys.argv[1])))
+    """
+)
+
+
+@pytest.mark.slow
+def test_clinical_evaluate_module_runs_offline_on_a_local_model(tmp_path):
+    """The clinical `evaluate` module calls the same code as the launcher; a metric without weights is skipped."""
+    from training.metrics.clinical import bertscore_f1_per_sample
+
+    bert = tiny_bert_dir(tmp_path / "tiny-bert")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CLINICAL_SCRIPT, str(bert)], input=json.dumps([PREDICTIONS,
+                          REFERENCES]), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = bertscore_f1_per_sample(PREDICTIONS, REFERENCES, bert).mean()
+    assert out["bertscore_f1"] == pytest.approx(expected, abs=1e-6)
+    assert [line.split(" skipped")[0] for line in out["skipped"]] == ["CheXbert F1", "RadGraph F1"]
 
 
 def test_metric_path_lists_the_shipped_modules():
@@ -462,3 +529,139 @@ def test_bootstrap_interval_ignores_resamples_where_the_metric_is_undefined():
     assert math.isfinite(ci.low) and math.isfinite(ci.high) and 0.0 < ci.low <= ci.high <= 1.0
     nowhere = stats.bootstrap_ci(lambda idx: math.nan, 10, n_resamples=20, seed=1)
     assert math.isnan(nowhere.low) and math.isnan(nowhere.high)
+
+
+# --------------------------------------------------------------------------------------------- clinical metrics
+# Tiny random-weight checkpoints of the real architectures, built here: the numbers mean nothing; loading, the file
+# formats, the label mapping and the aggregation are what is tested.
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "lungs", "are", "clear", "no", "acute", "process",
+              "edema", "effusion", ".", ",", "heart", "size", "normal", "mild", "pleural", "small", "right", "left"]
+
+
+def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A BERT directory as a hub download has it (config.json, model.safetensors, vocab.txt, tokenizer files)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=512).save_pretrained(str(path))
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(str(path))
+    return path
+
+
+def tiny_chexbert_dir(path: Path, forced_classes: list[int] | None = None) -> Path:
+    """chexbert.pth in the original's format ({"model_state_dict": {"module.bert.*", "module.linear_heads.i.*"}}) next
+    to bert-base-uncased-style config and vocab. With `forced_classes` every head's weights are 0 and its bias one-hot,
+    so the labeler outputs exactly those classes for any text."""
+    import torch
+    from transformers import BertModel
+
+    tiny_bert_dir(path)
+    bert = BertModel.from_pretrained(str(path))
+    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    for i in range(14):
+        n_classes = 4 if i < 13 else 2
+        weight, bias = torch.randn(n_classes, 32, generator=gen), torch.randn(n_classes, generator=gen)
+        if forced_classes is not None:
+            weight, bias = torch.zeros(n_classes, 32), torch.nn.functional.one_hot(
+                torch.tensor(forced_classes[i]), n_classes).float() * 10
+        state[f"module.linear_heads.{i}.weight"], state[f"module.linear_heads.{i}.bias"] = weight, bias
+    torch.save({"model_state_dict": state}, path / "chexbert.pth")
+    (path / "model.safetensors").unlink()  # the labeler's weights live in chexbert.pth only, as in the real download
+    return path
+
+
+def test_chexbert_class_mapping_known_answer():
+    from training.metrics.clinical import CHEXBERT_HEADS, chexbert_dict
+
+    classes = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]  # blank, positive, negative, uncertain, ...; No Finding: pos
+    d = chexbert_dict(classes)
+    assert d == {"Cardiomegaly": "Positive", "Lung Opacity": "Negative", "Lung Lesion": "Uncertain",
+                 "Consolidation": "Positive", "Pneumonia": "Negative", "Atelectasis": "Uncertain",
+                 "Pleural Effusion": "Positive", "Pleural Other": "Negative", "Fracture": "Uncertain",
+                 "No Finding": "Positive"}
+    assert set(CHEXBERT_HEADS) == set(CHEXPERT_LABELS)  # every head maps onto the project's 14 labels
+    with pytest.raises(ValueError, match="14 outputs"):
+        chexbert_dict([1, 2])
+
+
+def test_chexbert_f1_aggregation_known_answer():
+    from training.metrics.clinical import chexbert_stats
+
+    preds = [{"Edema": "Positive"}, {"Edema": "Uncertain"}, {"Cardiomegaly": "Positive"}]
+    refs = [{"Edema": "Positive"}, {"Edema": "Positive"}, {"Cardiomegaly": "Negative"}]
+    s = {k: v.value for k, v in chexbert_stats(preds, refs).items()}
+    # U+: Edema TP 2; Cardiomegaly FP 1 -> micro 2*2/(4+1) = 0.8; macro over defined labels (Edema 1, Cardio 0) = 0.5
+    assert s["chexbert/u_pos/micro_f1"] == pytest.approx(0.8) and s["chexbert/u_pos/macro_f1"] == pytest.approx(0.5)
+    # U-: Edema TP 1 FN 1, Cardiomegaly FP 1 -> micro 2/(2+1+1) = 0.5; macro (2/3 + 0) / 2
+    assert s["chexbert/u_neg/micro_f1"] == pytest.approx(0.5)
+    assert s["chexbert/u_neg/macro_f1_5"] == pytest.approx(1 / 3)
+
+
+def test_chexbert_labeler_loads_a_local_checkpoint_end_to_end(tmp_path):
+    from training.metrics.clinical import CheXbertLabeler, ClinicalScorers, chexbert_dict
+
+    forced = [1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0]
+    labeler = CheXbertLabeler(tiny_chexbert_dir(tmp_path / "forced", forced))
+    texts = ["The lungs are clear.", "", "mild edema " * 400]  # empty text and one past 512 tokens
+    assert labeler.label(texts) == [chexbert_dict(forced)] * 3
+
+    random_dir = tiny_chexbert_dir(tmp_path / "random")
+    scorers = ClinicalScorers.load(str(random_dir), None, None)
+    assert len(scorers.skipped) == 2 and "RadGraph" in scorers.skipped[0] and "BERTScore" in scorers.skipped[1]
+    stats_ = scorers.stats(PREDICTIONS, REFERENCES)
+    assert set(stats_) == {f"clinical/chexbert/{c}/{a}_f1{s}" for c in ("u_pos", "u_neg") for a in ("micro", "macro")
+                           for s in ("", "_5")}
+    same = scorers.stats(REFERENCES, REFERENCES)  # a labeler agrees with itself: every defined F1 is 1
+    assert all(math.isnan(v.value) or v.value == 1.0 for v in same.values())
+    assert len(stats_["clinical/chexbert/u_neg/micro_f1"]) == len(PREDICTIONS)  # per study, for the bootstrap
+
+    (random_dir / "chexbert.pth").write_bytes(b"")
+    with pytest.raises(Exception):
+        CheXbertLabeler(random_dir)
+    import torch
+
+    torch.save({"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}},
+               random_dir / "chexbert.pth")
+    with pytest.raises(ValueError, match="not a CheXbert checkpoint"):
+        CheXbertLabeler(random_dir)
+    with pytest.raises(FileNotFoundError, match="chexbert.pth"):
+        CheXbertLabeler(tmp_path)
+
+
+def test_bertscore_from_a_local_model_directory_matches_bert_score(tmp_path):
+    from bert_score import BERTScorer
+
+    from training.metrics.clinical import bertscore_f1_per_sample, bertscore_layer
+
+    d = tiny_bert_dir(tmp_path / "tiny-bert")
+    assert bertscore_layer(d) == 2  # not in bert-score's table: the model's last layer
+    preds, refs = ["The lungs are clear.", "mild edema", "", "no effusion"], ["lungs clear", "mild edema .", "x", ""]
+    f1 = bertscore_f1_per_sample(preds, refs, d)
+    assert f1[2] == 0.0 and f1[3] == 0.0  # an empty side scores 0, as bert-score documents
+    _, _, expected = BERTScorer(model_type=str(d), num_layers=2).score(preds[:2], refs[:2])
+    np.testing.assert_allclose(f1[:2], expected.double().numpy(), rtol=0, atol=1e-6)
+    assert bertscore_f1_per_sample(["mild edema"], ["mild edema"], d)[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="--bertscore-model"):
+        bertscore_f1_per_sample(preds, refs, tmp_path)
+
+
+def test_radgraph_is_refused_up_front_with_the_reason(tmp_path):
+    """RadGraph F1 cannot run beside transformers 5 (radgraph's vendored allennlp needs tokenizer.encode_plus): a
+    --radgraph directory is refused before any generation, naming what is missing or why it cannot run."""
+    from training.metrics.clinical import ClinicalScorers, radgraph_unavailable
+
+    with pytest.raises(FileNotFoundError, match=r"--radgraph .*no .*radgraph"):
+        ClinicalScorers.load(None, str(tmp_path), None)
+    (tmp_path / "radgraph").mkdir()
+    (tmp_path / "radgraph" / "config.json").write_text("{}")
+    why = radgraph_unavailable()
+    assert why  # this stack: radgraph not installed, or transformers >= 5
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        ClinicalScorers.load(None, str(tmp_path), None)
+    with pytest.raises(FileNotFoundError, match="--bertscore-model"):
+        ClinicalScorers.load(None, None, str(tmp_path))

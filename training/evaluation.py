@@ -1,27 +1,32 @@
-"""Evaluation of a trained report generator, with the fair EHR A/B test.
+"""Evaluation of a trained report generator, with the fair EHR A/B test and the trained-baseline protocol.
 
     launcher evaluate --checkpoint runs/tiny/checkpoints/final --data data/synth/curriculum_val.jsonl \\
         --data-root data/synth --ehr both --out runs/tiny/eval
+    launcher evaluate --checkpoint runs/curriculum/checkpoints/final \\
+        --baseline-checkpoint runs/image_only/checkpoints/final --data ... --out runs/curriculum/eval-vs-image-only
 
-What is generated (greedy, batched, left padded; training/generate.py), for each study of the file that has a
-Stage B row (the A/B needs the EHR), in file order, up to --limit studies:
+What is generated (greedy, batched, left padded; training/generate.py), for every study of the file (with --limit N,
+a seeded random sample of N studies):
 
-    arm       prompt                                               scored
-    ehr_on    the Stage B prompt (Patient Data block filled)       Impression, CheXpert, ICD
-    ehr_off   the same prompt with the block emptied               Impression, CheXpert, ICD
+    arm       prompt                                          covers                       scored
+    ehr_on    the Stage B prompt (Patient Data block filled)  studies with a Stage B row   Impression, CheXpert, ICD
+    ehr_off   the same prompt with the block emptied          studies with a Stage B row   Impression, CheXpert, ICD
               (records.with_empty_ehr: same words, same image)
-    stage_a   the Stage A prompt (image only)                      Impression, CheXpert
+    stage_a   the Stage A prompt (image only)                 every study                  Impression, CheXpert
 
-All arms score against the study's Stage B target, so each arm answers the same question about the same studies and
-the A/B is paired per study: ehr_on - ehr_off (and each Stage B arm against stage_a) with a paired bootstrap
-interval and an approximate-randomization p-value per metric (training/metrics/stats.py). When the checkpoint has a
-sibling `stage_A_end/` (the end of the image-only stage), it is evaluated on the same arms and shown beside the
-evaluated model, with the same paired comparisons. A CheXpert majority-class baseline (each label's most frequent
-value in the training file, or in the evaluation file when that is not there) is scored beside the model.
+Every arm and model gets the same max_new_tokens (shared_max_new_tokens), so no arm's outputs are cut shorter than
+another's. Arms score against the study's Stage B target (its Stage A target when it has none), and comparisons are
+paired per study on the studies both sides cover: ehr_on - ehr_off (and each Stage B arm against stage_a) with a
+paired bootstrap interval, an approximate-randomization p-value and its Holm adjustment over the table
+(training/metrics/stats.py). A comparison whose metric is undefined on a side (an F1 with no positive anywhere) is
+written as undefined. When the checkpoint has a sibling `stage_A_end/`, it is evaluated on the same arms beside the
+model; with --baseline-checkpoint a separately trained model (e.g. image-only, `curriculum.stage_split=1.0`, same
+steps) is too, with the same paired comparisons. A CheXpert majority-class baseline (each label's most frequent value
+in the training file, or in the evaluation file when that is not there) is scored beside the model.
 
-Outputs in --out: metrics.json, report.md, plots/*.png (logged to an MLflow run of the experiment: parameters are
-paths and settings only, never patient data) and, only with --save-predictions, predictions.jsonl (which holds
-patient data: EHR-conditioned text).
+Outputs in --out: metrics.json (written once the arms are scored, again when the comparisons are done), report.md,
+plots/*.png (logged to an MLflow run of the experiment: parameters are paths and settings only, never patient data)
+and, only with --save-predictions, predictions.jsonl (which holds patient data: EHR-conditioned text).
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ from datasets_io.tokens import encode_prompt
 from launcher.errors import LauncherError
 from training.generate import DEFAULT_MAX_NEW_TOKENS, generate_reports, max_new_tokens_for, parse_report
 from training.metrics import scores
-from training.metrics.stats import bootstrap_ci, compare_arms
+from training.metrics.clinical import ClinicalScorers
+from training.metrics.stats import SummedStats, bootstrap_ci, compare_arms, holm_adjust
 
 ARM_DESCRIPTIONS = {
     "ehr_on": "EHR on: the Stage B prompt",
@@ -61,6 +67,7 @@ ARM_DESCRIPTIONS = {
 ARM_EXPECTS_ICD = {"ehr_on": True, "ehr_off": True, "stage_a": False}
 EHR_MODES = {"on": ("ehr_on", "stage_a"), "off": ("ehr_off", "stage_a"), "both": ("ehr_on", "ehr_off", "stage_a")}
 STAGE_A_END = "stage_A_end"
+TRAINED_BASELINE = "trained_baseline"  # --baseline-checkpoint: a separately trained model (e.g. image-only)
 
 # The paired comparisons (a - b) the report shows, when both arms were generated.
 ARM_COMPARISONS = (("ehr_on", "ehr_off"), ("ehr_on", "stage_a"), ("ehr_off", "stage_a"))
@@ -74,13 +81,17 @@ class Study:
     study_id: str
     image: str  # relative to the data root
     prompt_b: str | None  # None when the file has no Stage B row for the study
-    prompt_a: str
+    prompt_a: str  # the Stage A row's prompt (the fixed image-only prompt when the file has no Stage A row)
     target: str  # the Stage B target when there is one (Impression + CheXpert + ICD), else the Stage A target
     where: str = ""
 
     @property
     def has_ehr(self) -> bool:
         return self.prompt_b is not None
+
+    def covered_by(self, arm: str) -> bool:
+        """The image-only arm covers every study; the EHR arms the studies with a Stage B row."""
+        return arm == "stage_a" or self.has_ehr
 
     def prompt(self, arm: str) -> str:
         if arm == "stage_a":
@@ -90,9 +101,10 @@ class Study:
         return self.prompt_b if arm == "ehr_on" else with_empty_ehr(self.prompt_b)
 
 
-def load_studies(data_file: str, data_root: str, limit: int | None = None) -> list[Study]:
-    """Studies in file order. With any Stage B row in the file, only studies with one are kept (the A/B is paired);
-    a file of Stage A rows only gives image-only studies. Bad records are errors (file:line)."""
+def load_studies(data_file: str, data_root: str, limit: int | None = None, seed: int = 0) -> list[Study]:
+    """Every study of the file (a Stage A row, a Stage B row or both), in file order; with `limit`, a seeded random
+    sample of `limit` studies (kept in file order), so a short run is not biased towards the file's first subjects.
+    Which arm scores which study is `Study.covered_by`. Bad records are errors (file:line)."""
     if "://" not in data_file and not Path(data_file).is_file():
         raise LauncherError(f"--data {data_file}: file not found")
     if "://" not in data_root and not Path(data_root).is_dir():
@@ -102,11 +114,7 @@ def load_studies(data_file: str, data_root: str, limit: int | None = None) -> li
         raise LauncherError(f"--data {data_file}: no records")
     a_rows = {r.study_id: r for r in records if r.stage == "A"}
     b_rows = {r.study_id: r for r in records if r.stage == "B"}
-    order = list(dict.fromkeys(r.study_id for r in records if (r.stage == "B" or not b_rows)))
-    if limit is not None:
-        if limit < 1:
-            raise LauncherError(f"--limit must be >= 1, got {limit}")
-        order = order[:limit]
+    order = sample_studies(list(dict.fromkeys(r.study_id for r in records)), limit, seed)
     studies = []
     for sid in order:
         b, a = b_rows.get(sid), a_rows.get(sid)
@@ -120,12 +128,40 @@ def load_studies(data_file: str, data_root: str, limit: int | None = None) -> li
     return studies
 
 
+def sample_studies(order: list[str], limit: int | None, seed: int) -> list[str]:
+    """All of `order`, or a uniform random sample of `limit` of them without replacement (numpy default_rng(seed)),
+    in their original order."""
+    if limit is None:
+        return order
+    if limit < 1:
+        raise LauncherError(f"--limit must be >= 1, got {limit}")
+    if limit >= len(order):
+        return order
+    keep = np.sort(np.random.default_rng(seed).choice(len(order), size=limit, replace=False))
+    return [order[i] for i in keep]
+
+
 def arms_for(ehr: str, studies: Sequence[Study]) -> tuple[str, ...]:
     if ehr not in EHR_MODES:
         raise LauncherError(f"--ehr {ehr!r}: choose one of {', '.join(EHR_MODES)}")
-    if not all(s.has_ehr for s in studies):
+    if not any(s.has_ehr for s in studies):
         return ("stage_a",)  # no Stage B rows: the image-only arm is all there is
     return EHR_MODES[ehr]
+
+
+def arm_indices(arm: str, studies: Sequence[Study]) -> list[int]:
+    """Positions (in `studies`) of the studies the arm scores."""
+    return [i for i, s in enumerate(studies) if s.covered_by(arm)]
+
+
+def arm_coverage(arms: Sequence[str], studies: Sequence[Study]) -> dict[str, dict[str, Any]]:
+    """Which studies each arm scores, for metrics.json and the report: count, rule and a hash of the ids."""
+    out = {}
+    for arm in arms:
+        covered = [studies[i] for i in arm_indices(arm, studies)]
+        rule = "every study" if arm == "stage_a" else "the studies with a Stage B row"
+        out[arm] = {"n": len(covered), "of": len(studies), "rule": rule, "studies_sha256": studies_digest(covered)}
+    return out
 
 
 def studies_digest(studies: Sequence[Study]) -> str:
@@ -136,13 +172,20 @@ def studies_digest(studies: Sequence[Study]) -> str:
 # --------------------------------------------------------------------------------------------- scoring an arm
 @dataclass
 class ArmOutput:
+    """One arm's generated texts, for the studies at `indices` of the evaluation's study list (default: all)."""
+
     arm: str
     texts: list[str]
     parsed: list[ParsedTarget] = field(default_factory=list)
+    indices: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.parsed:
             self.parsed = [parse_report(t, ARM_EXPECTS_ICD[self.arm]) for t in self.texts]
+        if self.indices is None:
+            self.indices = list(range(len(self.texts)))
+        if len(self.indices) != len(self.texts):
+            raise ValueError(f"arm {self.arm}: {len(self.texts)} texts for {len(self.indices)} studies")
 
     @property
     def impressions(self) -> list[str]:
@@ -174,12 +217,29 @@ class References:
         return cls([p.impression or "" for p in parsed], [p.chexpert or {} for p in parsed], icd)
 
 
-def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
-    """Metric name -> stats.SummedStats (per-study sufficient statistics): the metrics that get intervals and tests."""
+@dataclass
+class ArmStats:
+    """Metric name -> stats.SummedStats (rows: the studies at `indices` of the study list, in that order)."""
+
+    indices: list[int]
+    stats: dict[str, Any]
+
+    def restricted(self, keep: Sequence[int]) -> dict[str, Any]:
+        """The same metrics on the studies `keep` (a subset of `indices`), rows in the order of `keep`."""
+        position = {study: row for row, study in enumerate(self.indices)}
+        rows = np.array([position[k] for k in keep], dtype=np.int64)
+        return {name: SummedStats(s.per_sample[rows], s.finalize) for name, s in self.stats.items()}
+
+
+def arm_metric_stats(out: ArmOutput, refs: References, clinical: ClinicalScorers | None = None) -> dict[str, Any]:
+    """Metric name -> stats.SummedStats (per-study sufficient statistics): the metrics that get intervals and tests.
+    `text/bleu_n_13a` and `text/rouge_l` are the comparable figures; `text/bleu_n` the project's own tokenization."""
     preds_imp, preds_chx = out.impressions, out.chexpert
     m: dict[str, Any] = {
         "text/bleu_1": scores.bleu_metric(preds_imp, refs.impressions, order=1),
         "text/bleu_4": scores.bleu_metric(preds_imp, refs.impressions, order=4),
+        # BLEU-2/3 (13a) are point values in the arm's "text" section only: each sacrebleu resample is a Python call
+        **{f"text/bleu_{n}_13a": scores.sacrebleu_metric(preds_imp, refs.impressions, order=n) for n in (1, 4)},
         "text/rouge_l": scores.rouge_l_metric(preds_imp, refs.impressions),
     }
     for conv in scores.CONVENTIONS:
@@ -195,6 +255,8 @@ def arm_metric_stats(out: ArmOutput, refs: References) -> dict[str, Any]:
         for avg in ("micro", "macro"):
             m[f"icd/{avg}_f1"] = scores.icd_f1_metric(preds_icd, refs.icd, flags=flags, average=avg)
         m["validity/icd"] = scores.mean_metric([p is not None for p in preds_icd])
+    if clinical is not None and clinical.active:
+        m.update(clinical.stats(preds_imp, refs.impressions))
     return m
 
 
@@ -206,18 +268,24 @@ def _icd_problem(p: ParsedTarget) -> bool:
     return p.icd is None or any("ICD" in x or x == "empty text" for x in p.problems)
 
 
-def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int) -> tuple[dict, dict[str, Any]]:
-    """(the arm's metrics section for metrics.json, its SummedStats for paired tests)."""
-    stats = arm_metric_stats(out, refs)
+def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int,
+              clinical: ClinicalScorers | None = None) -> tuple[dict, dict[str, Any]]:
+    """(the arm's metrics section for metrics.json, its SummedStats for paired tests). `refs` are the references of
+    the arm's studies, in the arm's order."""
+    stats = arm_metric_stats(out, refs, clinical)
     preds_imp, preds_chx = out.impressions, out.chexpert
     section: dict[str, Any] = {
         "n": len(out.texts),
         "prompt": ARM_DESCRIPTIONS[out.arm],
         "validity": {k.split("/", 1)[1]: v.value for k, v in stats.items() if k.startswith("validity/")},
-        "text": {**scores.bleu(preds_imp, refs.impressions), "rouge_l": scores.rouge_l(preds_imp, refs.impressions)},
+        "text": {**scores.bleu(preds_imp, refs.impressions), **scores.sacrebleu_bleu(preds_imp, refs.impressions),
+                 "rouge_l": scores.rouge_l(preds_imp, refs.impressions)},
         "chexpert": scores.chexpert_scores(preds_chx, refs.chexpert),
         "problems": _problem_counts(out.parsed),
     }
+    clinical_values = {k.split("/", 1)[1]: v.value for k, v in stats.items() if k.startswith("clinical/")}
+    if clinical_values:
+        section["clinical"] = clinical_values
     if "validity/icd" in stats:
         section["icd"] = scores.icd_scores(out.icd, refs.icd, flags=scores.icd_flag_set(refs.icd))
     section["ci"] = {name: _interval_dict(bootstrap_ci(s, n_resamples=n_resamples, seed=seed))
@@ -239,27 +307,46 @@ def _interval_dict(iv: Any) -> dict[str, float]:
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
 
 
-def compare_stats(a: dict[str, Any], b: dict[str, Any], *, n_resamples: int, seed: int,
-                  only: Callable[[str], bool] = lambda name: True) -> dict[str, dict[str, float]]:
-    """Paired a - b per metric both sides have: each side's value, the difference, its interval and the p-value."""
-    out = {}
-    for name in a:
-        if name not in b or not only(name):
+def compare_stats(a: ArmStats, b: ArmStats, *, n_resamples: int, seed: int,
+                  only: Callable[[str], bool] = lambda name: True) -> dict[str, dict[str, Any]]:
+    """Paired a - b per metric both sides have, on the studies both cover: each side's value, the difference, its
+    interval, the raw p-value and the Holm-adjusted one (the family: this table's metrics).
+
+    A metric undefined on either side (an F1 with no positive anywhere) has no difference: it is written with
+    `undefined` saying why and NaN figures (null in metrics.json), and left out of the Holm family."""
+    common = sorted(set(a.indices) & set(b.indices))
+    if not common:
+        return {}
+    sa, sb = a.restricted(common), b.restricted(common)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sa:
+        if name not in sb or not only(name):
             continue
-        c = compare_arms(a[name], b[name], n_resamples=n_resamples, seed=seed)
+        va, vb = sa[name].value, sb[name].value
+        if not (math.isfinite(va) and math.isfinite(vb)):
+            side = " and ".join(x for x, v in (("a", va), ("b", vb)) if not math.isfinite(v))
+            out[name] = {"a": va, "b": vb, "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan,
+                         "p_value": math.nan, "n": len(common),
+                         "undefined": f"the metric is undefined on side {side} (e.g. no positive in references "
+                                      "nor predictions)"}
+            continue
+        c = compare_arms(sa[name], sb[name], n_resamples=n_resamples, seed=seed)
         out[name] = {"a": c.a.estimate, "b": c.b.estimate, "diff": c.diff.estimate, "diff_low": c.diff.low,
-                     "diff_high": c.diff.high, "p_value": c.test.p_value}
+                     "diff_high": c.diff.high, "p_value": c.test.p_value, "n": len(common)}
+    for entry, p_holm in zip(out.values(), holm_adjust([e["p_value"] for e in out.values()]), strict=True):
+        entry["p_holm"] = float(p_holm)
     return out
 
 
 def _text_or_chexpert(name: str) -> bool:
-    return name.startswith(("text/", "chexpert/", "validity/report", "validity/chexpert"))
+    return name.startswith(("text/", "chexpert/", "clinical/", "validity/report", "validity/chexpert"))
 
 
 # --------------------------------------------------------------------------------------------- baseline
 def majority_baseline(refs: References, train_file: str | None, data_root: str | None, *, n_resamples: int,
-                      seed: int) -> tuple[dict, dict[str, Any]]:
-    """The CheXpert majority-class prediction, fit on the training file when readable, else on the evaluation refs."""
+                      seed: int) -> tuple[dict, ArmStats]:
+    """The CheXpert majority-class prediction, fit on the training file when readable, else on the evaluation refs.
+    Scored on every study of `refs` (compared with each arm on the studies that arm covers)."""
     fit_on, fit_refs = "evaluation data", refs.chexpert
     if train_file and "://" not in train_file and Path(train_file).is_file():
         rows, _ = read_records(train_file, data_root or str(Path(train_file).parent), policy="skip",
@@ -281,7 +368,7 @@ def majority_baseline(refs: References, train_file: str | None, data_root: str |
         "chexpert": scores.chexpert_scores(preds, refs.chexpert),
         "ci": {name: _interval_dict(bootstrap_ci(s, n_resamples=n_resamples, seed=seed)) for name, s in stats.items()},
     }
-    return section, stats
+    return section, ArmStats(list(range(len(preds))), stats)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -292,15 +379,19 @@ class EvalOptions:
     out: str
     checkpoint: str | None = None
     model_uri: str | None = None
+    baseline_checkpoint: str | None = None  # a separately trained model compared on the same studies and arms
     ehr: str = "both"
     limit: int | None = None
     batch_size: int = 16
-    max_new_tokens: int | None = None  # None: data.max_seq_len of the checkpoint's config minus the longest prompt
+    max_new_tokens: int | None = None  # None: the smallest data.max_seq_len minus the longest prompt of any arm
     save_predictions: bool = False
     seed: int = 0
     n_resamples: int = 1000
     device: str = "auto"
     compare_stage_a_end: bool = True
+    chexbert: str | None = None  # local CheXbert directory (training/metrics/clinical.py lists the files)
+    radgraph: str | None = None  # local RadGraph directory (holding radgraph/)
+    bertscore_model: str | None = None  # local transformers model directory for BERTScore
     tracking_uri: str | None = None
     mlflow: bool = True
     progress: bool = True
@@ -308,7 +399,7 @@ class EvalOptions:
 
 @dataclass
 class LoadedModel:
-    name: str  # "model" (the evaluated one) or "stage_A_end"
+    name: str  # "model" (the evaluated one), "stage_A_end" or "trained_baseline"
     source: str  # checkpoint dir or models:/ URI
     bundle: Any
     max_seq_len: int | None
@@ -333,41 +424,79 @@ def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
                        state.get("mlflow_run_id"))
 
 
-def default_max_new_tokens(model: LoadedModel, prompts: Sequence[str]) -> int:
-    if not model.max_seq_len:
-        return DEFAULT_MAX_NEW_TOKENS
-    b = model.bundle
-    longest = max(len(encode_prompt(b.tokenizer, p, b.image_token_id, b.num_image_tokens)) for p in set(prompts))
-    return max_new_tokens_for(model.max_seq_len, longest)
+def shared_max_new_tokens(models: Sequence[LoadedModel], studies: Sequence[Study], arms: Sequence[str],
+                          opts: EvalOptions) -> tuple[int, str]:
+    """One generation budget for every arm and model, and how it was chosen.
+
+    A budget per arm (its max_seq_len minus its own longest prompt) would give the EHR-off and image-only arms more
+    room than the EHR-on arm, whose ICD block comes last: long outputs would be cut in one arm only. So:
+    --max-new-tokens, else the smallest room any model has after the longest prompt of any arm (what training allowed
+    for the longest)."""
+    if opts.max_new_tokens:
+        return opts.max_new_tokens, "--max-new-tokens"
+    prompts = {s.prompt(arm) for arm in arms for s in studies if s.covered_by(arm)}
+    budgets = []
+    for m in models:
+        if m.max_seq_len:
+            b = m.bundle
+            longest = max(len(encode_prompt(b.tokenizer, p, b.image_token_id, b.num_image_tokens)) for p in prompts)
+            budgets.append((max_new_tokens_for(m.max_seq_len, longest), m.name, m.max_seq_len, longest))
+    if not budgets:
+        return DEFAULT_MAX_NEW_TOKENS, "default (no data.max_seq_len known)"
+    n, name, max_seq_len, longest = min(budgets)
+    return n, f"{name}'s data.max_seq_len {max_seq_len} minus the longest prompt of any arm ({longest} tokens)"
 
 
 def generate_arms(model: LoadedModel, studies: Sequence[Study], arms: Sequence[str], images: list[np.ndarray],
-                  opts: EvalOptions) -> dict[str, ArmOutput]:
+                  max_new_tokens: int, opts: EvalOptions) -> dict[str, ArmOutput]:
     outputs = {}
     for arm in arms:
-        prompts = [s.prompt(arm) for s in studies]
-        max_new = opts.max_new_tokens or default_max_new_tokens(model, prompts)
-        texts = generate_reports(model.bundle, list(zip(prompts, images)), batch_size=opts.batch_size,
-                                 max_new_tokens=max_new, progress=opts.progress, desc=f"{model.name}/{arm}")
-        outputs[arm] = ArmOutput(arm, texts)
+        idx = arm_indices(arm, studies)
+        batch = [(studies[i].prompt(arm), images[i]) for i in idx]
+        texts = generate_reports(model.bundle, batch, batch_size=opts.batch_size, max_new_tokens=max_new_tokens,
+                                 progress=opts.progress, desc=f"{model.name}/{arm}")
+        outputs[arm] = ArmOutput(arm, texts, indices=idx)
     return outputs
 
 
-def score_model(outputs: dict[str, ArmOutput], refs: References, opts: EvalOptions) -> tuple[dict, dict]:
-    section: dict[str, Any] = {"arms": {}, "ab": {}}
-    stats: dict[str, dict] = {}
+def score_arms(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
+               clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
+    """Each arm scored on the studies it covers: ({"arms": {arm: section}}, {arm: ArmStats})."""
+    section: dict[str, Any] = {"arms": {}}
+    stats: dict[str, ArmStats] = {}
     for arm, out in outputs.items():
-        section["arms"][arm], stats[arm] = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed)
+        refs = References.of([studies[i] for i in out.indices])
+        section["arms"][arm], arm_stats = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed,
+                                                    clinical=clinical)
+        stats[arm] = ArmStats(list(out.indices), arm_stats)
+    return section, stats
+
+
+def compare_model_arms(stats: dict[str, ArmStats], opts: EvalOptions) -> dict[str, dict]:
+    """The paired arm comparisons of one model (ehr_on - ehr_off, and each EHR arm against stage_a on the studies
+    both cover: text and CheXpert only, since the image-only arm answers no ICD)."""
+    ab = {}
     for a, b in ARM_COMPARISONS:
         if a in stats and b in stats:
             only = (lambda n: True) if "stage_a" not in (a, b) else _text_or_chexpert
-            section["ab"][f"{a}-{b}"] = compare_stats(stats[a], stats[b], n_resamples=opts.n_resamples,
-                                                      seed=opts.seed, only=only)
+            ab[f"{a}-{b}"] = compare_stats(stats[a], stats[b], n_resamples=opts.n_resamples, seed=opts.seed,
+                                           only=only)
+    return ab
+
+
+def score_model(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
+                clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
+    """score_arms, then compare_model_arms into section["ab"]."""
+    section, stats = score_arms(outputs, studies, opts, clinical)
+    section["ab"] = compare_model_arms(stats, opts)
     return section, stats
 
 
 def run_evaluation(opts: EvalOptions) -> dict:
-    """Generate, score, compare, write metrics.json / report.md / plots (and predictions when asked), log to MLflow."""
+    """Generate, score, compare, write metrics.json / report.md / plots (and predictions when asked), log to MLflow.
+
+    metrics.json is written once the arms are scored and again when the paired comparisons are done, so a failure
+    in a comparison never loses the generation's results."""
     import torch
 
     from launcher.local import resolve_device
@@ -379,55 +508,92 @@ def run_evaluation(opts: EvalOptions) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
     device = resolve_device(opts.device)
-    studies = load_studies(opts.data, opts.data_root, opts.limit)
+    studies = load_studies(opts.data, opts.data_root, opts.limit, opts.seed)
     arms = arms_for(opts.ehr, studies)
-    refs = References.of(studies)
 
-    models = [load_main_model(opts, device)]
-    sibling = stage_a_end_sibling(opts)
-    if sibling is not None:
-        models.append(load_checkpoint_model(STAGE_A_END, str(sibling), device))
+    models = load_models(opts, device)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Images are decoded once and shared by every arm and model: the arms differ in the prompt only.
     spec = models[0].bundle.image_spec
     images = [preprocess_image(read_bytes(join(opts.data_root, s.image)), spec) for s in studies]
+    max_new, max_new_source = shared_max_new_tokens(models, studies, arms, opts)
+    try:
+        clinical = ClinicalScorers.load(opts.chexbert, opts.radgraph, opts.bertscore_model, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LauncherError(str(e)) from None
+    for line in clinical.skipped:
+        print(f"[eval] {line}")
 
     t_gen = time.perf_counter()
-    outputs = {m.name: generate_arms(m, studies, arms, images, opts) for m in models}
+    outputs = {m.name: generate_arms(m, studies, arms, images, max_new, opts) for m in models}
     gen_s = time.perf_counter() - t_gen
 
     result: dict[str, Any] = {
+        "status": "arms scored; paired comparisons pending",
         "evaluation": {
-            "checkpoint": opts.checkpoint, "model_uri": opts.model_uri, "data": opts.data,
-            "data_root": opts.data_root, "ehr": opts.ehr, "limit": opts.limit, "batch_size": opts.batch_size,
-            "max_new_tokens": opts.max_new_tokens, "seed": opts.seed, "n_resamples": opts.n_resamples,
-            "device": device, "arms": list(arms), "models": {m.name: m.source for m in models},
+            "checkpoint": opts.checkpoint, "model_uri": opts.model_uri,
+            "baseline_checkpoint": opts.baseline_checkpoint, "data": opts.data,
+            "data_root": opts.data_root, "ehr": opts.ehr, "limit": opts.limit,
+            "sample": (f"a seeded random sample (seed {opts.seed}) of the file's studies" if opts.limit
+                       else "every study of the file"),
+            "batch_size": opts.batch_size, "max_new_tokens": max_new, "max_new_tokens_source": max_new_source,
+            "seed": opts.seed, "n_resamples": opts.n_resamples,
+            "device": device, "arms": list(arms), "coverage": arm_coverage(arms, studies),
+            "models": {m.name: m.source for m in models},
             "n_studies": len(studies), "studies_sha256": studies_digest(studies),
             "generation_s": round(gen_s, 2),
+            "clinical": {"chexbert": opts.chexbert, "radgraph": opts.radgraph,
+                         "bertscore_model": opts.bertscore_model, "skipped": list(clinical.skipped)},
         },
         "models": {},
     }
     all_stats = {}
     for m in models:
-        result["models"][m.name], all_stats[m.name] = score_model(outputs[m.name], refs, opts)
+        result["models"][m.name], all_stats[m.name] = score_arms(outputs[m.name], studies, opts, clinical)
+        for sec in result["models"][m.name]["arms"].values():
+            sec["max_new_tokens"] = max_new
     train_file = _train_file(models[0])
-    result["baseline"], base_stats = majority_baseline(refs, train_file, opts.data_root if train_file else None,
+    result["baseline"], base_stats = majority_baseline(References.of(studies), train_file,
+                                                       opts.data_root if train_file else None,
                                                        n_resamples=opts.n_resamples, seed=opts.seed)
+    write_metrics(out_dir, result)  # before any paired test can fail
+
+    for m in models:
+        result["models"][m.name]["ab"] = compare_model_arms(all_stats[m.name], opts)
     result["comparisons"] = comparisons(all_stats, base_stats, opts)
     result["headline"] = headline(result)
+    result["status"] = "complete"
     result["evaluation"]["wall_s"] = round(time.perf_counter() - t0, 2)
 
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
+    write_metrics(out_dir, result)
     plots = write_plots(result, out_dir / "plots")
     (out_dir / "report.md").write_text(render_report(result, plots))
     if opts.save_predictions:
         write_predictions(out_dir / "predictions.jsonl", studies, outputs)
     if opts.mlflow:
         result["mlflow_run_id"] = log_to_mlflow(result, models[0], out_dir, plots, opts)
-        (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
+        write_metrics(out_dir, result)
     return result
+
+
+def write_metrics(out_dir: Path, result: dict) -> None:
+    """metrics.json: strict JSON (NaN, i.e. undefined, written as null)."""
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
+
+
+def load_models(opts: EvalOptions, device: str) -> list[LoadedModel]:
+    """The evaluated model, its stage_A_end sibling when there is one, and the trained baseline when given."""
+    models = [load_main_model(opts, device)]
+    sibling = stage_a_end_sibling(opts)
+    if sibling is not None:
+        models.append(load_checkpoint_model(STAGE_A_END, str(sibling), device))
+    if opts.baseline_checkpoint:
+        if not Path(opts.baseline_checkpoint).is_dir():
+            raise LauncherError(f"--baseline-checkpoint {opts.baseline_checkpoint}: directory not found")
+        models.append(load_checkpoint_model(TRAINED_BASELINE, opts.baseline_checkpoint, device))
+    return models
 
 
 def load_main_model(opts: EvalOptions, device: str) -> LoadedModel:
@@ -464,16 +630,17 @@ def _train_file(model: LoadedModel) -> str | None:
     return data_path(model.config, "train_file")
 
 
-def comparisons(all_stats: dict[str, dict], base_stats: dict[str, Any], opts: EvalOptions) -> dict:
-    """The evaluated model against the majority baseline (CheXpert) and against stage_A_end (same arm)."""
+def comparisons(all_stats: dict[str, dict[str, ArmStats]], base_stats: ArmStats, opts: EvalOptions) -> dict:
+    """The evaluated model against the majority baseline (CheXpert), and against stage_A_end and the trained baseline
+    (same arm, same studies, same paired tests)."""
     out: dict[str, Any] = {}
     n, seed = opts.n_resamples, opts.seed
     for arm, stats in all_stats["model"].items():
         out[f"model-baseline/{arm}"] = compare_stats(stats, base_stats, n_resamples=n, seed=seed)
-    if STAGE_A_END in all_stats:
-        for arm, stats in all_stats["model"].items():
-            out[f"model-{STAGE_A_END}/{arm}"] = compare_stats(stats, all_stats[STAGE_A_END][arm], n_resamples=n,
-                                                              seed=seed)
+    for other in (STAGE_A_END, TRAINED_BASELINE):
+        if other in all_stats:
+            for arm, stats in all_stats["model"].items():
+                out[f"model-{other}/{arm}"] = compare_stats(stats, all_stats[other][arm], n_resamples=n, seed=seed)
     return out
 
 
@@ -535,7 +702,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
 
     for model, sec in result["models"].items():
         for arm, a in sec["arms"].items():
-            for group in ("validity", "text", "chexpert", "icd"):
+            for group in ("validity", "text", "chexpert", "icd", "clinical"):
                 for k, v in a.get(group, {}).items():
                     if "/support/" not in k and not k.startswith("support/") and k != "n":
                         put(f"{model}/{arm}/{group}/{k}", v)
@@ -544,14 +711,14 @@ def flat_metrics(result: dict) -> dict[str, float]:
                 put(f"{model}/{arm}/ci/{k}/high", iv["high"])
         for comp, metrics in sec["ab"].items():
             for k, d in metrics.items():
-                for field_name in ("diff", "diff_low", "diff_high", "p_value"):
+                for field_name in ("diff", "diff_low", "diff_high", "p_value", "p_holm"):
                     put(f"{model}/ab/{comp}/{k}/{field_name}", d[field_name])
     for k, v in result["baseline"]["chexpert"].items():
         if "/support/" not in k and k != "n":
             put(f"baseline/chexpert/{k}", v)
     for comp, metrics in result["comparisons"].items():
         for k, d in metrics.items():
-            for field_name in ("diff", "diff_low", "diff_high", "p_value"):
+            for field_name in ("diff", "diff_low", "diff_high", "p_value", "p_holm"):
                 put(f"comparison/{comp}/{k}/{field_name}", d[field_name])
     return out
 
@@ -559,7 +726,8 @@ def flat_metrics(result: dict) -> dict[str, float]:
 def eval_params(result: dict) -> dict[str, str]:
     """The evaluation's settings: paths, limit, EHR mode, checkpoint. No patient data."""
     e = result["evaluation"]
-    keys = ("checkpoint", "model_uri", "data", "data_root", "ehr", "limit", "batch_size", "max_new_tokens", "seed",
+    keys = ("checkpoint", "model_uri", "baseline_checkpoint", "data", "data_root", "ehr", "limit", "batch_size",
+            "max_new_tokens", "seed",
             "n_resamples", "device", "n_studies")
     params = {f"eval.{k}": str(e[k]) for k in keys}
     params["eval.arms"] = ",".join(e["arms"])
@@ -692,10 +860,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+DIFF_HEADER = ("difference [95% CI]", "p-value", "p (Holm)")
+
+
 def _diff_rows(metrics: dict[str, dict], keys: Sequence[str]) -> list[list[str]]:
-    return [[k, _f(metrics[k]["a"]), _f(metrics[k]["b"]),
-             f"{_f(metrics[k]['diff'])} [{_f(metrics[k]['diff_low'])}, {_f(metrics[k]['diff_high'])}]",
-             _p(metrics[k]["p_value"])] for k in keys]
+    rows = []
+    for k in keys:
+        d = metrics[k]
+        diff = ("undefined" if "undefined" in d
+                else f"{_f(d['diff'])} [{_f(d['diff_low'])}, {_f(d['diff_high'])}]")
+        rows.append([k, _f(d["a"]), _f(d["b"]), diff, _p(d["p_value"]), _p(d.get("p_holm"))])
+    return rows
 
 
 def render_report(result: dict, plots: Sequence[Path]) -> str:
@@ -704,23 +879,29 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
     main = models["model"]
     model_arms = [(name, arm, a) for name, sec in models.items() for arm, a in sec["arms"].items()]
     has_ehr = any(arm != "stage_a" for arm in e["arms"])
-    limit_note = f", the first {e['limit']}" if e["limit"] else ""
+    limit_note = f", a random sample of {e['limit']} (seed {e['seed']})" if e["limit"] else ""
     beside = f"; beside it the end of Stage A: `{e['models'][STAGE_A_END]}`" if STAGE_A_END in models else ""
+    if TRAINED_BASELINE in models:
+        beside += f"; trained baseline: `{e['models'][TRAINED_BASELINE]}`"
     lines = [
         "# Evaluation report",
         "",
         f"- Model: `{e['checkpoint'] or e['model_uri']}`{beside}",
         f"- Data: `{e['data']}`: {e['n_studies']} studies "
-        f"({'with a Stage B row' if has_ehr else 'Stage A rows only'}{limit_note}); study-list hash "
+        f"({'some with a Stage B row' if has_ehr else 'Stage A rows only'}{limit_note}); study-list hash "
         f"`{e['studies_sha256']}`",
-        f"- Greedy decoding, batch {e['batch_size']}, max new tokens "
-        f"{e['max_new_tokens'] or 'data.max_seq_len - prompt'}; device {e['device']}; generation {e['generation_s']} s",
+        f"- Greedy decoding, batch {e['batch_size']}, max new tokens {e['max_new_tokens']} for every arm and model "
+        f"({e['max_new_tokens_source']}); device {e['device']}; generation {e['generation_s']} s",
         f"- Intervals: percentile bootstrap 95% over studies ({e['n_resamples']} resamples, seed {e['seed']}); "
-        "p-values: paired approximate randomization (the two arms' outputs swapped per study).",
+        "p-values: paired approximate randomization (the two arms' outputs swapped per study), and beside them "
+        "Holm-adjusted p-values (family: one table). A comparison with a metric undefined on a side (an F1 with no "
+        "positive anywhere) is marked undefined.",
         "",
-        "Arms (every arm is scored against the study's Stage B target):",
+        "Arms (each scored against the study's Stage B target, or its Stage A target when it has no Stage B row; "
+        "paired comparisons use the studies both arms cover):",
         "",
-        *[f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}" for arm in e["arms"]],
+        *[f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}; covers {c['rule']}: {c['n']} of {c['of']} studies (hash "
+          f"`{c['studies_sha256']}`)" for arm, c in e["coverage"].items()],
         "", "## Format validity", "",
         *_table(["model", "arm", "whole report", "CheXpert block", "ICD block"],
                 [[n, arm, _f(a["validity"]["report"]), _f(a["validity"]["chexpert"]), _f(a["validity"].get("icd"))]
@@ -738,9 +919,15 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
                     [[f"{n} / {arm}", *[_ci(a, k) for k in chx_keys]] for n, arm, a in model_arms]
                     + [["majority baseline", *[_ci(base, k) for k in chx_keys]]])
     lines += ["", "## Report text (Impression)", "",
-              *_table(["model / arm", "BLEU-1", "BLEU-4", "ROUGE-L"],
-                      [[f"{n} / {arm}", _ci(a, "text/bleu_1"), _ci(a, "text/bleu_4"), _ci(a, "text/rouge_l")]
-                       for n, arm, a in model_arms])]
+              "Comparable with published tables: BLEU-n (13a) = sacrebleu's defaults (13a tokenizer, case-sensitive, "
+              "exp smoothing) / 100, and ROUGE-L = rouge-score's defaults (no stemming). Project BLEU: lowercased, "
+              "its own tokenizer, unsmoothed (training/metrics/scores.py).", "",
+              *_table(["model / arm", "BLEU-1 (13a)", "BLEU-2 (13a)", "BLEU-3 (13a)", "BLEU-4 (13a)", "ROUGE-L",
+                       "project BLEU-1", "project BLEU-4"],
+                      [[f"{n} / {arm}", _ci(a, "text/bleu_1_13a"), _f(a["text"]["bleu_2_13a"]),
+                        _f(a["text"]["bleu_3_13a"]), _ci(a, "text/bleu_4_13a"), _ci(a, "text/rouge_l"),
+                        _ci(a, "text/bleu_1"), _ci(a, "text/bleu_4")] for n, arm, a in model_arms])]
+    lines += _clinical_section(e, model_arms)
     if any("icd" in a for _, _, a in model_arms):
         lines += ["", "## ICD flags", "",
                   *_table(["model / arm", "micro-F1", "macro-F1"],
@@ -751,14 +938,18 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
         for comp, metrics in sec["ab"].items():
             a, b = comp.split("-")
             title = "The EHR A/B test" if comp == "ehr_on-ehr_off" else f"{a} against {b}"
-            lines += ["", f"## {title} ({name})", "", f"Paired per study: `{a}` - `{b}`, same model, same images.", "",
-                      *_table(["metric", a, b, "difference [95% CI]", "p-value"], _diff_rows(metrics, list(metrics)))]
+            n_common = next(iter(metrics.values()))["n"] if metrics else 0
+            lines += ["", f"## {title} ({name})", "",
+                      f"Paired per study: `{a}` - `{b}`, same model, same images, the {n_common} studies both cover.",
+                      "", *_table(["metric", a, b, *DIFF_HEADER], _diff_rows(metrics, list(metrics)))]
     for comp, metrics in result["comparisons"].items():
-        keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "icd/micro", "validity/"))]
+        keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "text/bleu_4_13a",
+                                                    "icd/micro", "validity/"))]
         if keys:
-            lines += ["", f"## Comparison {comp}", "",
-                      *_table(["metric", "model", "other", "difference [95% CI]", "p-value"],
-                              _diff_rows(metrics, keys))]
+            intro = (["Trained-baseline protocol: two separately trained models, the same studies, arm and paired "
+                      "tests (Holm over this table).", ""] if TRAINED_BASELINE in comp else [])
+            lines += ["", f"## Comparison {comp}", "", *intro,
+                      *_table(["metric", "model", "other", *DIFF_HEADER], _diff_rows(metrics, keys))]
 
     first = next(iter(main["arms"].values()))["chexpert"]
     lines += ["", "## Per-label CheXpert F1 (U+)", "",
@@ -782,6 +973,28 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
     lines += ["", f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
               "(plus any other flag named in the references).", ""]
     return "\n".join(lines)
+
+
+CLINICAL_COLUMNS = (("CheXbert micro-F1 14 (U-)", "clinical/chexbert/u_neg/micro_f1"),
+                    ("CheXbert macro-F1 14 (U-)", "clinical/chexbert/u_neg/macro_f1"),
+                    ("CheXbert micro-F1 5 (U-)", "clinical/chexbert/u_neg/micro_f1_5"),
+                    ("CheXbert macro-F1 5 (U-)", "clinical/chexbert/u_neg/macro_f1_5"),
+                    ("CheXbert micro-F1 14 (U+)", "clinical/chexbert/u_pos/micro_f1"),
+                    ("RadGraph F1 (partial)", "clinical/radgraph_f1"),
+                    ("BERTScore F1", "clinical/bertscore_f1"))
+
+
+def _clinical_section(e: dict, model_arms: list[tuple[str, str, dict]]) -> list[str]:
+    """The labeler / RadGraph / BERTScore table on the Impression text, and a line per metric skipped."""
+    cols = [(title, key) for title, key in CLINICAL_COLUMNS if any(key in a["ci"] for _, _, a in model_arms)]
+    lines = ["", "## Clinical metrics (Impression text)", ""]
+    if cols:
+        lines += ["CheXbert labeler run on the generated and the reference Impression (U- = Uncertain as negative, "
+                  "as published tables report); weights from local directories (training/metrics/clinical.py).", "",
+                  *_table(["model / arm", *[t for t, _ in cols]],
+                          [[f"{n} / {arm}", *[_ci(a, k) for _, k in cols]] for n, arm, a in model_arms]), ""]
+    lines += [f"- {line}" for line in e["clinical"]["skipped"]]
+    return lines
 
 
 def summary_lines(result: dict) -> list[str]:

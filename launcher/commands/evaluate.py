@@ -2,6 +2,9 @@
 
     launcher evaluate --checkpoint runs/tiny/checkpoints/final --data data/synth/curriculum_val.jsonl \\
         --data-root data/synth --ehr both --out runs/tiny/eval            (metrics.json, report.md, plots/, MLflow run)
+    launcher evaluate --checkpoint runs/tiny/checkpoints/final \\
+        --baseline-checkpoint runs/image_only/checkpoints/final \\
+        --data data/synth/curriculum_val.jsonl --data-root data/synth --out runs/tiny/eval-vs-image-only
     launcher evaluate --model models:/cxr-report-generator@candidate --tracking-uri sqlite:///runs/tiny/mlflow.db \\
         --data data/synth/curriculum_val.jsonl --data-root data/synth --out runs/tiny/eval-registered
     launcher register --checkpoint runs/tiny/checkpoints/final --name cxr-report-generator --alias candidate
@@ -28,10 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--ehr", choices=["on", "off", "both"], default="both",
                    help="Stage B arms: EHR on, EHR off (Patient Data emptied), or both with the paired A/B test "
                         "(default: %(default)s); the Stage A prompt arm always runs")
-    e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N studies")
+    e.add_argument("--baseline-checkpoint", default=None, metavar="DIR2",
+                   help="a separately trained model (e.g. image-only, curriculum.stage_split=1.0, same steps) "
+                        "evaluated on the same studies and arms, with the same paired tests")
+    e.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="a seeded random sample of N studies (seed: --seed)")
     e.add_argument("--batch-size", type=int, default=16, metavar="B", help="generation batch (default: %(default)s)")
     e.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="generation length (default: the checkpoint's data.max_seq_len minus the prompt)")
+                   help="generation length, the same for every arm and model (default: the smallest "
+                        "data.max_seq_len minus the longest prompt of any arm)")
     e.add_argument("--save-predictions", action="store_true",
                    help="also write predictions.jsonl (holds patient data: generated text per study)")
     e.add_argument("--seed", type=int, default=0, help="seed of torch and of the bootstrap / permutations")
@@ -39,6 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples and permutations per metric (default: %(default)s)")
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
     e.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    for flag, what in (("--chexbert", "CheXbert labeler (chexbert.pth + bert-base-uncased config/vocab)"),
+                       ("--radgraph", "RadGraph (DIR/radgraph/: the extracted radgraph.tar.gz)"),
+                       ("--bertscore-model", "BERTScore model (a transformers model directory)")):
+        e.add_argument(flag, default=None, metavar="DIR",
+                       help=f"local weights of the {what}; without it the metric is skipped (README: Evaluation)")
     e.add_argument("--no-stage-a-end", action="store_true",
                    help="do not evaluate the sibling stage_A_end/ checkpoint beside the model")
     e.add_argument("--no-mlflow", action="store_true", help="write the files only; log no MLflow run")
@@ -95,11 +108,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(
         data=args.data, data_root=args.data_root or str(Path(args.data).parent), out=args.out,
-        checkpoint=args.checkpoint, model_uri=args.model, ehr=args.ehr, limit=args.limit,
+        checkpoint=args.checkpoint, model_uri=args.model, baseline_checkpoint=args.baseline_checkpoint,
+        ehr=args.ehr, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, save_predictions=args.save_predictions,
         seed=args.seed, n_resamples=args.bootstrap, device=args.device,
         compare_stage_a_end=not args.no_stage_a_end, tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow,
-        progress=not args.no_progress,
+        progress=not args.no_progress, chexbert=args.chexbert, radgraph=args.radgraph,
+        bertscore_model=args.bertscore_model,
     )
     result = run_evaluation(opts)
     print("\n".join(summary_lines(result)))

@@ -1,4 +1,5 @@
-"""Report text metrics as a local `evaluate` module: corpus BLEU-1..4 and mean ROUGE-L F-measure.
+"""Report text metrics as a local `evaluate` module: corpus BLEU-1..4 (comparable sacrebleu 13a, and the project's
+own tokenization) and mean ROUGE-L F-measure (rouge-score defaults).
 
 Load it offline from its path (it never touches the hub):
 
@@ -6,10 +7,9 @@ Load it offline from its path (it never touches the hub):
     metric = load_metric("report_text")  # = evaluate.load(".../training/metrics/report_text.py")
     metric.compute(predictions=[...], references=[...])
 
-Tokenization (case-insensitive): lowercase, then the regex `[a-z0-9]+|[^\\sa-z0-9]` -- words, and each punctuation
-character as a token. BLEU counts punctuation tokens; ROUGE-L uses the words only (= rouge-score's tokenizer, no
-stemming). BLEU is unsmoothed corpus BLEU with brevity penalty (= sacrebleu `smooth_method="none"` on the same tokens),
-in [0, 1]. Details and conventions: `training/metrics/scores.py`.
+`bleu_n_13a` is sacrebleu's corpus BLEU-n with its defaults (13a, case-sensitive, exp smoothing), / 100: the figure
+to compare with published tables. `bleu_n` is the project's case-insensitive, unsmoothed BLEU on its own tokens.
+`rouge_l` is rouge-score's ROUGE-L F (no stemming), averaged. Conventions: `training/metrics/scores.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ Args:
     impression_only: score only the Impression block of each text (reports in the curriculum format); a text
         without one scores as ''.
 Returns:
-    bleu_1 .. bleu_{max_order}, brevity_penalty, length_ratio, rouge_l.
+    bleu_1 .. bleu_{max_order}, bleu_1_13a .. bleu_{max_order}_13a, brevity_penalty, length_ratio, rouge_l.
 """
 
 
@@ -49,5 +49,6 @@ class ReportText(evaluate.Metric):
             predictions = [scores.impression_from_text(t) for t in predictions]
             references = [scores.impression_from_text(t) for t in references]
         out = scores.bleu(predictions, references, max_order=max_order)
+        out.update(scores.sacrebleu_bleu(predictions, references, max_order=max_order))
         out["rouge_l"] = scores.rouge_l(predictions, references)
         return out

@@ -1,15 +1,17 @@
 """Report metrics as plain Python: importable without `evaluate`, called by the `evaluate` modules next to this file.
 
-Text (BLEU-1..4, ROUGE-L) -- case-insensitive; one tokenizer, documented here:
-- `tokenize(text)`: lowercase, then the regex `[a-z0-9]+|[^\\sa-z0-9]`: runs of ASCII letters/digits are words, every
-  other non-space character is its own token ("3.5 cm." -> 3 . 5 cm .). Non-ASCII letters count as punctuation.
-- BLEU uses words *and* punctuation tokens (as sacrebleu's tokenizers keep punctuation). Corpus BLEU-n: clipped n-gram
-  matches and n-gram totals summed over the corpus, geometric mean of p_1..p_n with uniform weights, times the brevity
-  penalty exp(1 - r/c) when the total hypothesis length c < total reference length r (one reference per prediction).
-  No smoothing: BLEU-n is 0 when some order <= n has no match (= sacrebleu `smooth_method="none"`, nltk
-  `corpus_bleu` without a smoothing function). Scores are in [0, 1], not sacrebleu's [0, 100].
-- ROUGE-L uses the word tokens only (punctuation dropped), which is exactly rouge-score's tokenizer without stemming.
-  Per sample: LCS F-measure (beta = 1); 0 when either side has no token. The corpus score is the mean over samples.
+Text -- two BLEUs side by side, one ROUGE-L:
+- Comparable BLEU-1..4 (`sacrebleu_bleu`, keys `bleu_n_13a`): sacrebleu with its defaults (13a tokenizer,
+  case-sensitive, "exp" smoothing), corpus level, in [0, 1] (sacrebleu's score / 100). These are the figures to set
+  beside a published table. The per-study statistics are sacrebleu's own counts and the score is sacrebleu's own
+  `compute_bleu`, so the bootstrap recomputes exactly what sacrebleu would on each resample.
+- The project's BLEU-1..4 (`bleu`, keys `bleu_n`): case-insensitive; `tokenize(text)`: lowercase, then the regex
+  `[a-z0-9]+|[^\\sa-z0-9]` (words, and each other non-space character as a token: "3.5 cm." -> 3 . 5 cm .).
+  Corpus BLEU-n: clipped n-gram matches and totals summed over the corpus, geometric mean of p_1..p_n, times the
+  brevity penalty exp(1 - r/c) when c < r. No smoothing: BLEU-n is 0 when some order <= n has no match
+  (= sacrebleu `tokenize="none", smooth_method="none"` on these tokens). Kept for continuity with earlier runs.
+- ROUGE-L (`rouge_l`): rouge-score's `RougeScorer(["rougeL"])` with its defaults (lowercase, non-alphanumerics
+  dropped, no stemming), per-sample LCS F-measure averaged over samples: comparable as it is.
 
 CheXpert -- inputs are dicts label -> "Positive" | "Negative" | "Uncertain" (one per study):
 - A missing label is not positive; labels outside the 14 CheXpert labels are ignored.
@@ -59,7 +61,7 @@ _POSITIVE_VALUES: dict[str, frozenset[str]] = {
     "u_neg": frozenset({"Positive"}),
 }
 
-METRIC_NAMES: tuple[str, ...] = ("report_text", "chexpert", "icd")
+METRIC_NAMES: tuple[str, ...] = ("report_text", "chexpert", "icd", "clinical_text")
 _METRICS_DIR = Path(__file__).resolve().parent
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -188,34 +190,70 @@ def bleu(predictions: Sequence[str], references: Sequence[str], *, max_order: in
     return out
 
 
+# --------------------------------------------------------------------------------------------- comparable BLEU
+def sacrebleu_stats(predictions: Sequence[str], references: Sequence[str], *, max_order: int = 4) -> np.ndarray:
+    """Per-sample sacrebleu statistics (N, 2 * max_order + 2): correct_1..n, total_1..n, hypothesis and reference
+    length, with sacrebleu's defaults (13a tokenizer, case-sensitive): the figures published tables report."""
+    from sacrebleu.metrics import BLEU
+
+    n = _check_pairs(predictions, references, "sacrebleu")
+    _check_texts(predictions, "predictions", "sacrebleu")
+    _check_texts(references, "references", "sacrebleu")
+    # effective_order only changes the sentence *score* (unused here), not the counts; it silences sacrebleu's warning.
+    scorer = BLEU(max_ngram_order=max_order, effective_order=True)
+    out = np.zeros((n, 2 * max_order + 2), dtype=np.float64)
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
+        s = scorer.sentence_score(pred, [ref])
+        out[i] = [*s.counts, *s.totals, s.sys_len, s.ref_len]
+    return out
+
+
+def sacrebleu_from_stats(stats: np.ndarray, order: int, *, max_order: int = 4) -> np.ndarray:
+    """Corpus BLEU-`order` in [0, 1] from summed sacrebleu statistics (..., 2 * max_order + 2) -> (...), computed by
+    sacrebleu's own `BLEU.compute_bleu` with its default "exp" smoothing (one Python call per row: ~20 us)."""
+    from sacrebleu.metrics import BLEU
+
+    if not 1 <= order <= max_order:
+        raise ValueError(f"BLEU order must be in 1..{max_order}, got {order}")
+    s = np.asarray(stats, dtype=np.float64)
+    flat = s.reshape(-1, s.shape[-1])
+    values = [BLEU.compute_bleu(correct=[int(round(c)) for c in row[:order]],
+                                total=[int(round(t)) for t in row[max_order : max_order + order]],
+                                sys_len=int(round(row[2 * max_order])), ref_len=int(round(row[2 * max_order + 1])),
+                                smooth_method="exp", max_ngram_order=order).score / 100.0 for row in flat]
+    return np.asarray(values, dtype=np.float64).reshape(s.shape[:-1])
+
+
+def sacrebleu_bleu(predictions: Sequence[str], references: Sequence[str], *, max_order: int = 4) -> dict[str, float]:
+    """Comparable corpus BLEU-1..max_order in [0, 1] (keys `bleu_1_13a`..): = sacrebleu `BLEU(max_ngram_order=n)
+    .corpus_score(predictions, [references]).score / 100`."""
+    total = sacrebleu_stats(predictions, references, max_order=max_order).sum(axis=0)
+    return {f"bleu_{k}_13a": float(sacrebleu_from_stats(total, k, max_order=max_order))
+            for k in range(1, max_order + 1)}
+
+
 # --------------------------------------------------------------------------------------------- ROUGE-L
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Longest common subsequence length, O(len(a) * len(b)) with one row of memory."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"])  # rouge-score's defaults: its tokenizer, no stemming
 
 
 def rouge_l_per_sample(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """(N,) ROUGE-L F-measures (word tokens, no stemming; = rouge-score `RougeScorer(["rougeL"])`)."""
+    """(N,) ROUGE-L F-measures computed by rouge-score with its defaults (`RougeScorer(["rougeL"])`: lowercase,
+    non-alphanumerics dropped, no stemming): the comparable figure, and the project's only ROUGE-L."""
     _check_pairs(predictions, references, "rouge_l")
     _check_texts(predictions, "predictions", "rouge_l")
     _check_texts(references, "references", "rouge_l")
-    out = []
-    for pred, ref in zip(predictions, references, strict=True):
-        hyp, gold = tokenize(pred, punctuation=False), tokenize(ref, punctuation=False)
-        lcs = _lcs_length(gold, hyp) if hyp and gold else 0
-        precision, recall = (lcs / len(hyp), lcs / len(gold)) if lcs else (0.0, 0.0)
-        out.append(2 * precision * recall / (precision + recall) if lcs else 0.0)
-    return np.array(out, dtype=np.float64)
+    scorer = _rouge_scorer()
+    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references,
+                                                                                      strict=True)],
+                    dtype=np.float64)
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean per-sample ROUGE-L F-measure."""
+    """Mean per-sample ROUGE-L F-measure (rouge-score's default settings)."""
     return float(rouge_l_per_sample(predictions, references).mean())
 
 
@@ -448,6 +486,14 @@ def mean_metric(values: Sequence[float] | np.ndarray) -> SummedStats:
     if not v.size:
         raise ValueError("mean_metric: no values")
     return SummedStats(np.stack([v, np.ones_like(v)], axis=1), _mean_finalize)
+
+
+def sacrebleu_metric(
+    predictions: Sequence[str], references: Sequence[str], *, order: int = 4, max_order: int = 4
+) -> SummedStats:
+    """Comparable (sacrebleu 13a) corpus BLEU-`order` as per-study statistics."""
+    stats = sacrebleu_stats(predictions, references, max_order=max_order)
+    return SummedStats(stats, functools.partial(sacrebleu_from_stats, order=order, max_order=max_order))
 
 
 def rouge_l_metric(predictions: Sequence[str], references: Sequence[str]) -> SummedStats:

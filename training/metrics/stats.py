@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -247,3 +247,23 @@ def compare_arms(
         diff=paired_bootstrap_diff(pooled, n_resamples=n_resamples, confidence=confidence, seed=seed),
         test=paired_randomization_test(pooled, n_permutations=n_resamples, seed=seed),
     )
+
+
+def holm_adjust(p_values: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values for one family of tests (one A/B table), in the input order.
+
+    Sort the m defined p-values ascending, multiply the k-th smallest (k = 0..m-1) by (m - k), take the running maximum
+    (adjusted values never decrease along the sorted order) and cap at 1. Rejecting where the adjusted value <= alpha
+    controls the family-wise error rate at alpha under any dependence between the tests (the metrics of one table are
+    strongly dependent). Undefined p-values (NaN: an undefined comparison) stay NaN and do not count in m.
+    """
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    out = np.full_like(p, np.nan)
+    defined = np.flatnonzero(np.isfinite(p))
+    if defined.size == 0:
+        return out
+    order = defined[np.argsort(p[defined], kind="stable")]
+    m = order.size
+    adjusted = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
