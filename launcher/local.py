@@ -114,7 +114,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
               show_progress: bool = True) -> dict:
     from training import curriculum
     from training.checkpoint import Checkpointer, read_state, resolve_resume
-    from training.data import Preprocessor, StageStream, StreamSpec, local_batches
+    from datasets_io.sampler import BatchLayout, row_table
+    from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec, to_torch
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
     from training.model import build_model, load_adapter_weights
@@ -130,6 +131,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     resume_from = resolve_resume(resume, ckpt_root)  # fails loudly before any work
     resumed = read_state(resume_from) if resume_from else None
 
+    cfg = curriculum.with_derived_grad_accum(cfg, world_size=1)
     ensure_data(cfg)
     data = load_run_data(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -144,22 +146,23 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
 
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
                        cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
-    spec = StreamSpec(cfg.train.seed, cfg.curriculum.replay_fraction, cfg.curriculum.ehr_dropout)
-    streams = {"A": StageStream("A", data.train["A"], spec),
-               "B": StageStream("B", data.train["B"], spec, replay_rows=data.train["A"])}
+    tables = {s: row_table(data.train[s]) for s in ("A", "B")}
+    spec = sampler_spec(cfg, {s: len(data.train[s]) for s in ("A", "B")})
+    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, world_size=1)
     mb = cfg.train.micro_batch_size
+    stage_steps = {"A": plan.stage_a_steps, "B": plan.stage_b_steps}
 
-    def source(stage: str, start_micro: int):
-        remaining = (plan.total_steps * cfg.train.grad_accum) - start_micro  # an upper bound; streams cycle
-        return local_batches(streams[stage], pre, start_micro * mb, mb, max(1, remaining), cfg.train.num_workers)
+    def source(stage: str, cursor: int):
+        micro = list(layout.rank_micro_batches(0, cursor, stage_steps[stage]))
+        return local_batches(pre, tables, spec, stage, micro, cfg.train.num_workers)
 
     val_cache: dict[str, list] = {}
 
     def val_source(stage: str) -> list:
         if stage not in val_cache:
             rows = data.val[stage][: cfg.train.val_batches * mb]
-            val_stream = StageStream("val", rows, StreamSpec(cfg.train.seed)) if rows else None
-            val_cache[stage] = list(local_batches(val_stream, pre, 0, mb, len(rows) // mb)) if val_stream and len(rows) >= mb else []
+            items = [(r.prompt, r.target, r.image, r.where) for r in rows]
+            val_cache[stage] = [to_torch(pre.batch(items[i:i + mb])) for i in range(0, len(items) - mb + 1, mb)]
         return val_cache[stage]
 
     if resumed:
@@ -176,6 +179,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                 grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 save_every=cfg.train.save_every, show_progress=show_progress,
                 log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+                on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
+                if cfg.train.record_data_order else None,
                 extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path})
     print(f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
           f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
