@@ -118,14 +118,15 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec, to_torch
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
-    from training.model import build_model, load_adapter_weights
+    from training.model import load_adapter_weights, resolve_base_path
+    from training.recipe import build_lora_model
     from training.tracking import MlflowTracker, config_params
 
     t_start = time.perf_counter()
     device = resolve_device(device)
     if device == "mps":
         os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-    dtype, mixed = resolve_dtype(cfg.model.dtype, device)
+    _, mixed = resolve_dtype(cfg.model.dtype, device)
     out = Path(cfg.output.dir)
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root)  # fails loudly before any work
@@ -134,8 +135,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     cfg = curriculum.with_derived_grad_accum(cfg, world_size=1)
     ensure_data(cfg)
     data = load_run_data(cfg)
-    torch.manual_seed(cfg.train.seed)
-    bundle = build_model(cfg, corpus_texts(data), dtype=dtype)
+    bundle = build_lora_model(cfg, resolve_base_path(cfg, corpus_texts(data)))  # fp32 weights; autocast mixes
     plan = curriculum.plan_steps(cfg, len(data.train["A"]), len(data.train["B"]), world_size=1)
 
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)

@@ -13,7 +13,7 @@ split coordinators, the dataset manager), and each torch import there costs seco
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,9 +27,15 @@ from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
 from training.curriculum import stage_at
 
 
+DECODE_HOOKS: list = []  # test-only: callables hook(stage, position), run before each training sample's decode
+
+
 @dataclass
 class Preprocessor:
-    """rows -> one padded batch of numpy arrays. Picklable (shipped to Ray Data's map_batches workers)."""
+    """rows -> one padded batch of numpy arrays. Picklable (shipped to Ray Data's map_batches workers).
+
+    `decode_hooks` (test-only, from DECODE_HOOKS when built) travel with it into Ray Data's task processes, so a test
+    can count which positions were decoded on either runtime. Production code registers none."""
 
     tokenizer: Any
     image_spec: ImageSpec
@@ -38,6 +44,13 @@ class Preprocessor:
     max_len: int
     overlong: str
     data_root: str
+    decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
+
+    def sample_at(self, stage: str, position: int, fields: dict[str, str]):
+        """The training sample at `position` of `stage` (fields from `datasets_io.sampler.sample_fields`)."""
+        for hook in self.decode_hooks:
+            hook(stage, position)
+        return self.sample(fields["prompt"], fields["target"], fields["image"], fields["where"])
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
         pixels = preprocess_image(read_bytes(join(self.data_root, image)), self.image_spec)  # (3, S, S)
@@ -92,7 +105,8 @@ def micro_batch(pre: Preprocessor, tables: dict[str, dict[str, list]], spec: Sam
     datasets_io.ray_datasets)."""
     ds = draws(spec, stage, positions)
     fields = [sample_fields(tables, stage, d) for d in ds]
-    batch = pre.batch([(f["prompt"], f["target"], f["image"], f["where"]) for f in fields])
+    out = [pre.sample_at(stage, d.position, f) for d, f in zip(ds, fields)]
+    batch = pre.collate([p for p, _ in out], [t for _, t in out])
     return with_meta(batch, ds, [f["study_id"] for f in fields])
 
 
