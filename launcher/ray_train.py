@@ -132,7 +132,7 @@ def write_run_marker(cfg: Config, marker: dict) -> None:
         f.write(json.dumps(marker, indent=2).encode())
 
 
-def pinned_tracker(cfg: Config, plan: Any) -> tuple[Any, bool]:
+def pinned_tracker(cfg: Config, tags: dict[str, str]) -> tuple[Any, bool]:
     """The MLflow run of this Ray run: created on the first launch (and its id stored next to Ray's run state),
     reopened on every later launch with the same storage_path + name. Returns (tracker, reopened)."""
     from training.tracking import MlflowTracker, config_params
@@ -144,10 +144,7 @@ def pinned_tracker(cfg: Config, plan: Any) -> tuple[Any, bool]:
         return tracker, True
     tracker = MlflowTracker(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
     tracker.log_params(config_params(cfg))
-    tracker.set_tags({"runtime": "ray", "ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
-                      "ray.num_workers": str(cfg.ray.num_workers),
-                      "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage),
-                      "total_steps": str(plan.total_steps), "stage_a_steps": str(plan.stage_a_steps)})
+    tracker.set_tags(tags)
     write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return tracker, False
@@ -199,26 +196,11 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
                         num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
 
 
-def val_rows_for_workers(cfg: Config, val: dict[str, list], world: int) -> dict[str, list[list[dict]]]:
-    """Per stage, one equal slice of validation rows per rank, whole micro-batches only: under ZeRO-3 every forward
-    is collective, so every rank must evaluate the same number of batches."""
-    mb = cfg.train.micro_batch_size
-    out: dict[str, list[list[dict]]] = {}
-    for stage, rows in val.items():
-        per_rank = min(cfg.train.val_batches, len(rows) // (mb * world)) * mb
-        out[stage] = [[{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
-                       for r in rows[k * per_rank:(k + 1) * per_rank]] for k in range(world)]
-    return out
-
-
 @dataclass
 class DriverSetup:
     """What the driver prepares before any worker starts (see `prepare_run`)."""
 
-    data: Any  # launcher.local.RunData: validated records per split and stage
-    counts: dict[str, int]
-    base_path: str
-    plan: Any  # training.curriculum.StepPlan
+    prep: Any  # training.recipe.RunPrep: records, counts, base model, step plan (the recipe both runtimes share)
     dtype: str
     ds_config: dict
     tracker: Any
@@ -233,24 +215,19 @@ def prepare_run(cfg: Config) -> DriverSetup:
     t0 = time.perf_counter()
     from ray.train.torch import TorchTrainer  # noqa: F401 - imported here, on the set-up thread
 
-    from launcher.local import corpus_texts, ensure_data, load_run_data
-    from training import curriculum
     from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
-    from training.model import resolve_base_path
+    from training.recipe import prepare_run_data, run_tags
 
     out = Path(cfg.output.dir)
     world = cfg.ray.num_workers
-    ensure_data(cfg)
-    data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
-    counts = {s: len(data.train[s]) for s in ("A", "B")}
-    base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
-    plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
+    prep = prepare_run_data(cfg, world)  # every record validated, stages counted, tiny base built once, here
     dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
-    ds_config = deepspeed_config(cfg, world, dtype)
+    ds_config = deepspeed_config(prep.cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before training
-    return DriverSetup(data, counts, base_path, plan, dtype, ds_config, tracker, reopened,
-                       time.perf_counter() - t0)
+    tags = run_tags(prep, "ray", **{"ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
+                                    "ray.num_workers": str(world), "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
+    tracker, reopened = pinned_tracker(cfg, tags)  # an unreachable tracking server fails here, before training
+    return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0)
 
 
 def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
@@ -289,7 +266,8 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             if started_here:
                 ray.shutdown()
             raise
-    data, counts, base_path, plan, tracker = setup.data, setup.counts, setup.base_path, setup.plan, setup.tracker
+    prep, tracker = setup.prep, setup.tracker
+    data, counts, base_path, plan = prep.data, prep.counts, prep.base_path, prep.plan
     dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
     driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
 
@@ -302,13 +280,14 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         from training import data as data_module
         from training import loop as loop_module
         from training.checkpoint import read_state
-        from training.loop import LoopState, write_run_summary
+        from training.loop import LoopState
+        from training.recipe import finish_run
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
         rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
         loop_config = {
             "cfg": to_dict(cfg), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
-            "val_rows": val_rows_for_workers(cfg, data.val, world), "base_model": base_path, "debug": debug,
+            "val": data.val, "base_model": base_path, "debug": debug,
             "rows": rows, "counts": counts,
             "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
             "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
@@ -357,27 +336,21 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
             "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
         } if fresh else None
-        summary = write_run_summary(
-            out / "run_summary.json", state, plan, mlflow_run_id=tracker.run_id, tracking_uri=tracker.tracking_uri,
-            runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
-            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
-            cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1), base_model=base_path,
-            skipped_records=data.skipped,
-            time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
         tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
                           **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
+        with result.checkpoint.as_directory() as ckpt_dir:
+            summary = finish_run(
+                out, state, prep, tracker, ckpt_dir, "FINISHED",
+                runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
+                ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
+                cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1),
+                time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
         status = "FINISHED"
     finally:
-        tracker.close(status)
+        if status != "FINISHED":
+            tracker.close(status)
         if started_here:
             ray.shutdown()
-    if status == "FINISHED" and cfg.mlflow.register_at_end:
-        from training.registry import register_checkpoint
-
-        with result.checkpoint.as_directory() as ckpt_dir:
-            summary["registered"] = register_checkpoint(ckpt_dir, cfg.mlflow.registered_model_name,
-                                                        alias=cfg.mlflow.alias, cfg=cfg, run_id=tracker.run_id)
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -510,7 +483,7 @@ def train_worker(config: dict) -> None:
     from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
     from training.loop import LoopIO, LoopState, train
     from training.model import resolve_base_path
-    from training.recipe import build_lora_model
+    from training.recipe import build_lora_model, validation_source
     from training.tracking import MlflowTracker, NullTracker
 
     state = LoopState.from_json(saved) if saved else LoopState()
@@ -546,15 +519,6 @@ def train_worker(config: dict) -> None:
         rows = primed.pop((stage, cursor), None) or batches(stage, cursor)
         return (to_torch(b) for b in rows)
 
-    val_rows = {s: _items(config["val_rows"][s][rank]) for s in ("A", "B")}
-    val_cache: dict[str, list] = {}
-
-    def val_source(stage: str) -> list:
-        if stage not in val_cache:
-            rows = val_rows[stage]
-            val_cache[stage] = [to_torch(pre.batch(rows[i:i + mb])) for i in range(0, len(rows) - mb + 1, mb)]
-        return val_cache[stage]
-
     def on_checkpoint(path: Path, loop_state: LoopState) -> None:
         engine.barrier()  # the writer has renamed <name>.tmp -> <name>
         mine = path if rank == 0 else None
@@ -574,7 +538,8 @@ def train_worker(config: dict) -> None:
     tracker = ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"])) if rank == 0 else NullTracker()
     order_log = (DataOrderLog(out / "data_order.jsonl", rank, world, state.global_step)
                  if cfg.train.record_data_order else None)  # every rank: the gather is a collective
-    io = LoopIO(engine=engine, plan=plan, source=source, val_source=val_source, tracker=tracker,
+    io = LoopIO(engine=engine, plan=plan, source=source, tracker=tracker,
+                val_source=validation_source(pre, config["val"], cfg, rank, world),
                 checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
                 grad_accum=ga, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 save_every=cfg.train.save_every, world_size=world, show_progress=False, on_checkpoint=on_checkpoint,

@@ -85,15 +85,15 @@ def test_config_is_resolved_for_the_cluster(train_data, tmp_path, monkeypatch):
 
 def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
     from launcher.local import load_run_data
-    from launcher.ray_train import val_rows_for_workers
+    from training.recipe import validation_slice
 
     cfg = ray_cfg(train_data, tmp_path / "v", **{"train.val_batches": 5})
     data = load_run_data(cfg)
-    split = val_rows_for_workers(cfg, data.val, world=2)
+    split = {s: [validation_slice(data.val[s], cfg.train.micro_batch_size, 5, r, 2) for r in (0, 1)] for s in "AB"}
     for stage in ("A", "B"):
         sizes = [len(rows) for rows in split[stage]]
         assert sizes[0] == sizes[1] and sizes[0] % cfg.train.micro_batch_size == 0 and sizes[0] > 0
-        assert not {r["image"] for r in split[stage][0]} & {r["image"] for r in split[stage][1]}
+        assert not {r.image for r in split[stage][0]} & {r.image for r in split[stage][1]}
 
 
 def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path):
