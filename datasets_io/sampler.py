@@ -17,7 +17,7 @@ Contract (pure: no state, no I/O):
 - The data cursor of a checkpoint is, per stage, the number of global positions consumed (a multiple of G): it does
   not depend on the number of workers.
 
-Rows are addressed by index into the stage's validated records (the order `launcher.local.load_run_data` returns).
+Rows are addressed by index into the stage's validated records (the order `training.recipe.load_run_data` returns).
 """
 
 from __future__ import annotations

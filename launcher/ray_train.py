@@ -10,8 +10,9 @@ MLflow run to the Ray run, `ray.put`s the validated rows once and hands everythi
 
 Each worker (`train_worker`) rebuilds the typed config on its first line, builds the model (inside ZeRO-3's init
 context when stage 3) and a `DeepSpeedEngine`, builds per stage a Ray Dataset of ITS positions from the checkpoint's
-global data cursor on (datasets_io/ray_datasets.py: the sampler's draws, decoded in Ray Data tasks), and runs THE loop, `training.loop.train`, the same function the local runtime runs. Checkpoints are reported to Ray
-Train from every rank (`ray.train.report` is a barrier), so after a worker dies the restarted group resumes from the
+global data cursor on (datasets_io/ray_datasets.py: the sampler's draws, decoded in Ray Data tasks), and runs THE
+loop, `training.loop.train`, the same function the local runtime runs. Checkpoints are reported to Ray Train from
+every rank (`ray.train.report` is a barrier), so after a worker dies the restarted group resumes from the
 latest one at the right stage, step and data position; running the same command again with the same
 `ray.storage_path` + `ray.name` resumes the run, and reuses its MLflow run.
 """
@@ -225,7 +226,8 @@ def prepare_run(cfg: Config) -> DriverSetup:
     ds_config = deepspeed_config(prep.cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     tags = run_tags(prep, "ray", **{"ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
-                                    "ray.num_workers": str(world), "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
+                                    "ray.num_workers": str(world),
+                                    "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
     tracker, reopened = pinned_tracker(cfg, tags)  # an unreachable tracking server fails here, before training
     return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0)
 
