@@ -67,7 +67,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.checkpoint import Checkpointer, read_state, resolve_resume
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
     from training.engines import AccelerateEngine
-    from training.loop import LoopIO, LoopState, train
+    from training.loop import LoopIO, LoopState, check_cursor_unit, train
     from training.model import load_adapter_weights
     from training.recipe import build_lora_model, finish_run, prepare_run_data, run_tags, validation_source
     from training.tracking import MlflowTracker, config_params
@@ -81,6 +81,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root)  # fails loudly before any work
     resumed = read_state(resume_from) if resume_from else None
+    if resumed:
+        check_cursor_unit(resumed, str(resume_from))
 
     prep = prepare_run_data(cfg, world_size=1)
     cfg, data, plan = prep.cfg, prep.data, prep.plan

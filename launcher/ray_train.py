@@ -577,9 +577,12 @@ def check_resumable(cfg: Config, saved: dict | None, plan: Any, world: int) -> N
     """A checkpoint continues only under the same step plan and worker count. The data order would continue on any
     worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank: refused, not
     silently restarted."""
+    from training.loop import check_cursor_unit
+
     if not saved:
         return
     where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
+    check_cursor_unit(saved, where)
     if saved.get("plan") != plan.__dict__:
         raise LauncherError(f"{where} was started with another step plan ({saved.get('plan')}), this config gives "
                             f"{plan.__dict__}: resume with the same config, or pick a new ray.name")

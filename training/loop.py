@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from launcher.errors import LauncherError
 from training.checkpoint import Checkpointer, step_dir_name
 from training.curriculum import StepPlan, lr_factor, stage_at
 from training.data import META_KEYS
@@ -34,6 +35,15 @@ log = logging.getLogger(__name__)
 
 BatchSource = Callable[[str, int], Iterator[dict[str, Any]]]  # (stage, global cursor) -> this rank's micro-batches
 STEP_HOOKS: list[Callable[[int, str, int, "LoopState"], None]] = []  # test-only (see the module docstring)
+CURSOR_UNIT = "global_positions"  # saved next to `cursor`; checkpoints from before had micro-batches of one rank
+
+
+def check_cursor_unit(saved: dict, where: str) -> None:
+    """A checkpoint whose cursor counts something else would resume at the wrong samples: refused, loudly."""
+    if saved.get("cursor_unit") != CURSOR_UNIT:
+        raise LauncherError(f"{where}: its data cursor {saved.get('cursor')} counts micro-batches of one rank (written "
+                            f"before the cursor became global); it cannot be resumed at the same samples. Start a "
+                            "new run (a new output.dir / ray.name), or load its adapter for evaluation only")
 
 
 @dataclass
@@ -49,7 +59,8 @@ class LoopState:
     def to_json(self, plan: StepPlan, **extra: Any) -> dict:
         stage = stage_at(self.global_step, plan) if self.global_step < plan.total_steps else "done"
         return {
-            "global_step": self.global_step, "stage": stage, "cursor": dict(self.cursor), "losses": self.losses,
+            "global_step": self.global_step, "stage": stage, "cursor": dict(self.cursor), "cursor_unit": CURSOR_UNIT,
+            "losses": self.losses,
             "checkpoints": self.checkpoints, "stage_switch_step": self.stage_switch_step,
             "val_history": self.val_history, "plan": plan.__dict__, **extra,
         }
