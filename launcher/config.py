@@ -99,7 +99,12 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Samples per device per forward pass."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step on each rank (derived when `global_batch_size` is set)."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x workers. When set,
+    grad_accum = global_batch_size / (micro_batch_size x workers), an error if that does not divide."""
+    record_data_order: bool = False
+    """Write <output.dir>/data_order.jsonl: per optimizer step the study ids each rank trained on (no text)."""
     lr: float = 2e-4
     """Learning rate of the LoRA adapters (and the vision tower when trained)."""
     projector_lr: float = 0.0
@@ -250,6 +255,11 @@ def _check_ranges(cfg: Config) -> list[str]:
     for name in ("micro_batch_size", "grad_accum", "keep_last"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.global_batch_size < 0:
+        p.append(f"train.global_batch_size: must be >= 0, got {t.global_batch_size}")
+    elif t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+        p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
+                 f"{t.micro_batch_size}")
     if t.max_steps < 0:
         p.append(f"train.max_steps: must be >= 0, got {t.max_steps}")
     if t.max_steps == 0 and t.epochs <= 0:

@@ -1,4 +1,4 @@
-"""The Ray runtime: Ray Train schedules DeepSpeed ZeRO LoRA workers over sharded per-stage Ray Datasets.
+"""The Ray runtime: Ray Train schedules DeepSpeed ZeRO LoRA workers, each streaming its own slice of the data.
 
     launcher ray --config configs/tiny.yaml --num-workers 2                 # here: starts a local Ray on 127.0.0.1
     ray job submit --address http://HEAD:8265 --working-dir . -- launcher ray --config configs/tiny.yaml
@@ -6,12 +6,13 @@
 
 The driver (`run_ray`) counts the rows of each stage up front (a Ray Dataset shard has no length), builds the
 tiny base model if the config asks for one, derives the step plan and the DeepSpeed JSON (pure functions), pins one
-MLflow run to the Ray run, builds the Stage A / Stage B Ray Datasets and hands everything to a `TorchTrainer`.
+MLflow run to the Ray run, `ray.put`s the validated rows once and hands everything to a `TorchTrainer`.
 
 Each worker (`train_worker`) rebuilds the typed config on its first line, builds the model (inside ZeRO-3's init
-context when stage 3) and a `DeepSpeedEngine`, opens its shard of each stage dataset at the checkpoint's data cursor,
-and runs THE loop, `training.loop.train`, the same function the local runtime runs. Checkpoints are reported to Ray
-Train from every rank (`ray.train.report` is a barrier), so after a worker dies the restarted group resumes from the
+context when stage 3) and a `DeepSpeedEngine`, builds per stage a Ray Dataset of ITS positions from the checkpoint's
+global data cursor on (datasets_io/ray_datasets.py: the sampler's draws, decoded in Ray Data tasks), and runs THE
+loop, `training.loop.train`, the same function the local runtime runs. Checkpoints are reported to Ray Train from
+every rank (`ray.train.report` is a barrier), so after a worker dies the restarted group resumes from the
 latest one at the right stage, step and data position; running the same command again with the same
 `ray.storage_path` + `ray.name` resumes the run, and reuses its MLflow run.
 """
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, ConfigError, data_path, from_dict, to_dict
+from launcher.config import Config, ConfigError, from_dict, to_dict
 from launcher.errors import LauncherError
+from training.curriculum import grad_accum_for, with_derived_grad_accum
 
 RUN_MARKER = "launcher_run.json"  # <storage>/<name>/launcher_run.json pins the MLflow run id to the Ray run
 RANKS_DIR = "ray_ranks"  # <output.dir>/ray_ranks/rank<R>.json (+ .events.jsonl): what each rank saw and when
@@ -89,15 +91,17 @@ def resolve_for_cluster(cfg: Config, num_workers: int | None = None, use_gpu: bo
 
 def check_supported(cfg: Config) -> None:
     problems = []
-    if cfg.curriculum.replay_fraction > 0:
-        problems.append(f"curriculum.replay_fraction: {cfg.curriculum.replay_fraction} is not supported by the Ray "
-                        "path (Stage B shards hold Stage B rows only); set it to 0 or use `launcher local`")
     if cfg.ray.cpus_per_worker <= 0:
         problems.append(f"ray.cpus_per_worker: must be > 0, got {cfg.ray.cpus_per_worker}")
     if cfg.ray.max_failures < 0:
         problems.append(f"ray.max_failures: must be >= 0, got {cfg.ray.max_failures}")
     if cfg.ray.num_to_keep < 1:
         problems.append(f"ray.num_to_keep: must be >= 1, got {cfg.ray.num_to_keep}")
+    t = cfg.train
+    try:
+        grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.ray.num_workers)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError(problems, "config (ray)")
 
@@ -129,7 +133,7 @@ def write_run_marker(cfg: Config, marker: dict) -> None:
         f.write(json.dumps(marker, indent=2).encode())
 
 
-def pinned_tracker(cfg: Config, plan: Any) -> tuple[Any, bool]:
+def pinned_tracker(cfg: Config, tags: dict[str, str]) -> tuple[Any, bool]:
     """The MLflow run of this Ray run: created on the first launch (and its id stored next to Ray's run state),
     reopened on every later launch with the same storage_path + name. Returns (tracker, reopened)."""
     from training.tracking import MlflowTracker, config_params
@@ -141,10 +145,7 @@ def pinned_tracker(cfg: Config, plan: Any) -> tuple[Any, bool]:
         return tracker, True
     tracker = MlflowTracker(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
     tracker.log_params(config_params(cfg))
-    tracker.set_tags({"runtime": "ray", "ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
-                      "ray.num_workers": str(cfg.ray.num_workers),
-                      "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage),
-                      "total_steps": str(plan.total_steps), "stage_a_steps": str(plan.stage_a_steps)})
+    tracker.set_tags(tags)
     write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return tracker, False
@@ -196,26 +197,11 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
                         num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
 
 
-def val_rows_for_workers(cfg: Config, val: dict[str, list], world: int) -> dict[str, list[list[dict]]]:
-    """Per stage, one equal slice of validation rows per rank, whole micro-batches only: under ZeRO-3 every forward
-    is collective, so every rank must evaluate the same number of batches."""
-    mb = cfg.train.micro_batch_size
-    out: dict[str, list[list[dict]]] = {}
-    for stage, rows in val.items():
-        per_rank = min(cfg.train.val_batches, len(rows) // (mb * world)) * mb
-        out[stage] = [[{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
-                       for r in rows[k * per_rank:(k + 1) * per_rank]] for k in range(world)]
-    return out
-
-
 @dataclass
 class DriverSetup:
     """What the driver prepares before any worker starts (see `prepare_run`)."""
 
-    data: Any  # launcher.local.RunData: validated records per split and stage
-    counts: dict[str, int]
-    base_path: str
-    plan: Any  # training.curriculum.StepPlan
+    prep: Any  # training.recipe.RunPrep: records, counts, base model, step plan (the recipe both runtimes share)
     dtype: str
     ds_config: dict
     tracker: Any
@@ -230,32 +216,29 @@ def prepare_run(cfg: Config) -> DriverSetup:
     t0 = time.perf_counter()
     from ray.train.torch import TorchTrainer  # noqa: F401 - imported here, on the set-up thread
 
-    from launcher.local import corpus_texts, ensure_data, load_run_data
-    from training import curriculum
     from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
-    from training.model import resolve_base_path
+    from training.recipe import prepare_run_data, run_tags
 
     out = Path(cfg.output.dir)
     world = cfg.ray.num_workers
-    ensure_data(cfg)
-    data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
-    counts = {s: len(data.train[s]) for s in ("A", "B")}
-    base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
-    plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
+    prep = prepare_run_data(cfg, world)  # every record validated, stages counted, tiny base built once, here
     dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
-    ds_config = deepspeed_config(cfg, world, dtype)
+    ds_config = deepspeed_config(prep.cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before training
-    return DriverSetup(data, counts, base_path, plan, dtype, ds_config, tracker, reopened,
-                       time.perf_counter() - t0)
+    tags = run_tags(prep, "ray", **{"ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
+                                    "ray.num_workers": str(world),
+                                    "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
+    tracker, reopened = pinned_tracker(cfg, tags)  # an unreachable tracking server fails here, before training
+    return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0)
 
 
 def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
             debug: dict | None = None) -> dict:
     """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
 
-    `debug` (tests and benchmarks): {"fail": {"rank": 1, "step": 7, "marker": PATH}} kills that rank once at that
-    step; {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after training."""
+    `debug` (tests and benchmarks): {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after
+    training. Fault injection is not here: tests register a step hook (training.loop.STEP_HOOKS), shipped to the
+    workers with the test's other hooks."""
     from concurrent.futures import ThreadPoolExecutor
 
     t_start, t_start_wall = time.perf_counter(), time.time()  # imports are part of the start-up
@@ -263,10 +246,8 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
 
     cfg = resolve_for_cluster(cfg, num_workers, use_gpu)
     check_supported(cfg)
+    cfg = with_derived_grad_accum(cfg, cfg.ray.num_workers)
     debug = dict(debug or {})
-    if os.environ.get("LAUNCHER_DEBUG_FAIL"):  # rank:step:marker, for fault-tolerance drills from the CLI
-        rank, step, marker = os.environ["LAUNCHER_DEBUG_FAIL"].split(":", 2)
-        debug["fail"] = {"rank": int(rank), "step": int(step), "marker": marker}
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     world = cfg.ray.num_workers
@@ -287,7 +268,8 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             if started_here:
                 ray.shutdown()
             raise
-    data, counts, base_path, plan, tracker = setup.data, setup.counts, setup.base_path, setup.plan, setup.tracker
+    prep, tracker = setup.prep, setup.tracker
+    data, counts, base_path, plan = prep.data, prep.counts, prep.base_path, prep.plan
     dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
     driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
 
@@ -296,23 +278,20 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from datasets_io.ray_datasets import ingest_config, stage_dataset
+        from datasets_io.sampler import row_table
+        from training import data as data_module
+        from training import loop as loop_module
         from training.checkpoint import read_state
-        from training.loop import LoopState, write_run_summary
+        from training.loop import LoopState
+        from training.recipe import finish_run
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
-        pre = make_preprocessor(cfg, base_path)
-        train_path = data_path(cfg, "train_file")
-        n_lines = sum(counts.values()) + data.skipped
-        datasets = {
-            s: stage_dataset([train_path], s, pre, n_rows=counts[s], source_rows=n_lines,
-                             policy=cfg.data.bad_records, no_ehr_variant=(s == "B" and cfg.curriculum.ehr_dropout > 0),
-                             check_images=cfg.data.bad_records == "skip", decoders=max(1, min(world, 8)))
-            for s in ("A", "B")
-        }
+        rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
         loop_config = {
             "cfg": to_dict(cfg), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
-            "val_rows": val_rows_for_workers(cfg, data.val, world), "base_model": base_path, "debug": debug,
+            "val": data.val, "base_model": base_path, "debug": debug,
+            "rows": rows, "counts": counts,
+            "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
             "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
                            for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
         }
@@ -324,8 +303,6 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             run_config=RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
-            datasets=datasets,
-            dataset_config=ingest_config(),
         )
         print(f"[ray] {world} workers x {cfg.ray.cpus_per_worker} CPU{' + 1 GPU' if cfg.ray.use_gpu else ''}, "
               f"ZeRO-{cfg.deepspeed.zero_stage} {dtype}, steps={plan.total_steps} (stage A {plan.stage_a_steps}, "
@@ -361,27 +338,21 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
             "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
         } if fresh else None
-        summary = write_run_summary(
-            out / "run_summary.json", state, plan, mlflow_run_id=tracker.run_id, tracking_uri=tracker.tracking_uri,
-            runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
-            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
-            cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1), base_model=base_path,
-            skipped_records=data.skipped,
-            time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
         tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
                           **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
+        with result.checkpoint.as_directory() as ckpt_dir:
+            summary = finish_run(
+                out, state, prep, tracker, ckpt_dir, "FINISHED",
+                runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
+                ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
+                cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1),
+                time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
         status = "FINISHED"
     finally:
-        tracker.close(status)
+        if status != "FINISHED":
+            tracker.close(status)
         if started_here:
             ray.shutdown()
-    if status == "FINISHED" and cfg.mlflow.register_at_end:
-        from training.registry import register_checkpoint
-
-        with result.checkpoint.as_directory() as ckpt_dir:
-            summary["registered"] = register_checkpoint(ckpt_dir, cfg.mlflow.registered_model_name,
-                                                        alias=cfg.mlflow.alias, cfg=cfg, run_id=tracker.run_id)
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -452,34 +423,21 @@ class PrimedIterator:
         return next(self.it)
 
 
-def build_lora_model(cfg: Config, seed: int, dtype: str = "fp32") -> Any:
-    """`training.model.build_model`, re-seeded between loading the base and adding LoRA: ZeRO-3's partitioned
-    loading consumes the RNG differently, and the LoRA A init must not depend on the ZeRO stage (with this, ZeRO-2,
-    ZeRO-3 and a plain torch reference give the same gradients). The base loads in the training dtype (a 7B in
-    fp32 would be 28 GB of host memory per worker); DeepSpeed keeps fp32 master copies of the trainable tensors."""
-    import torch
-
-    from training.model import apply_lora, bundle_for, load_base, resolve_base_path
-
-    base_path = resolve_base_path(cfg, None)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base, tokenizer = load_base(base_path, torch_dtype)
-    torch.manual_seed(seed)
-    return bundle_for(apply_lora(cfg, base), tokenizer, base_path)
-
-
 def _items(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     return [(r["prompt"], r["target"], r["image"], r["where"]) for r in rows]
 
 
 def train_worker(config: dict) -> None:
-    """Per-worker entry (every rank): config in, model + DeepSpeed engine + shards built, THE loop run, checkpoints
-    reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
+    """Per-worker entry (every rank): config in, model + DeepSpeed engine + this rank's data built, THE loop run,
+    checkpoints reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
     t0, entry_wall = time.perf_counter(), time.time()
     laps = Laps()
     import ray.train
 
-    from datasets_io.ray_datasets import ShardSpec, collate, shard_rows
+    from datasets_io.ray_datasets import stage_batches, stage_dataset, worker_items
+    from datasets_io.sampler import BatchLayout
+    from training import data as data_module
+    from training import loop as loop_module
     from training.checkpoint import read_state
     from training.curriculum import StepPlan, stage_at
 
@@ -488,28 +446,33 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     debug, plan, ds_config = config.get("debug") or {}, StepPlan(**config["plan"]), config["deepspeed"]
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
+    loop_module.STEP_HOOKS[:] = config["test_hooks"]["step"]  # empty in production (see training/loop.py)
+    data_module.DECODE_HOOKS[:] = config["test_hooks"]["decode"]
 
     checkpoint = ray.train.get_checkpoint()  # the latest reported one: set after a restart or a re-run
     held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
     ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
     saved = read_state(ckpt_dir) if ckpt_dir else None
-    if saved and saved.get("plan") != plan.__dict__:
-        raise LauncherError(
-            f"run {cfg.ray.storage_path}/{cfg.ray.name} was started with another step plan ({saved.get('plan')}), "
-            f"this config gives {plan.__dict__}: resume with the same config and worker count, or pick a new ray.name")
+    check_resumable(cfg, saved, plan, world)
     resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
                     if saved else None)
     step0, cursor0 = (saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})
 
-    # Data first, before the heavy imports: the shard of the stage this run starts in streams (read, decode,
-    # tokenize in Ray Data tasks) while this process imports torch/DeepSpeed and builds the model.
-    shards = {s: ray.train.get_dataset_shard(s) for s in ("A", "B")}
-    specs = {s: ShardSpec(s, mb, cfg.train.seed, rank, cfg.curriculum.ehr_dropout if s == "B" else 0.0)
-             for s in ("A", "B")}
+    # Data first, before the heavy imports: this rank's samples of the stage it starts in stream (decode, tokenize in
+    # Ray Data tasks) while this process imports torch/DeepSpeed and builds the model.
+    pre = make_preprocessor(cfg, config["base_model"])
+    spec = data_module.sampler_spec(cfg, config["counts"])
+    layout = BatchLayout(mb, ga, world)
+    stage_steps = {"A": plan.stage_a_steps, "B": plan.stage_b_steps}
+
+    def batches(stage: str, cursor: int):
+        items = worker_items(spec, layout, rank, stage, cursor, stage_steps[stage])
+        return stage_batches(stage_dataset(items, config["rows"], stage, pre), pre, mb)
+
     primed: dict[tuple[str, int], Any] = {}
     if step0 < plan.total_steps:
         first = stage_at(step0, plan)
-        primed[(first, cursor0[first])] = PrimedIterator(shard_rows(shards[first], specs[first], start=cursor0[first]))
+        primed[(first, cursor0[first])] = PrimedIterator(batches(first, cursor0[first]))
 
     laps.mark("data")
     import peft  # noqa: F401 - training.model imports peft and the modeling classes lazily; here they count as imports
@@ -518,18 +481,14 @@ def train_worker(config: dict) -> None:
     from transformers import LlavaForConditionalGeneration  # noqa: F401
 
     from training.checkpoint import Checkpointer
-    from training.data import to_torch
+    from training.data import DataOrderLog, to_torch
     from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
     from training.loop import LoopIO, LoopState, train
+    from training.model import resolve_base_path
+    from training.recipe import build_lora_model, validation_source
     from training.tracking import MlflowTracker, NullTracker
 
     state = LoopState.from_json(saved) if saved else LoopState()
-    pre = make_preprocessor(cfg, config["base_model"])
-
-    def raw_batches(stage: str, start: int):
-        rows = primed.pop((stage, start), None) or shard_rows(shards[stage], specs[stage], start=start)
-        return (to_torch(collate(r, pre, specs[stage], epoch)) for r, epoch in rows)
-
     if not cfg.ray.use_gpu:
         prepare_deepspeed_cpu()
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
@@ -537,7 +496,7 @@ def train_worker(config: dict) -> None:
     laps.mark("imports")
     zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
     dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    bundle = build_lora_model(cfg, seed=cfg.train.seed, dtype=dtype)
+    bundle = build_lora_model(cfg, resolve_base_path(cfg, None), dtype=dtype)
     laps.mark("model")
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
     laps.mark("deepspeed")
@@ -549,33 +508,18 @@ def train_worker(config: dict) -> None:
     setup_s = time.perf_counter() - t0
 
     first_step_of_stage: dict[str, int] = {}
-    fail = debug.get("fail")
     out = Path(cfg.output.dir)
     ranks_dir = out / RANKS_DIR
     ranks_dir.mkdir(parents=True, exist_ok=True)
 
-    def source(stage: str, start_micro: int):
-        for batch in raw_batches(stage, start_micro):
-            step = (state.cursor["A"] + state.cursor["B"] - 1) // ga  # 0-based; the loop has counted this draw
-            if stage not in first_step_of_stage:  # one line per stage and attempt: where this rank entered it
-                first_step_of_stage[stage] = step
-                with open(ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
-                    f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step,
-                                        "cursor": dict(state.cursor), "resumed_from": resumed_from}) + "\n")
-            if fail and rank == fail["rank"] and step == fail["step"] and not Path(fail["marker"]).exists():
-                Path(fail["marker"]).write_text(f"rank {rank} killed at step {step}, cursor {state.cursor}\n")
-                say(f"[debug] killing rank {rank} at step {step} (cursor {state.cursor})")
-                os._exit(1)
-            yield batch
-
-    val_rows = {s: _items(config["val_rows"][s][rank]) for s in ("A", "B")}
-    val_cache: dict[str, list] = {}
-
-    def val_source(stage: str) -> list:
-        if stage not in val_cache:
-            rows = val_rows[stage]
-            val_cache[stage] = [to_torch(pre.batch(rows[i:i + mb])) for i in range(0, len(rows) - mb + 1, mb)]
-        return val_cache[stage]
+    def source(stage: str, cursor: int):
+        step = (plan.stage_a_steps if stage == "B" else 0) + cursor // plan.samples_per_step
+        first_step_of_stage[stage] = step  # where this rank entered the stage, in this attempt
+        with open(ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
+            f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step, "cursor": dict(state.cursor),
+                                "resumed_from": resumed_from}) + "\n")
+        rows = primed.pop((stage, cursor), None) or batches(stage, cursor)
+        return (to_torch(b) for b in rows)
 
     def on_checkpoint(path: Path, loop_state: LoopState) -> None:
         engine.barrier()  # the writer has renamed <name>.tmp -> <name>
@@ -594,11 +538,14 @@ def train_worker(config: dict) -> None:
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     tracker = ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"])) if rank == 0 else NullTracker()
-    io = LoopIO(engine=engine, plan=plan, source=source, val_source=val_source, tracker=tracker,
+    order_log = (DataOrderLog(out / "data_order.jsonl", rank, world, state.global_step)
+                 if cfg.train.record_data_order else None)  # every rank: the gather is a collective
+    io = LoopIO(engine=engine, plan=plan, source=source, tracker=tracker,
+                val_source=validation_source(pre, config["val"], cfg, rank, world),
                 checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
                 grad_accum=ga, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 save_every=cfg.train.save_every, world_size=world, show_progress=False, on_checkpoint=on_checkpoint,
-                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints, on_step_data=order_log, rank=rank,
                 extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
                              "runtime": "ray", "world_size": world})
     say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s ("
@@ -624,3 +571,24 @@ def train_worker(config: dict) -> None:
         "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
         "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
                                  if state.first_step_done_at else None)}, indent=2))
+
+
+def check_resumable(cfg: Config, saved: dict | None, plan: Any, world: int) -> None:
+    """A checkpoint continues only under the same step plan and worker count. The data order would continue on any
+    worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank: refused, not
+    silently restarted."""
+    from training.loop import check_cursor_unit
+
+    if not saved:
+        return
+    where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
+    check_cursor_unit(saved, where)
+    if saved.get("plan") != plan.__dict__:
+        raise LauncherError(f"{where} was started with another step plan ({saved.get('plan')}), this config gives "
+                            f"{plan.__dict__}: resume with the same config, or pick a new ray.name")
+    if saved.get("world_size", world) != world:
+        raise LauncherError(
+            f"{where} was saved by {saved['world_size']} workers, this run has {world}: the data order would "
+            "continue (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank and cannot be "
+            f"reloaded on another count. Resume with --num-workers {saved['world_size']}, or start a new ray.name "
+            "from the adapter bundle.")

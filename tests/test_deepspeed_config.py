@@ -106,7 +106,7 @@ import torch, torch.distributed as dist
 from conftest import tiny_overrides
 from launcher.config import load_config
 from launcher.local import corpus_texts, load_run_data
-from launcher.ray_train import build_lora_model
+from training.recipe import build_lora_model
 from training.model import resolve_base_path
 from training.data import Preprocessor, to_torch
 from training.deepspeed_engine import (DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu,
@@ -122,7 +122,7 @@ resolve_base_path(cfg, corpus_texts(data))  # builds the tiny base once
 rows = data.train["A"][:12]
 
 def fresh():
-    return build_lora_model(cfg, seed=0)
+    return build_lora_model(cfg, resolve_base_path(cfg, None))
 
 ref = fresh()  # plain torch reference, built before ZeRO-3's init context exists
 pre = Preprocessor(ref.tokenizer, ref.image_spec, ref.image_token_id, ref.num_image_tokens, cfg.data.max_seq_len,

@@ -1,4 +1,5 @@
-"""Stage A / Stage B Ray Datasets: parsing, map_batches output, equal deterministic shards, cursor resume, cycling.
+"""The Ray path's per-worker datasets (datasets_io/ray_datasets.py): items from the sampler, decoded in map_batches,
+collated into exactly the local micro-batches of the same positions; resuming at a cursor reads nothing before it.
 
     python -m pytest tests/test_ray_datasets.py -q
 
@@ -8,16 +9,13 @@ dir) shared with tests/test_ray_train.py and shut down at the end of the session
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, tiny_overrides
-from datasets_io.ray_datasets import (ShardSpec, collate, ehr_dropped, ingest_config, parse_lines, preprocess_rows,
-                                      shard_batches, stage_dataset)
-from datasets_io.records import RecordError
+from datasets_io.ray_datasets import collate, decode_items, stage_batches, stage_dataset, worker_items
+from datasets_io.sampler import BatchLayout, SamplerSpec, row_table
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -36,171 +34,88 @@ def prepared(synth_dir, tmp_path_factory):
     return cfg, make_preprocessor(cfg, base), data
 
 
-def train_lines(cfg) -> list[str]:
-    from launcher.config import data_path
+def setup(data, replay=0.3, dropout=0.4):
+    tables = {s: row_table(data.train[s]) for s in ("A", "B")}
+    spec = SamplerSpec(0, {s: len(data.train[s]) for s in ("A", "B")}, replay, dropout)
+    return tables, spec
 
-    return [ln for ln in Path(data_path(cfg, "train_file")).read_text().splitlines() if ln.strip()]
 
-
-def parse(cfg, lines, stage, policy="error"):
-    return parse_lines({"text": np.asarray(lines, dtype=object)}, stage=stage, source="train.jsonl",
-                       data_root=cfg.data.root, policy=policy, check_images=True)
+def as_columns(items: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.asarray([it[k] for it in items]) for k in items[0]}
 
 
 # ------------------------------------------------------------------------------------------------ no cluster
-def test_parse_lines_keeps_one_stage_and_applies_the_bad_record_policy(prepared):
-    cfg, _, data = prepared
-    lines = train_lines(cfg)
-    for stage in ("A", "B"):
-        rows = parse(cfg, lines, stage)
-        assert list(rows["study_id"]) == [r.study_id for r in data.train[stage]]  # file order, this stage only
-    bad = lines[:3] + ['{"study_id": "1", "image": "x.jpg"}', "not json"] + lines[3:6]
-    with pytest.raises(RecordError, match="missing required key"):
-        parse(cfg, bad, "A")
-    kept = parse(cfg, bad, "A", policy="skip")
-    assert len(kept["study_id"]) == len(parse(cfg, lines[:6], "A")["study_id"])
+def test_worker_items_are_the_ranks_positions_from_the_cursor_on(prepared):
+    _, _, data = prepared
+    _, spec = setup(data)
+    layout = BatchLayout(micro_batch_size=2, grad_accum=2, world_size=2)  # G = 8
+    items = worker_items(spec, layout, rank=1, stage="B", cursor=16, end_step=4)
+    assert [it["position"] for it in items] == [20, 21, 22, 23, 28, 29, 30, 31]  # steps 2, 3; rank 1's half
+    assert worker_items(spec, layout, rank=0, stage="B", cursor=32, end_step=4) == []
 
 
-def test_map_batches_columns_and_collate_match_the_local_batch(prepared):
-    """preprocess_rows -> fixed-shape columns; collate -> exactly Preprocessor.batch of the same rows."""
-    cfg, pre, _ = prepared
-    rows = parse(cfg, train_lines(cfg)[:12], "B")
-    cols = preprocess_rows(rows, pre=pre, no_ehr_variant=True)
-    n, s, width = len(rows["study_id"]), pre.image_spec.size, cfg.data.max_seq_len
-    assert cols["pixel_values"].shape == (n, 3, s, s) and cols["pixel_values"].dtype == np.float32
-    for k in ("input_ids", "labels", "input_ids_no_ehr", "labels_no_ehr"):
-        assert cols[k].shape == (n, width)
-    assert (cols["length_no_ehr"] < cols["length"]).all()  # the emptied Patient Data block is shorter
+def test_decoded_items_collate_to_the_local_micro_batch(prepared):
+    """decode_items -> fixed-shape columns; collate -> exactly training.data.micro_batch of the same positions,
+    replayed Stage A rows and emptied Patient Data included."""
+    from training.data import micro_batch
 
-    spec = ShardSpec("B", n, seed=0, rank=0, ehr_dropout=0.0)
-    got = collate(cols, pre, spec, epoch=0)
-    want = pre.batch(list(zip(rows["prompt"], rows["target"], rows["image"], rows["where"])))
-    for k in ("pixel_values", "input_ids", "attention_mask", "labels"):
-        np.testing.assert_array_equal(got[k], want[k])
-
-    from datasets_io.records import with_empty_ehr
-
-    all_dropped = collate(cols, pre, ShardSpec("B", n, seed=0, rank=0, ehr_dropout=0.999999), epoch=0)
-    want0 = pre.batch([(with_empty_ehr(p), t, i, w) for p, t, i, w in
-                       zip(rows["prompt"], rows["target"], rows["image"], rows["where"])])
-    np.testing.assert_array_equal(all_dropped["input_ids"], want0["input_ids"])
+    cfg, pre, data = prepared
+    tables, spec = setup(data)
+    layout = BatchLayout(micro_batch_size=6, grad_accum=1, world_size=1)
+    items = worker_items(spec, layout, 0, "B", cursor=0, end_step=4)
+    cols = decode_items(as_columns(items), rows=tables, stage="B", pre=pre)
+    s, width = pre.image_spec.size, cfg.data.max_seq_len
+    assert cols["pixel_values"].shape == (24, 3, s, s) and cols["input_ids"].shape == (24, width)
+    assert cols["replay"].any() and cols["ehr_dropped"].any()
+    for k in range(4):
+        got = collate({c: v[6 * k:6 * (k + 1)] for c, v in cols.items()}, pre)
+        want = micro_batch(pre, tables, spec, "B", range(6 * k, 6 * (k + 1)))
+        for key in ("pixel_values", "input_ids", "attention_mask", "labels", "ehr_dropped", "replay"):
+            np.testing.assert_array_equal(got[key], want[key])
+        assert list(got["study_id"]) == list(want["study_id"])
 
 
 def test_data_tasks_decode_without_importing_torch(prepared, tmp_path):
-    """Ray Data's processes (read/decode tasks, split coordinators, dataset manager) unpickle the Preprocessor and
-    run parse_lines/preprocess_rows; a torch import there costs each of them seconds of CPU at start-up."""
+    """Ray Data's task processes unpickle the Preprocessor and run decode_items; a torch import there costs each of
+    them seconds of CPU at start-up."""
     import subprocess
     import sys
 
     import ray.cloudpickle as cloudpickle
 
-    cfg, pre, _ = prepared
+    _, pre, data = prepared
+    tables, spec = setup(data)
+    items = worker_items(spec, BatchLayout(4, 1, 1), 0, "B", cursor=0, end_step=2)
     job = tmp_path / "job.pkl"
-    job.write_bytes(cloudpickle.dumps((pre, train_lines(cfg)[:40], cfg.data.root)))
+    job.write_bytes(cloudpickle.dumps((pre, tables, as_columns(items))))
     code = (
         "import pickle, sys\n"
-        "import numpy as np\n"
-        "from datasets_io.ray_datasets import parse_lines, preprocess_rows\n"
-        f"pre, lines, root = pickle.loads(open({str(job)!r}, 'rb').read())\n"
-        "rows = parse_lines({'text': np.asarray(lines, dtype=object)}, stage='B', source='t', data_root=root,\n"
-        "                   policy='error', check_images=True)\n"
-        "out = preprocess_rows(rows, pre=pre, no_ehr_variant=True)\n"
+        "from datasets_io.ray_datasets import decode_items\n"
+        f"pre, tables, cols = pickle.loads(open({str(job)!r}, 'rb').read())\n"
+        "out = decode_items(cols, rows=tables, stage='B', pre=pre)\n"
         "print(len(out['study_id']), out['pixel_values'].shape[1], 'torch' in sys.modules)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     n_rows, channels, torch_imported = run.stdout.split()
-    assert int(n_rows) > 0 and channels == "3"  # it really decoded something
+    assert int(n_rows) == 8 and channels == "3"  # it really decoded something
     assert torch_imported == "False"
 
 
-def test_ehr_dropout_is_a_deterministic_draw_per_row_and_epoch():
-    ids = [str(50_000_000 + i) for i in range(4000)]
-    first = [ehr_dropped(0, sid, 0, 0.15) for sid in ids]
-    assert first == [ehr_dropped(0, sid, 0, 0.15) for sid in ids]  # the same on every call / machine
-    assert 0.12 < np.mean(first) < 0.18
-    assert first != [ehr_dropped(0, sid, 1, 0.15) for sid in ids]  # a new draw each epoch
-    assert first != [ehr_dropped(1, sid, 0, 0.15) for sid in ids]  # and per seed
-    assert not any(ehr_dropped(0, sid, 0, 0.0) for sid in ids)
-
-
 # ------------------------------------------------------------------------------------------------ real Ray
-def split_for_workers(ds, world: int) -> list:
-    """Exactly what Ray Train does with ingest_config(): one DataIterator per rank."""
-    return [it["B"] for it in ingest_config().configure({"B": ds}, world_size=world, worker_handles=None,
-                                                         worker_node_ids=None)]
-
-
-def in_threads(fns) -> list:
-    """Consumers of one streaming split must run concurrently (each epoch starts when all of them ask)."""
-    out = [None] * len(fns)
-
-    def run(i):
-        out[i] = fns[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert all(o is not None for o in out), "a shard consumer hung"
-    return out
-
-
 @pytest.mark.slow
-def test_stage_shards_are_equal_and_deterministic(ray_local, prepared):
-    cfg, pre, data = prepared
-    from launcher.config import data_path
+def test_a_workers_dataset_streams_its_micro_batches_in_order_from_the_rows_put_once(ray_local, prepared):
+    from training.data import micro_batch
 
-    n_b = len(data.train["B"])
-    ds = stage_dataset([data_path(cfg, "train_file")], "B", pre, n_rows=n_b, source_rows=2 * n_b,
-                       no_ehr_variant=True)
-    batch = ds.take_batch(5, batch_format="numpy")  # the map_batches output
-    s = pre.image_spec.size
-    assert batch["pixel_values"].shape == (5, 3, s, s)
-    assert batch["input_ids"].shape == (5, cfg.data.max_seq_len) and batch["labels"].shape == (5, cfg.data.max_seq_len)
-    assert batch["length"].shape == (5,) and batch["input_ids_no_ehr"].shape == (5, cfg.data.max_seq_len)
-
-    def ids_per_rank():
-        shards = split_for_workers(ds, 2)
-        return in_threads([lambda it=it: [sid for b in it.iter_batches(batch_size=7, batch_format="numpy")
-                                          for sid in b["study_id"]] for it in shards])
-
-    first, again = ids_per_rank(), ids_per_rank()
-    assert len(first[0]) == len(first[1]) and len(first[0]) >= (n_b - 1) // 2  # equal shards, <= world-1 rows dropped
-    assert not set(first[0]) & set(first[1])
-    assert set(first[0]) | set(first[1]) <= {r.study_id for r in data.train["B"]}
-    assert first == again  # the same rows on the same rank in every run: what the data cursor relies on
-
-
-@pytest.mark.slow
-def test_shard_stream_resumes_at_a_cursor_and_cycles(ray_local, prepared):
-    cfg, pre, data = prepared
-    from launcher.config import data_path
-
-    n_a = len(data.train["A"])
-    ds = stage_dataset([data_path(cfg, "train_file")], "A", pre, n_rows=n_a, source_rows=2 * n_a)
-    per_epoch = (n_a // 2) // 4  # micro-batches of 4 per rank per epoch (full batches only)
-    total = per_epoch + 3  # runs past the end of the shard: the stream starts a new epoch
-
-    def draw(start: int, count: int):
-        shards = split_for_workers(ds, 2)
-
-        def consume(rank, it):
-            stream = shard_batches(it, pre, ShardSpec("A", 4, seed=0, rank=rank), start=start)
-            return [next(stream) for _ in range(count)]
-
-        return in_threads([lambda r=r, it=it: consume(r, it) for r, it in enumerate(shards)])
-
-    full = draw(0, total)
-    resumed = draw(2, total - 2)
-    for rank in (0, 1):
-        assert len(full[rank]) == total
-        for a, b in zip(full[rank][2:], resumed[rank]):
-            np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-            np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
-    # the second epoch is a new (seeded) order of the same shard
-    fingerprint = lambda b: tuple(np.round(b["pixel_values"].sum(axis=(1, 2, 3)), 3))  # noqa: E731 - one per row
-    epoch0 = [fingerprint(b) for b in full[0][:per_epoch]]
-    epoch1 = [fingerprint(b) for b in full[0][per_epoch:]]
-    assert epoch1 != epoch0[: len(epoch1)]
+    _, pre, data = prepared
+    tables, spec = setup(data)
+    rows = ray_local.put(tables)
+    layout = BatchLayout(micro_batch_size=3, grad_accum=2, world_size=2)  # G = 12
+    items = worker_items(spec, layout, rank=1, stage="B", cursor=24, end_step=5)  # resume at step 2 of the stage
+    got = list(stage_batches(stage_dataset(items, rows, "B", pre, rows_per_block=4), pre, 3))
+    want = [micro_batch(pre, tables, spec, "B", r) for r in layout.rank_micro_batches(1, 24, 5)]
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        assert list(g["study_id"]) == list(w["study_id"])
+        np.testing.assert_array_equal(g["input_ids"], w["input_ids"])
+        np.testing.assert_array_equal(g["pixel_values"], w["pixel_values"])

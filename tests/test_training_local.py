@@ -108,10 +108,10 @@ def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):
     final = out / "checkpoints" / "final"
     assert {p.name for p in final.iterdir()} == EXPECTED_BUNDLE
     state = json.loads((final / "trainer_state.json").read_text())
-    # accumulation: the cursor counts micro-batches, 2 per optimizer step, drawn only from the step's stage
-    assert state["cursor"] == {"A": 2 * 2, "B": 3 * 2} and state["stage"] == "done"
+    # the cursor counts global positions: 2 x 4 samples per optimizer step, drawn only from the step's stage
+    assert state["cursor"] == {"A": 2 * 8, "B": 3 * 8} and state["stage"] == "done"
     a_end = json.loads((out / "checkpoints" / "stage_A_end" / "trainer_state.json").read_text())
-    assert a_end["global_step"] == 2 and a_end["cursor"] == {"A": 4, "B": 0} and a_end["stage"] == "B"
+    assert a_end["global_step"] == 2 and a_end["cursor"] == {"A": 16, "B": 0} and a_end["stage"] == "B"
 
     import mlflow
 

@@ -1,6 +1,7 @@
 """The curriculum as pure functions of the optimizer step (table-tested in tests/test_curriculum.py).
 
-    plan = plan_steps(cfg, n_stage_a_rows, n_stage_b_rows, world_size)
+    plan = plan_steps(cfg, n_stage_a_rows, n_stage_b_rows, world_size)   # grad_accum_for(...) when the config
+                                                                          # states train.global_batch_size
     stage_at(step, plan)   # "A" for steps [0, plan.stage_a_steps), "B" after
     lr_at(step, plan, base_lr)
 
@@ -11,6 +12,7 @@ from the same counts (a Ray Dataset shard has no length, so counts are taken up 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,11 +60,32 @@ def make_plan(
     return StepPlan(total, stage_a, min(warmup_steps, total), min_lr_ratio, per_step)
 
 
+def grad_accum_for(micro_batch_size: int, grad_accum: int, global_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank. `global_batch_size` 0 keeps `grad_accum`; otherwise it is
+    derived, as DeepSpeed's `train_batch_size` does, so a config states its samples per step whatever runs it."""
+    if global_batch_size <= 0:
+        return grad_accum
+    per_round = micro_batch_size * world_size
+    if global_batch_size % per_round:
+        raise ValueError(f"train.global_batch_size: {global_batch_size} is not a multiple of micro_batch_size x "
+                         f"workers = {micro_batch_size} x {world_size} = {per_round}")
+    return global_batch_size // per_round
+
+
+def with_derived_grad_accum(cfg, world_size: int):
+    """A copy of `cfg` whose `train.grad_accum` is the one `grad_accum_for` derives for `world_size` (the loop, the
+    plan and the DeepSpeed JSON all read it from there)."""
+    t = cfg.train
+    accum = grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, world_size)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
+
+
 def plan_steps(cfg, n_rows_a: int, n_rows_b: int, world_size: int = 1) -> StepPlan:
     t = cfg.train
+    accum = grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, world_size)
     return make_plan(
         max_steps=t.max_steps, epochs=t.epochs, n_rows_a=n_rows_a, n_rows_b=n_rows_b,
-        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, world_size=world_size,
+        micro_batch_size=t.micro_batch_size, grad_accum=accum, world_size=world_size,
         stage_split=cfg.curriculum.stage_split, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
     )
 

@@ -1,10 +1,10 @@
-"""From records to model-ready micro-batches: the preprocessing both runtimes share, and the local per-stage streams.
+"""From records to model-ready micro-batches: the preprocessing both runtimes share, the local micro-batch source,
+the data-order log and the planned order.
 
-A stage's STREAM is an endless, deterministic sequence of samples: position i of stage S maps to a row through a
-per-epoch permutation seeded by (seed, S, epoch), so the data cursor of a checkpoint is one integer per stage, and
-resuming at position p reproduces exactly the batches an uninterrupted run would have drawn. In Stage B a position
-may be a replay of a Stage A row (`curriculum.replay_fraction`) or have its Patient Data emptied
-(`curriculum.ehr_dropout`); both are decided by the same position-seeded draw.
+Which sample trains where is the sampler's (datasets_io/sampler.py): position p of a stage is a pure function of
+(seed, stage, p), and optimizer step k of a stage owns positions [k*G, (k+1)*G), G = micro x accum x world. The loop's
+data cursor is the number of positions consumed per stage, so resuming at cursor c reproduces exactly the batches an
+uninterrupted run would have drawn, whatever the number of workers.
 
 torch is imported only where a tensor is made: Ray Data's processes unpickle `Preprocessor` (read/decode tasks, the
 split coordinators, the dataset manager), and each torch import there costs seconds of CPU at start-up.
@@ -12,24 +12,30 @@ split coordinators, the dataset manager), and each torch import there costs seco
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from datasets_io.images import ImageSpec, preprocess_image
 from datasets_io.jsonl import join, read_bytes
-from datasets_io.records import Record, with_empty_ehr
+from datasets_io.records import Record
+from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row_table, sample_fields
 from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
+from training.curriculum import stage_at
 
-if TYPE_CHECKING:
-    import torch
+
+DECODE_HOOKS: list = []  # test-only: callables hook(stage, position), run before each training sample's decode
 
 
 @dataclass
 class Preprocessor:
-    """rows -> one padded batch of numpy arrays. Picklable (shipped to Ray Data's map_batches workers)."""
+    """rows -> one padded batch of numpy arrays. Picklable (shipped to Ray Data's map_batches workers).
+
+    `decode_hooks` (test-only, from DECODE_HOOKS when built) travel with it into Ray Data's task processes, so a test
+    can count which positions were decoded on either runtime. Production code registers none."""
 
     tokenizer: Any
     image_spec: ImageSpec
@@ -38,6 +44,13 @@ class Preprocessor:
     max_len: int
     overlong: str
     data_root: str
+    decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
+
+    def sample_at(self, stage: str, position: int, fields: dict[str, str]):
+        """The training sample at `position` of `stage` (fields from `datasets_io.sampler.sample_fields`)."""
+        for hook in self.decode_hooks:
+            hook(stage, position)
+        return self.sample(fields["prompt"], fields["target"], fields["image"], fields["where"])
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
         pixels = preprocess_image(read_bytes(join(self.data_root, image)), self.image_spec)  # (3, S, S)
@@ -63,10 +76,65 @@ class Preprocessor:
         return self.collate([p for p, _ in out], [t for _, t in out])
 
 
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+META_KEYS = ("study_id", "ehr_dropped", "replay")  # per-sample bookkeeping a batch carries (not model inputs)
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Model inputs as tensors; the META_KEYS stay plain lists (the loop records them, the model never sees them)."""
     import torch
 
-    return {k: torch.from_numpy(v) for k, v in batch.items() if k != "truncated"}
+    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in batch.items() if k != "truncated" and k not in META_KEYS}
+    out.update({k: list(batch[k]) for k in META_KEYS if k in batch})
+    return out
+
+
+def with_meta(batch: dict[str, np.ndarray], draws: list[Draw], study_ids: list[str]) -> dict[str, np.ndarray]:
+    batch["study_id"] = np.asarray(study_ids, dtype=object)
+    batch["ehr_dropped"] = np.asarray([d.ehr_dropped for d in draws], dtype=bool)
+    batch["replay"] = np.asarray([d.replay for d in draws], dtype=bool)
+    return batch
+
+
+def sampler_spec(cfg: Any, n_rows: dict[str, int]) -> SamplerSpec:
+    return SamplerSpec(cfg.train.seed, dict(n_rows), cfg.curriculum.replay_fraction, cfg.curriculum.ehr_dropout)
+
+
+def micro_batch(pre: Preprocessor, tables: dict[str, dict[str, list]], spec: SamplerSpec, stage: str,
+                positions: range) -> dict[str, np.ndarray]:
+    """The micro-batch at global `positions` of `stage` (local path; the Ray path builds the same one in
+    datasets_io.ray_datasets)."""
+    ds = draws(spec, stage, positions)
+    fields = [sample_fields(tables, stage, d) for d in ds]
+    out = [pre.sample_at(stage, d.position, f) for d, f in zip(ds, fields)]
+    batch = pre.collate([p for p, _ in out], [t for _, t in out])
+    return with_meta(batch, ds, [f["study_id"] for f in fields])
+
+
+class _MicroBatches:
+    """Map-style dataset (what torch's DataLoader indexes): item k is this rank's k-th micro-batch."""
+
+    def __init__(self, pre: Preprocessor, tables: dict, spec: SamplerSpec, stage: str, micro: list[range]):
+        self.pre, self.tables, self.spec, self.stage, self.micro = pre, tables, spec, stage, micro
+
+    def __len__(self) -> int:
+        return len(self.micro)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        return micro_batch(self.pre, self.tables, self.spec, self.stage, self.micro[k])
+
+
+def local_batches(pre: Preprocessor, tables: dict, spec: SamplerSpec, stage: str, micro: list[range],
+                  num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    """The micro-batches at the position ranges `micro`, decoded by `num_workers` DataLoader processes."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        _MicroBatches(pre, tables, spec, stage, micro),
+        batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
+        persistent_workers=False, prefetch_factor=2 if num_workers else None,
+    )
+    for batch in loader:
+        yield to_torch(batch)
 
 
 @dataclass(frozen=True)
@@ -77,66 +145,69 @@ class StreamSpec:
 
 
 class StageStream:
-    """Position -> (prompt, target, image, where) for one stage; pure apart from a small permutation cache."""
-
-    STAGE_CODE = {"A": 1, "B": 2, "val": 3}
+    """Position -> (prompt, target, image, where) for one stage: a thin wrapper over the sampler, for scripts and
+    tests that want samples without a batch layout."""
 
     def __init__(self, stage: str, rows: list[Record], spec: StreamSpec, replay_rows: list[Record] | None = None):
         if not rows:
             raise ValueError(f"stage {stage} has no rows")
-        self.stage, self.rows, self.spec, self.replay_rows = stage, rows, spec, replay_rows or []
-
-    @functools.lru_cache(maxsize=4)
-    def _perm(self, which: str, epoch: int) -> np.ndarray:
-        n = len(self.rows if which == "main" else self.replay_rows)
-        code = self.STAGE_CODE[self.stage] * 10 + (which == "replay")
-        return np.random.default_rng([self.spec.seed, code, epoch]).permutation(n)
-
-    def _pick(self, which: str, index: int) -> Record:
-        rows = self.rows if which == "main" else self.replay_rows
-        return rows[int(self._perm(which, index // len(rows))[index % len(rows)])]
+        self.stage = stage
+        self.tables = {stage: row_table(rows), "A": row_table(replay_rows or (rows if stage == "A" else []))}
+        n_rows = {stage: len(rows), "A": len(replay_rows or (rows if stage == "A" else []))}
+        self.spec = SamplerSpec(spec.seed, n_rows, spec.replay_fraction, spec.ehr_dropout)
 
     def item(self, position: int) -> tuple[str, str, str, str]:
-        u_replay, u_drop = np.random.default_rng([self.spec.seed, 7, self.STAGE_CODE[self.stage], position]).random(2)
-        if self.replay_rows and u_replay < self.spec.replay_fraction:
-            r = self._pick("replay", position)
-            return r.prompt, r.target, r.image, r.where
-        r = self._pick("main", position)
-        prompt = r.prompt
-        if r.stage == "B" and u_drop < self.spec.ehr_dropout:
-            prompt = with_empty_ehr(prompt)
-        return prompt, r.target, r.image, r.where
+        f = sample_fields(self.tables, self.stage, draw(self.spec, self.stage, position))
+        return f["prompt"], f["target"], f["image"], f["where"]
 
 
-class _PositionBatches:
-    """Map-style dataset (what torch's DataLoader indexes): item k is the micro-batch at positions
-    [start + k*B, start + (k+1)*B)."""
+class DataOrderLog:
+    """`train.record_data_order`: one JSON line per optimizer step in <output.dir>/data_order.jsonl with the study
+    ids (and flags) every rank really trained on, in rank order, i.e. the global batch in position order.
 
-    def __init__(self, stream: StageStream, pre: Preprocessor, start: int, batch_size: int, count: int):
-        self.stream, self.pre, self.start, self.batch_size, self.count = stream, pre, start, batch_size, count
+    Every rank calls it once per step (all_gather_object is a collective: every rank must); rank 0 writes. A restart
+    first drops the lines of steps at or after the step it resumes from, so the file has each step once."""
 
-    def __len__(self) -> int:
-        return self.count
+    def __init__(self, path: Path, rank: int, world_size: int, resume_step: int):
+        self.path, self.rank, self.world_size = Path(path), rank, world_size
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if self.path.is_file() and resume_step > 0:
+                kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
 
-    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-        first = self.start + k * self.batch_size
-        return self.pre.batch([self.stream.item(p) for p in range(first, first + self.batch_size)])
+    def __call__(self, step: int, stage: str, meta: dict[str, list]) -> None:
+        mine = {k: [v.item() if hasattr(v, "item") else v for v in meta.get(k, [])] for k in META_KEYS}
+        parts = [mine]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine)  # a collective on the training process group
+        if self.rank == 0:
+            line = {"step": step, "stage": stage, **{k: [v for p in parts for v in p[k]] for k in META_KEYS}}
+            line["study_ids"] = line.pop("study_id")
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
-def local_batches(
-    stream: StageStream, pre: Preprocessor, start: int, batch_size: int, count: int, num_workers: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """`count` micro-batches from position `start`, decoded by `num_workers` DataLoader processes."""
-    import torch
+def planned_order(spec: SamplerSpec, tables: dict[str, dict[str, list]], plan: Any, layout: BatchLayout,
+                  steps: int | None = None) -> list[dict]:
+    """What `data_order.jsonl` should hold: per optimizer step, the stage, the global batch (study ids, flags) and
+    each rank's positions. Pure: the `launcher data plan` command prints it, tests compare runs with it."""
+    out = []
+    for step in range(plan.total_steps if steps is None else min(steps, plan.total_steps)):
+        stage = stage_at(step, plan)
+        k = step if stage == "A" else step - plan.stage_a_steps
+        ranks = [list(layout.rank_positions(k, r)) for r in range(layout.world_size)]
+        ds = draws(spec, stage, [p for r in ranks for p in r])
+        out.append({"step": step, "stage": stage,
+                    "study_ids": [sample_fields(tables, stage, d)["study_id"] for d in ds],
+                    "ehr_dropped": [d.ehr_dropped for d in ds], "replay": [d.replay for d in ds],
+                    "ranks": [[r[0], r[-1] + 1] for r in ranks]})
+    return out
 
-    loader = torch.utils.data.DataLoader(
-        _PositionBatches(stream, pre, start, batch_size, count),
-        batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
-        persistent_workers=False, prefetch_factor=2 if num_workers else None,
-    )
-    for batch in loader:
-        yield to_torch(batch)
 
-
-def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+def count_label_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -4,8 +4,14 @@
 Per optimizer step:  stage = stage_at(step)  ->  grad_accum micro-batches from that stage's source  ->
 engine.optimizer_step(lr_factor(step))  ->  metrics by global step  ->  events (stage switch, eval, checkpoint).
 
-The data cursor is counted here, in micro-batches drawn per stage on this rank, and saved in every checkpoint;
-a source opened at cursor c yields exactly what an uninterrupted run would have drawn from position c on.
+The data cursor is counted here, per stage, in GLOBAL positions consumed (samples of all ranks: it grows by the
+global batch G = micro x accum x world per optimizer step, whatever the number of workers) and saved in every
+checkpoint under `cursor`; a source opened at cursor c yields this rank's micro-batches of the steps from c / G on
+(datasets_io/sampler.py says which positions those are).
+
+Test-only hooks: `STEP_HOOKS` holds callables `hook(step, stage, rank, state)` run after every optimizer step
+(fault injection, counters). Production code never adds to it; tests do (through a fixture that clears it again),
+and the Ray runtime ships the registered hooks to its workers.
 """
 
 from __future__ import annotations
@@ -20,12 +26,24 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from launcher.errors import LauncherError
 from training.checkpoint import Checkpointer, step_dir_name
 from training.curriculum import StepPlan, lr_factor, stage_at
+from training.data import META_KEYS
 
 log = logging.getLogger(__name__)
 
-BatchSource = Callable[[str, int], Iterator[dict[str, torch.Tensor]]]  # (stage, start micro-batch) -> batches
+BatchSource = Callable[[str, int], Iterator[dict[str, Any]]]  # (stage, global cursor) -> this rank's micro-batches
+STEP_HOOKS: list[Callable[[int, str, int, "LoopState"], None]] = []  # test-only (see the module docstring)
+CURSOR_UNIT = "global_positions"  # saved next to `cursor`; checkpoints from before had micro-batches of one rank
+
+
+def check_cursor_unit(saved: dict, where: str) -> None:
+    """A checkpoint whose cursor counts something else would resume at the wrong samples: refused, loudly."""
+    if saved.get("cursor_unit") != CURSOR_UNIT:
+        raise LauncherError(f"{where}: its data cursor {saved.get('cursor')} counts micro-batches of one rank (written "
+                            f"before the cursor became global); it cannot be resumed at the same samples. Start a "
+                            "new run (a new output.dir / ray.name), or load its adapter for evaluation only")
 
 
 @dataclass
@@ -41,7 +59,8 @@ class LoopState:
     def to_json(self, plan: StepPlan, **extra: Any) -> dict:
         stage = stage_at(self.global_step, plan) if self.global_step < plan.total_steps else "done"
         return {
-            "global_step": self.global_step, "stage": stage, "cursor": dict(self.cursor), "losses": self.losses,
+            "global_step": self.global_step, "stage": stage, "cursor": dict(self.cursor), "cursor_unit": CURSOR_UNIT,
+            "losses": self.losses,
             "checkpoints": self.checkpoints, "stage_switch_step": self.stage_switch_step,
             "val_history": self.val_history, "plan": plan.__dict__, **extra,
         }
@@ -69,6 +88,9 @@ class LoopIO:
     on_checkpoint: Callable[[Path, LoopState], None] | None = None  # Ray reports checkpoints through this
     extra_state: dict = field(default_factory=dict)  # e.g. the MLflow run id, stored in every checkpoint
     log_checkpoint_artifacts: bool = False  # mlflow.log_checkpoints: copy each checkpoint into the run's artifacts
+    on_step_data: Callable[[int, str, dict], None] | None = None  # (step, stage, this rank's META_KEYS): data order
+    rank: int = 0
+    step_hooks: list = field(default_factory=lambda: list(STEP_HOOKS))
 
 
 def validate(io: LoopIO, step: int, state: LoopState) -> dict[str, float]:
@@ -102,11 +124,13 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
     plan, engine = io.plan, io.engine
     iters: dict[str, Iterator] = {}
 
-    def next_batch(stage: str) -> dict[str, torch.Tensor]:
+    def next_batch(stage: str, meta: dict[str, list]) -> dict[str, torch.Tensor]:
         if stage not in iters:
             iters[stage] = io.source(stage, state.cursor[stage])
-        state.cursor[stage] += 1
-        return next(iters[stage])
+        batch = dict(next(iters[stage]))
+        for k in META_KEYS:
+            meta.setdefault(k, []).extend(batch.pop(k, []))
+        return batch
 
     end = plan.total_steps if stop_after is None else min(stop_after, plan.total_steps)
     bar = tqdm(total=plan.total_steps, initial=state.global_step, disable=not io.show_progress, unit="step",
@@ -115,9 +139,9 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         step = state.global_step
         stage = stage_at(step, plan)
         t0 = time.perf_counter()
-        loss_sum, samples = 0.0, 0
+        loss_sum, samples, meta = 0.0, 0, {}
         for _ in range(io.grad_accum):
-            batch = next_batch(stage)
+            batch = next_batch(stage, meta)
             loss_sum = loss_sum + engine.forward_backward(batch, 1.0 / io.grad_accum).float()  # stays on device
             samples += batch["input_ids"].shape[0]
         factor = lr_factor(step, plan)
@@ -125,7 +149,12 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         loss = float(engine.reduce_mean(loss_sum / io.grad_accum))  # host sync, once per step
         dt = time.perf_counter() - t0
         state.global_step = step + 1
+        state.cursor[stage] += plan.samples_per_step  # global positions: every rank consumed its slice of them
         state.losses.append(loss)
+        if io.on_step_data:
+            io.on_step_data(step, stage, meta)
+        for hook in io.step_hooks:
+            hook(step, stage, io.rank, state)
         if state.first_step_done_at is None:
             state.first_step_done_at = time.perf_counter()
         gs = state.global_step

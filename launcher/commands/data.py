@@ -3,6 +3,7 @@
     launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544]
     launcher data validate data/synth/curriculum_train.jsonl --data-root data/synth [--policy skip]
     launcher data build --cxr-jpg DIR --reports DIR --mimic-iv DIR --out DIR     (from raw MIMIC, see README)
+    launcher data plan --config configs/tiny.yaml --num-workers 2 --steps 5 [--set k=v ...] [--format json]
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how images are checked (default: %(default)s)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
     v.set_defaults(func=run_validate)
+
+    pl = dsub.add_parser("plan", help="print which samples each optimizer step (and each rank) trains on")
+    pl.add_argument("--config", required=True, help="YAML config")
+    pl.add_argument("--num-workers", type=int, default=None,
+                    help="ranks to lay the global batch out over (default: ray.num_workers of the config)")
+    pl.add_argument("--steps", type=int, default=None, help="only the first K optimizer steps (default: all)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.global_batch_size=16 (repeatable)")
+    pl.add_argument("--format", choices=["text", "json"], default="text")
+    pl.set_defaults(func=run_plan)
 
     try:
         from datasets_io.mimic_build import add_build_arguments, run_build
@@ -88,3 +99,56 @@ def format_summary(s: dict) -> str:
         if len(s["problems"]) > 50:
             lines.append(f"  ... and {len(s['problems']) - 50} more (--json lists all)")
     return "\n".join(lines)
+
+
+def data_plan(cfg, num_workers: int, steps: int | None = None) -> dict:
+    """The run's data order as the sampler lays it out for `num_workers` ranks: the step plan and, per optimizer
+    step, the global batch (study ids, EHR dropped, replay) and each rank's [first, end) positions in the stage."""
+    from pathlib import Path
+
+    from datasets_io.sampler import BatchLayout, row_table
+    from launcher.config import data_path
+    from launcher.errors import LauncherError
+    from launcher.local import load_run_data
+    from training import curriculum
+    from training.data import planned_order, sampler_spec
+
+    train_path = data_path(cfg, "train_file")
+    if "://" not in train_path and not Path(train_path).exists():
+        raise LauncherError(f"training file {train_path} not found (`launcher data synth` makes one)")
+    try:
+        cfg = curriculum.with_derived_grad_accum(cfg, num_workers)
+    except ValueError as e:
+        raise LauncherError(str(e)) from None
+    data = load_run_data(cfg)
+    n_rows = {s: len(data.train[s]) for s in ("A", "B")}
+    plan = curriculum.plan_steps(cfg, n_rows["A"], n_rows["B"], world_size=num_workers)
+    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, num_workers)
+    tables = {s: row_table(data.train[s]) for s in ("A", "B")}
+    order = planned_order(sampler_spec(cfg, n_rows), tables, plan, layout, steps)
+    return {"num_workers": num_workers, "micro_batch_size": layout.micro_batch_size, "grad_accum": layout.grad_accum,
+            "samples_per_step": layout.global_batch, "seed": cfg.train.seed, "rows": n_rows,
+            "plan": dict(plan.__dict__), "steps": order}
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    plan = data_plan(cfg, args.num_workers or cfg.ray.num_workers, args.steps)
+    if args.format == "json":
+        print(json.dumps(plan, indent=1))
+        return 0
+    p = plan["plan"]
+    print(f"{plan['num_workers']} rank(s) x accum {plan['grad_accum']} x micro {plan['micro_batch_size']} = "
+          f"{plan['samples_per_step']} samples/step; {p['total_steps']} steps (stage A {p['stage_a_steps']}, "
+          f"stage B {p['total_steps'] - p['stage_a_steps']}); seed {plan['seed']}; rows {plan['rows']}")
+    print("study ids per rank; (-ehr) = Patient Data dropped, (replay) = a Stage A row replayed in Stage B")
+    for st in plan["steps"]:
+        print(f"step {st['step']} stage {st['stage']}")
+        for rank, (first, end) in enumerate(st["ranks"]):
+            k0 = rank * (end - first)
+            ids = [sid + ("(-ehr)" if st["ehr_dropped"][k0 + i] else "") + ("(replay)" if st["replay"][k0 + i] else "")
+                   for i, sid in enumerate(st["study_ids"][k0:k0 + end - first])]
+            print(f"  rank {rank} positions {first}-{end - 1}: {' '.join(ids)}")
+    return 0
