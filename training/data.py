@@ -26,6 +26,8 @@ from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
 if TYPE_CHECKING:
     import torch
 
+    from datasets_io.image_cache import ImageCache
+
 
 @dataclass
 class Preprocessor:
@@ -38,9 +40,13 @@ class Preprocessor:
     max_len: int
     overlong: str
     data_root: str
+    image_cache: ImageCache | None = None
+    """Decoded images on disk (datasets_io.image_cache), shared by both stages and all epochs; None = decode always."""
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
-        pixels = preprocess_image(read_bytes(join(self.data_root, image)), self.image_spec)  # (3, S, S)
+        path = join(self.data_root, image)
+        cache, spec = self.image_cache, self.image_spec
+        pixels = cache.pixels(path, spec) if cache is not None else preprocess_image(read_bytes(path), spec)  # (3,S,S)
         tok = build_sample(
             self.tokenizer, prompt, target, image_token_id=self.image_token_id,
             num_image_tokens=self.num_image_tokens, max_len=self.max_len, overlong=self.overlong, where=where,

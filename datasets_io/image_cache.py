@@ -1,0 +1,183 @@
+"""Images decoded once per run: a disk cache of preprocessed images, shared by Stage A and B rows and every epoch.
+
+    cache = open_image_cache("runs/tiny/image_cache")   # None for ""; LauncherError if the directory is unwritable
+    pixels = cache.pixels("data/synth/files/p10/p1000/s50/x.jpg", ImageSpec(336))   # (3, S, S) float32
+    cache.stats()   # {"hits": ..., "misses": ..., "rebuilt": ..., "write_errors": ...} of this process
+
+What an entry holds: the (h, w) uint8 grayscale image that `load_gray` returns (longer side = S, ~94 KB at S=336,
+14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, ~1 ms), so a
+cached image gives exactly the floats of the uncached path, and one entry serves any mean/std.
+
+The key is the image's identity plus what decides the stored bytes: the path (or URI), its size and mtime in
+nanoseconds as pyarrow's FileInfo reports them (a stat, or an S3 HEAD: a warm read never fetches the JPEG), the spec's
+size, the `load_gray` recipe version and the Pillow version (its libjpeg decides the DCT output). A file replaced in
+place changes size or mtime and misses. A filesystem that reports no mtime falls back to a hash of the file's bytes.
+
+Entry file: `<dir>/<2 hex>/<64 hex>.gray`, a 56-byte header (magic, the key's sha256, h, w, payload length, CRC-32 of
+the payload) then the pixels. A short file, a wrong magic/key/length or a bad CRC is detected on read, counted as
+`rebuilt`, decoded again and rewritten; its bytes are never returned. Writes go to a unique temp file in the entry's
+directory and `os.replace` it in: atomic on POSIX filesystems, so concurrent writers (DataLoader workers, Ray tasks,
+several nodes on a shared filesystem) each install a whole, identical entry and readers see the old file or the new
+one. No fsync: an entry lost to a crash reads as short or corrupt and is rebuilt.
+
+Counters are per process (a pickled copy starts from zero): Ray Data tasks and DataLoader workers count their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL
+
+from datasets_io.images import GRAY_RECIPE, ImageSpec, load_gray, normalize_gray
+from datasets_io.jsonl import read_bytes, resolve_fs
+from launcher.errors import LauncherError
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "data.image_cache"
+MAGIC = b"CXRGRAY1"
+HEADER = struct.Struct("<8s32sIIII")  # magic, sha256(key), h, w, payload bytes, crc32(payload): 56 bytes
+
+
+class CorruptEntry(ValueError):
+    """An entry file that must not be trained on: short, wrong header, or a bad checksum."""
+
+
+def check_writable(directory: str) -> None:
+    """Create `directory` if needed and prove a file can be written, renamed and removed there (what an entry write
+    does). Raises LauncherError naming the directory and the config key; call it before training starts."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-", suffix=".tmp")
+        os.close(fd)
+        os.replace(tmp, tmp + ".ok")
+        os.remove(tmp + ".ok")
+    except OSError as e:
+        raise LauncherError(
+            f"{CONFIG_KEY}: cannot write to the image cache directory {directory!r} ({e.strerror or e}); "
+            f"choose a writable directory (--set {CONFIG_KEY}=DIR) or turn the cache off ({CONFIG_KEY}='')"
+        ) from None
+
+
+def open_image_cache(directory: str) -> ImageCache | None:
+    """The cache for `directory` after `check_writable`; None when `directory` is empty (cache off)."""
+    if not directory:
+        return None
+    check_writable(directory)
+    return ImageCache(directory)
+
+
+def encode_entry(key_digest: bytes, gray: np.ndarray) -> bytes:
+    payload = np.ascontiguousarray(gray, dtype=np.uint8).tobytes()
+    h, w = gray.shape
+    return HEADER.pack(MAGIC, key_digest, h, w, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_entry(key_digest: bytes, data: bytes) -> np.ndarray:
+    """Entry bytes -> (h, w) uint8, or CorruptEntry saying what is wrong."""
+    if len(data) < HEADER.size:
+        raise CorruptEntry(f"{len(data)} bytes, shorter than the {HEADER.size}-byte header")
+    magic, digest, h, w, n, crc = HEADER.unpack_from(data)
+    if magic != MAGIC or digest != key_digest:
+        raise CorruptEntry("wrong magic or key in the header")
+    if n != h * w or len(data) != HEADER.size + n:
+        raise CorruptEntry(f"{len(data) - HEADER.size} payload bytes, header says {n} ({h}x{w})")
+    payload = memoryview(data)[HEADER.size :]
+    if zlib.crc32(payload) != crc:
+        raise CorruptEntry("payload checksum mismatch")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(h, w)
+
+
+def image_identity(path: str) -> tuple[str, bytes | None]:
+    """(identity, the file's bytes if they had to be read). Identity = path, size and mtime from pyarrow's FileInfo;
+    a filesystem without mtimes gets a content hash instead."""
+    fs, inner = resolve_fs(path)
+    info = fs.get_file_info(inner)
+    name = path if "://" in path else os.path.abspath(path)  # the same file from another working directory
+    if info.mtime_ns is not None and info.size is not None:
+        return f"{name}|{info.size}|{info.mtime_ns}", None
+    data = read_bytes(path)  # raises FileNotFoundError as the uncached path does
+    return f"blake2b:{hashlib.blake2b(data, digest_size=32).hexdigest()}", data
+
+
+@dataclass
+class ImageCache:
+    """Preprocessed images on disk under `directory` (local disk, or a shared filesystem on a cluster)."""
+
+    directory: str
+    hits: int = field(default=0, compare=False)
+    misses: int = field(default=0, compare=False)
+    rebuilt: int = field(default=0, compare=False)
+    """Entries found short or corrupt: decoded again and rewritten (also counted in `misses`)."""
+    write_errors: int = field(default=0, compare=False)
+    """Entries that could not be written (e.g. disk full): the decoded image is still used; warned once."""
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory}  # a copy in another process counts its own events
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "rebuilt": self.rebuilt, "write_errors": self.write_errors}
+
+    def key(self, path: str, spec: ImageSpec) -> tuple[bytes, bytes | None]:
+        """(sha256 of the entry's key, the image's bytes if identifying it read them)."""
+        identity, data = image_identity(path)
+        key = {"image": identity, "size": spec.size, "recipe": GRAY_RECIPE, "pillow": PIL.__version__}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).digest(), data
+
+    def entry_path(self, digest: bytes) -> Path:
+        hexd = digest.hex()
+        return Path(self.directory, hexd[:2], hexd + ".gray")
+
+    def pixels(self, path: str, spec: ImageSpec) -> np.ndarray:
+        """The image at `path` as (3, S, S) float32, equal to `preprocess_image(read_bytes(path), spec)`."""
+        return normalize_gray(self.gray(path, spec), spec)
+
+    def gray(self, path: str, spec: ImageSpec) -> np.ndarray:
+        """The (h, w) uint8 image `load_gray` gives for `path`, from the cache or decoded and stored."""
+        digest, data = self.key(path, spec)
+        entry = self.entry_path(digest)
+        try:
+            gray = decode_entry(digest, entry.read_bytes())
+            self.hits += 1
+            return gray
+        except FileNotFoundError:
+            pass
+        except CorruptEntry as e:
+            self.rebuilt += 1
+            log.warning("image cache: entry %s is corrupt (%s); rebuilding it", entry, e)
+        self.misses += 1
+        gray = np.asarray(load_gray(data if data is not None else read_bytes(path), spec.size), dtype=np.uint8)
+        self._write(entry, encode_entry(digest, gray))
+        return gray
+
+    def _write(self, entry: Path, blob: bytes) -> None:
+        """Atomic: a unique temp file in the entry's directory, then os.replace. Concurrent writers all succeed."""
+        tmp = None
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, entry)
+        except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            if not self.write_errors:
+                log.warning("image cache: cannot write %s (%s); training goes on with decoded images, uncached "
+                            "(warned once per process; counted in write_errors)", entry, e)
+            self.write_errors += 1
