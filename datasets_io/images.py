@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -29,9 +30,10 @@ class ImageSpec:
     std: tuple[float, float, float] = CLIP_STD
 
 
-def load_gray(data: bytes, size: int) -> Image.Image:
-    """Decode to an 8-bit grayscale image whose longer side is `size`, using reduced-DCT draft decoding."""
-    im = Image.open(io.BytesIO(data))
+def load_gray(data: bytes | BinaryIO, size: int) -> Image.Image:
+    """Decode to an 8-bit grayscale image whose longer side is `size`, using reduced-DCT draft decoding. `data` is
+    the file's bytes or an open binary file (Pillow then reads it in 64 KiB blocks: no 1 MB buffer to fault in)."""
+    im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     # The final image has its LONGER side = size, so ask draft() for the box the image will be resized to: it picks
     # the largest DCT scale-down (1/2, 1/4, 1/8) that keeps both sides >= that box. Only JPEGs have a draft mode.
     w0, h0 = im.size
@@ -60,8 +62,11 @@ def normalize_gray(gray: np.ndarray, spec: ImageSpec) -> np.ndarray:
     # Pad with the mean colour, as LLaVA's expand2square does: padding normalizes to exactly 0 in every channel.
     out = np.zeros((3, s, s), dtype=np.float32)
     top, left = (s - h) // 2, (s - w) // 2
-    pixels = gray.astype(np.float32)[None, :, :] / 255.0  # (1, h, w), broadcast to 3 channels
-    out[:, top : top + h, left : left + w] = (pixels - mean) / std
+    pixels = gray.astype(np.float32)[None, :, :]  # (1, h, w), broadcast to 3 channels
+    pixels /= 255.0
+    view = out[:, top : top + h, left : left + w]  # written in place: no (3, h, w) temporaries
+    np.subtract(pixels, mean, out=view)
+    view /= std
     return out
 
 

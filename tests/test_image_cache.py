@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from datasets_io.image_cache import (HEADER, CorruptEntry, ImageCache, check_writable, decode_entry,
+from datasets_io.image_cache import (HEADER, CorruptEntry, ImageCache, check_writable, decode_entry, decode_gray,
                                      open_image_cache)
-from datasets_io.images import ImageSpec, preprocess_image
+from datasets_io.images import ImageSpec, load_gray, normalize_gray, preprocess_image
 from datasets_io.synth import write_synthetic
 from launcher.errors import LauncherError
 
@@ -65,6 +65,26 @@ def test_cold_and_warm_reads_equal_the_uncached_path_bit_for_bit(images, tmp_pat
     # entries hold the uint8 image before padding (longer side = size), not the (3, S, S) float32 tensor
     entry = the_entry(cache, images[0], spec)
     assert HEADER.size < entry.stat().st_size <= HEADER.size + size * size
+
+
+@pytest.mark.parametrize("shape, spec", [((336, 280), ImageSpec(336)), ((93, 112), ImageSpec(112)),
+                                         ((64, 64), ImageSpec(64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))])
+def test_normalize_gray_gives_the_floats_of_the_formula_the_models_were_trained_with(shape, spec):
+    """normalize_gray (the step the cache runs on every read) against the arithmetic written out: bit for bit."""
+    gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    s, (h, w) = spec.size, shape
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    want = np.zeros((3, s, s), np.float32)
+    top, left = (s - h) // 2, (s - w) // 2
+    want[:, top : top + h, left : left + w] = (gray.astype(np.float32)[None] / 255.0 - mean) / std
+    assert np.array_equal(normalize_gray(gray, spec), want)
+
+
+def test_decoding_from_the_open_file_equals_decoding_from_its_bytes(images):
+    for path in images:
+        from_bytes = np.asarray(load_gray(Path(path).read_bytes(), SPEC.size))
+        assert np.array_equal(decode_gray(path, SPEC), from_bytes), path
 
 
 def test_one_entry_serves_any_mean_and_std_and_a_new_process_reads_it(images, tmp_path):
@@ -129,7 +149,9 @@ def test_an_unwritable_directory_is_a_launcher_error_naming_it_and_the_config_ke
             open_image_cache(str(bad))
     assert open_image_cache("") is None
     good = tmp_path / "new" / "cache"
-    assert isinstance(open_image_cache(str(good)), ImageCache) and good.is_dir() and not list(good.iterdir())
+    assert isinstance(open_image_cache(str(good)), ImageCache)
+    made = sorted(p.name for p in good.iterdir())
+    assert made == [f"{i:02x}" for i in range(256)] and all((good / m).is_dir() for m in made)  # no probe left
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
