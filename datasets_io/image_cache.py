@@ -5,18 +5,20 @@
     cache.stats()   # {"hits": ..., "misses": ..., "rebuilt": ..., "write_errors": ...} of this process
 
 What an entry holds: the (h, w) uint8 grayscale image that `load_gray` returns (longer side = S, ~94 KB at S=336,
-14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, ~1 ms), so a
+14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, ~0.2 ms), so a
 cached image gives exactly the floats of the uncached path, and one entry serves any mean/std.
 
-The key is the image's identity plus what decides the stored bytes: the path (or URI), its size and mtime in
-nanoseconds as pyarrow's FileInfo reports them (a stat, or an S3 HEAD: a warm read never fetches the JPEG), the spec's
-size, the `load_gray` recipe version and the Pillow version (its libjpeg decides the DCT output). A file replaced in
-place changes size or mtime and misses. A filesystem that reports no mtime falls back to a hash of the file's bytes.
+The key is the image's identity plus what decides the stored bytes: the absolute path (or the URI), its size and mtime
+in nanoseconds (os.stat for a local file; pyarrow's FileInfo for a URI, an S3 HEAD: a warm read never fetches the JPEG),
+the spec's size, the `load_gray` recipe version and the Pillow version (its libjpeg decides the DCT output). Path +
+size + mtime rather than a content hash because hashing means reading every JPEG on every epoch, the read a warm epoch
+saves (on S3 the expensive part). A file replaced in place changes size or mtime and misses. A filesystem that reports
+no mtime falls back to a hash of the file's bytes.
 
 Entry file: `<dir>/<2 hex>/<64 hex>.gray`, a 56-byte header (magic, the key's sha256, h, w, payload length, CRC-32 of
 the payload) then the pixels. A short file, a wrong magic/key/length or a bad CRC is detected on read, counted as
 `rebuilt`, decoded again and rewritten; its bytes are never returned. Writes go to a unique temp file in the entry's
-directory and `os.replace` it in: atomic on POSIX filesystems, so concurrent writers (DataLoader workers, Ray tasks,
+directory (created with O_EXCL, mode 0666 less the umask) and `os.replace` it in: atomic on POSIX filesystems, so concurrent writers (DataLoader workers, Ray tasks,
 several nodes on a shared filesystem) each install a whole, identical entry and readers see the old file or the new
 one. No fsync: an entry lost to a crash reads as short or corrupt and is rebuilt.
 
@@ -30,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import struct
 import tempfile
 import zlib
@@ -185,21 +188,22 @@ class ImageCache:
         return gray
 
     def _write(self, entry: Path, blob: bytes) -> None:
-        """Atomic: a unique temp file in the entry's directory, then os.replace. Concurrent writers all succeed."""
-        tmp = None
+        """Atomic: a temp file with a name no other writer uses, in the entry's directory, then os.replace. Concurrent
+        writers all succeed; readers see no entry, the old one or a whole new one."""
+        tmp = f"{entry}.{os.getpid()}.{secrets.token_hex(6)}.tmp"  # pid + random: unique across processes and nodes
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
             try:
-                fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.name + ".", suffix=".tmp")
+                fd = os.open(tmp, flags, 0o666)
             except FileNotFoundError:  # a cache not made by open_image_cache, or its fan-out directory removed
                 entry.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+                fd = os.open(tmp, flags, 0o666)
+            with open(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, entry)
         except OSError as e:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
             if not self.write_errors:
                 log.warning("image cache: cannot write %s (%s); training goes on with decoded images, uncached "
                             "(warned once per process; counted in write_errors)", entry, e)

@@ -65,6 +65,9 @@ def test_cold_and_warm_reads_equal_the_uncached_path_bit_for_bit(images, tmp_pat
     # entries hold the uint8 image before padding (longer side = size), not the (3, S, S) float32 tensor
     entry = the_entry(cache, images[0], spec)
     assert HEADER.size < entry.stat().st_size <= HEADER.size + size * size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes: shareable, not 0600
 
 
 @pytest.mark.parametrize("shape, spec", [((336, 280), ImageSpec(336)), ((93, 112), ImageSpec(112)),
