@@ -3,24 +3,27 @@
     cache = open_image_cache("runs/tiny/image_cache")   # None for ""; LauncherError if the directory is unwritable
     pixels = cache.pixels("data/synth/files/p10/p1000/s50/x.jpg", ImageSpec(336))   # (3, S, S) float32
     cache.stats()   # {"hits": ..., "misses": ..., "rebuilt": ..., "write_errors": ...} of this process
+    Preprocessor(..., image_cache=open_image_cache(image_cache_dir(cfg)))   # how a run uses it (training/data.py)
+    launcher data prepare --config configs/tiny.yaml [--processes N]         # fill it ahead of a run
 
 What an entry holds: the (h, w) uint8 grayscale image that `load_gray` returns (longer side = S, ~94 KB at S=336,
 14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, ~0.2 ms), so a
 cached image gives exactly the floats of the uncached path, and one entry serves any mean/std.
 
 The key is the image's identity plus what decides the stored bytes: the absolute path (or the URI), its size and mtime
-in nanoseconds (os.stat for a local file; pyarrow's FileInfo for a URI, an S3 HEAD: a warm read never fetches the JPEG),
-the spec's size, the `load_gray` recipe version and the Pillow version (its libjpeg decides the DCT output). Path +
-size + mtime rather than a content hash because hashing means reading every JPEG on every epoch, the read a warm epoch
-saves (on S3 the expensive part). A file replaced in place changes size or mtime and misses. A filesystem that reports
-no mtime falls back to a hash of the file's bytes.
+in nanoseconds (os.stat for a local file; pyarrow's FileInfo for a URI, an S3 HEAD: a warm read never fetches the
+JPEG), the spec's size, the `load_gray` recipe version and the Pillow version (its libjpeg decides the DCT output).
+Path + size + mtime rather than a content hash because hashing means reading every JPEG on every epoch, the read a
+warm epoch saves (on S3 the expensive part). A file replaced in place changes size or mtime and misses. A filesystem
+that reports no mtime falls back to a hash of the file's bytes.
 
 Entry file: `<dir>/<2 hex>/<64 hex>.gray`, a 56-byte header (magic, the key's sha256, h, w, payload length, CRC-32 of
 the payload) then the pixels. A short file, a wrong magic/key/length or a bad CRC is detected on read, counted as
-`rebuilt`, decoded again and rewritten; its bytes are never returned. Writes go to a unique temp file in the entry's
-directory (created with O_EXCL, mode 0666 less the umask) and `os.replace` it in: atomic on POSIX filesystems, so concurrent writers (DataLoader workers, Ray tasks,
-several nodes on a shared filesystem) each install a whole, identical entry and readers see the old file or the new
-one. No fsync: an entry lost to a crash reads as short or corrupt and is rebuilt.
+`rebuilt`, decoded again and rewritten; its bytes are never returned. Writes go to a temp file of a unique name in the
+entry's directory (O_EXCL, mode 0666 less the umask, as any file the user writes) and `os.replace` it in: atomic on
+POSIX filesystems, so concurrent writers (DataLoader workers, Ray tasks, several nodes on a shared filesystem) each
+install a whole, identical entry, and readers see no entry, the old one or a whole new one. No fsync: an entry lost to
+a crash reads as short or corrupt and is rebuilt.
 
 Counters are per process (a pickled copy starts from zero): Ray Data tasks and DataLoader workers count their own.
 """
@@ -208,3 +211,51 @@ class ImageCache:
                 log.warning("image cache: cannot write %s (%s); training goes on with decoded images, uncached "
                             "(warned once per process; counted in write_errors)", entry, e)
             self.write_errors += 1
+
+
+# ------------------------------------------------------------------------------------------------ filling ahead
+@dataclass
+class FillReport:
+    """What `fill_cache` did: the cache's counters summed over its processes, and the images that failed."""
+
+    images: int = 0
+    hits: int = 0
+    misses: int = 0
+    rebuilt: int = 0
+    write_errors: int = 0
+    failed: list[str] = field(default_factory=list)
+    """"path: error" for each image that could not be decoded (missing, unreadable, not an image)."""
+
+    def add(self, stats: dict[str, int], failed: list[str]) -> None:
+        for name, value in stats.items():
+            setattr(self, name, getattr(self, name) + value)
+        self.failed += failed
+
+
+def _fill_chunk(args: tuple[ImageCache, list[str], ImageSpec]) -> tuple[dict[str, int], list[str]]:
+    cache, paths, spec = args
+    failed = []
+    for path in paths:
+        try:
+            cache.gray(path, spec)
+        except (OSError, ValueError, SyntaxError) as e:  # what Pillow and file access raise for a bad image
+            failed.append(f"{path}: {e.__class__.__name__}: {e}")
+    return cache.stats(), failed
+
+
+def fill_cache(cache: ImageCache, paths: list[str], spec: ImageSpec, processes: int = 1, chunk: int = 64) -> FillReport:
+    """Decode and store every image of `paths` not cached yet (`launcher data prepare`), in `processes` processes
+    (each with its own copy of the cache and counters). Duplicate paths are taken once."""
+    import multiprocessing
+
+    unique = list(dict.fromkeys(paths))
+    jobs = [(cache, unique[i : i + chunk], spec) for i in range(0, len(unique), chunk)]
+    report = FillReport(images=len(unique))
+    if processes <= 1:
+        for job in jobs:
+            report.add(*_fill_chunk(job))
+        return report
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: no fork of a threaded parent
+        for stats, failed in pool.imap_unordered(_fill_chunk, jobs):
+            report.add(stats, failed)
+    return report

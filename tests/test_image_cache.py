@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,39 @@ def test_the_config_key_resolves_auto_off_and_a_path_and_refuses_a_uri(tmp_path)
         load_config(tiny, [out, "data.image_cache=s3://bucket/cache"])
     with pytest.raises(ConfigError, match="data.image_cache: expected str"):
         load_config(tiny, [out, "data.image_cache=3"])
+
+
+# ------------------------------------------------------------------------------------------------ launcher data prepare
+def test_data_prepare_fills_the_cache_a_run_then_only_hits(synth_dir, tmp_path, capsys):
+    from datasets_io.jsonl import join, read_records
+    from launcher.cli import main
+
+    argv = ["data", "prepare", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={synth_dir}",
+            "--set", f"output.dir={tmp_path}/run", "--set", "model.tiny.image_size=64", "--processes", "2"]
+    rows = [r for f in ("curriculum_train.jsonl", "curriculum_val.jsonl")
+            for r in read_records(str(synth_dir / f), str(synth_dir))[0]]
+    paths = sorted({join(str(synth_dir), r.image) for r in rows})
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{len(paths)} images ({len(rows)} rows): {len(paths)} decoded and stored, 0 already there" in out
+    cache = ImageCache(f"{tmp_path}/run/image_cache")
+    assert all(np.array_equal(cache.pixels(p, ImageSpec(64)), uncached(p, ImageSpec(64))) for p in paths)
+    assert cache.stats() == {"hits": len(paths), "misses": 0, "rebuilt": 0, "write_errors": 0}
+    assert main(argv[:-2] + ["--processes", "1"]) == 0
+    assert f"0 decoded and stored, {len(paths)} already there" in capsys.readouterr().out
+
+
+def test_data_prepare_lists_an_image_it_cannot_decode_and_fails(synth_dir, tmp_path, capsys):
+    from launcher.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_dir, root)
+    bad = sorted(root.rglob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: the header parses, the decode fails
+    argv = ["data", "prepare", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={root}",
+            "--set", f"output.dir={tmp_path}/run", "--processes", "1"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert ", 1 failed;" in out and str(bad) in err
+    assert main(argv + ["--set", "data.image_cache="]) == 2
+    assert "the cache is off" in capsys.readouterr().err
