@@ -4,7 +4,7 @@ resize), and the image cache (datasets_io/image_cache.py) cold (first epoch: dec
 (later epochs and the other stage's rows: read the entry, pad, normalize). Measured in the same run on the same files,
 one process (= one core), in CPU seconds, each image's fastest of `--repeats` rounds.
 
-    python benchmarks/data_pipeline.py [--images 12] [--size 336] [--repeats 3]
+    python benchmarks/data_pipeline.py [--images 12] [--size 336] [--repeats 5]
 Targets: draft path >= 4x naive; cold cache >= 0.85x the reduced-DCT decode alone (`cold/limit`, the decode is the
 floor: everything else the cold path does must cost <= 15% on top); warm cache >= 10x naive (`warm/naive`).
 """
@@ -36,7 +36,8 @@ def decode_only(data: bytes, spec: ImageSpec) -> None:
 
 def one_round(paths: list[str], blobs: list[bytes], spec: ImageSpec, cache_dir: Path) -> dict[str, list[float]]:
     """CPU seconds per image and path. The paths run back to back on each image, so load from other processes hits
-    them alike; CPU time (user + system of this thread, `time.thread_time`) is what a core spends, not the wait for one."""
+    them alike; CPU time (user + system of this thread, `time.thread_time`) is what a core spends, not the wait for
+    one."""
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = open_image_cache(str(cache_dir))  # as a run prepares it; empty: the first epoch decodes and writes all
     paths_of = {
@@ -70,7 +71,8 @@ def main() -> None:
         rounds = [one_round(paths, blobs, spec, Path(d, "image_cache")) for _ in range(args.repeats)]
     # per image, its fastest round (a round the scheduler or another process slowed is dropped); rate over images
     rate = {k: len(paths) / sum(min(r[k][i] for r in rounds) for i in range(len(paths))) for k in rounds[0]}
-    print(f"images: {len(paths)} x 3056x2544 JPEG -> (3, {args.size}, {args.size}) float32, 1 core, CPU time, best of {args.repeats} per image")
+    print(f"images: {len(paths)} x 3056x2544 JPEG -> (3, {args.size}, {args.size}) float32, 1 core, CPU time, "
+          f"best of {args.repeats} per image")
     print(f"naive (full decode, RGB, resize):         {rate['naive']:7.1f} samples/s/core")
     print(f"draft-mode path:                          {rate['draft']:7.1f} samples/s/core")
     print(f"reduced-DCT decode alone (the limit):     {rate['limit']:7.1f} samples/s/core")

@@ -12,6 +12,11 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets_io.images import ImageSpec
+    from launcher.config import Config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,7 +117,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 1 if r.failed or r.write_errors else 0
 
 
-def image_spec_for_config(cfg):
+def image_spec_for_config(cfg: Config) -> ImageSpec:
     """The image spec training will use. The cache key needs only its size: the tiny model's is in the config (its
     base's image_spec.json says the same); a real model's comes from its directory."""
     from datasets_io.images import ImageSpec
