@@ -53,7 +53,7 @@ def one_round(paths: list[str], blobs: list[bytes], spec: ImageSpec, cache_dir: 
             t0 = time.thread_time()
             fn(i)
             took[name].append(time.thread_time() - t0)
-    assert cache.stats() == {"hits": len(paths), "misses": len(paths), "rebuilt": 0, "write_errors": 0}
+    assert cache.stats() == {"hits": len(paths), "misses": len(paths), "rebuilt": 0, "write_errors": 0, "read_errors": 0}
     return took
 
 

@@ -2,7 +2,7 @@
 
     cache = open_image_cache("runs/tiny/image_cache")   # None for ""; LauncherError if the directory is unwritable
     pixels = cache.pixels("data/synth/files/p10/p1000/s50/x.jpg", ImageSpec(336))   # (3, S, S) float32
-    cache.stats()   # {"hits": ..., "misses": ..., "rebuilt": ..., "write_errors": ...} of this process
+    cache.stats()   # {"hits", "misses", "rebuilt", "write_errors", "read_errors"}: this process's counts
     Preprocessor(..., image_cache=open_image_cache(image_cache_dir(cfg)))   # how a run uses it (training/data.py)
     launcher data prepare --config configs/tiny.yaml [--processes N]         # fill it ahead of a run
 
@@ -142,6 +142,8 @@ class ImageCache:
     """Entries found short or corrupt: decoded again and rewritten (also counted in `misses`)."""
     write_errors: int = field(default=0, compare=False)
     """Entries that could not be written (e.g. disk full): the decoded image is still used; warned once."""
+    read_errors: int = field(default=0, compare=False)
+    """Entries there but unreadable (e.g. a stale NFS handle): decoded instead (also in `misses`); warned once."""
 
     def __getstate__(self) -> dict:
         return {"directory": self.directory}  # a copy in another process counts its own events
@@ -150,7 +152,8 @@ class ImageCache:
         self.__init__(state["directory"])
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "rebuilt": self.rebuilt, "write_errors": self.write_errors}
+        return {"hits": self.hits, "misses": self.misses, "rebuilt": self.rebuilt, "write_errors": self.write_errors,
+                "read_errors": self.read_errors}
 
     def key(self, path: str, spec: ImageSpec) -> tuple[bytes, bytes | None]:
         """(sha256 of the entry's key, the image's bytes if identifying it read them)."""
@@ -185,6 +188,11 @@ class ImageCache:
         except CorruptEntry as e:
             self.rebuilt += 1
             log.warning("image cache: entry %s is corrupt (%s); rebuilding it", entry, e)
+        except OSError as e:  # e.g. ESTALE on NFS after another node replaced the entry: decode instead
+            if not self.read_errors:
+                log.warning("image cache: cannot read %s (%s); decoding the image instead (warned once per process; "
+                            "counted in read_errors)", entry, e)
+            self.read_errors += 1
         self.misses += 1
         gray = decode_gray(path, spec, data)
         self._write(entry, encode_entry(digest, gray))
@@ -223,6 +231,7 @@ class FillReport:
     misses: int = 0
     rebuilt: int = 0
     write_errors: int = 0
+    read_errors: int = 0
     failed: list[str] = field(default_factory=list)
     """"path: error" for each image that could not be decoded (missing, unreadable, not an image)."""
 

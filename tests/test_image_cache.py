@@ -56,7 +56,7 @@ def test_cold_and_warm_reads_equal_the_uncached_path_bit_for_bit(images, tmp_pat
     spec = ImageSpec(size)
     cache = ImageCache(str(tmp_path / "cache"))
     cold = [cache.pixels(p, spec) for p in images]
-    assert cache.stats() == {"hits": 0, "misses": len(images), "rebuilt": 0, "write_errors": 0}
+    assert cache.stats() == {"hits": 0, "misses": len(images), "rebuilt": 0, "write_errors": 0, "read_errors": 0}
     warm = [cache.pixels(p, spec) for p in images]
     assert cache.stats()["hits"] == len(images) and cache.stats()["misses"] == len(images)
     for path, c, w in zip(images, cold, warm):
@@ -97,7 +97,7 @@ def test_one_entry_serves_any_mean_and_std_and_a_new_process_reads_it(images, tm
         cache.pixels(p, SPEC)
     other = ImageSpec(112, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     copy = pickle.loads(pickle.dumps(cache))  # what a Ray task or DataLoader worker gets: its own counters
-    assert copy.stats() == {"hits": 0, "misses": 0, "rebuilt": 0, "write_errors": 0}
+    assert copy.stats() == {"hits": 0, "misses": 0, "rebuilt": 0, "write_errors": 0, "read_errors": 0}
     for p in images:
         assert np.array_equal(copy.pixels(p, other), uncached(p, other))
     assert copy.stats()["hits"] == len(images) and copy.stats()["misses"] == 0
@@ -203,7 +203,7 @@ def test_a_truncated_or_corrupt_entry_is_detected_rebuilt_and_counted(images, tm
 
     fresh = ImageCache(cache.directory)
     assert np.array_equal(fresh.pixels(images[0], SPEC), uncached(images[0]))
-    assert fresh.stats() == {"hits": 0, "misses": 1, "rebuilt": 1, "write_errors": 0}
+    assert fresh.stats() == {"hits": 0, "misses": 1, "rebuilt": 1, "write_errors": 0, "read_errors": 0}
     assert entry.read_bytes() == good  # rewritten whole
     fresh.pixels(images[0], SPEC)
     assert fresh.stats()["hits"] == 1 and fresh.stats()["rebuilt"] == 1
@@ -244,9 +244,19 @@ def test_a_failing_write_is_counted_and_the_decoded_image_still_used(images, tmp
     stats, equal, messages = results.get(timeout=60)
     proc.join(timeout=60)
     assert proc.exitcode == 0 and equal == [True] * 3
-    assert stats == {"hits": 0, "misses": 3, "rebuilt": 0, "write_errors": 3}
+    assert stats == {"hits": 0, "misses": 3, "rebuilt": 0, "write_errors": 3, "read_errors": 0}
     assert len(messages) == 1 and "cannot write" in messages[0]  # warned once per process
     assert not list(Path(directory).rglob("*.gray")) and not list(Path(directory).rglob("*.tmp"))
+
+
+def test_an_entry_that_cannot_be_read_is_decoded_instead_counted_and_warned_once(images, tmp_path, caplog):
+    cache = ImageCache(str(tmp_path / "cache"))
+    for p in images[:2]:
+        the_entry(cache, p).mkdir(parents=True)  # a directory where the entry file should be: reading it fails
+    out = [cache.pixels(p, SPEC) for p in images[:2]]
+    assert all(np.array_equal(o, uncached(p)) for o, p in zip(out, images[:2]))
+    assert cache.stats() == {"hits": 0, "misses": 2, "rebuilt": 0, "write_errors": 2, "read_errors": 2}
+    assert sum("cannot read" in r.getMessage() for r in caplog.records) == 1
 
 
 # ------------------------------------------------------------------------------------------------ concurrent writers
@@ -292,7 +302,7 @@ def test_two_processes_writing_one_entry_leave_a_valid_entry_and_raise_nothing(i
     assert [p.exitcode for p in procs] == [0, 0, 0]
     cache = ImageCache(directory)
     assert np.array_equal(cache.pixels(path, SPEC), uncached(path))
-    assert cache.stats() == {"hits": 1, "misses": 0, "rebuilt": 0, "write_errors": 0}
+    assert cache.stats() == {"hits": 1, "misses": 0, "rebuilt": 0, "write_errors": 0, "read_errors": 0}
     assert not list(Path(directory).rglob("*.tmp"))  # every writer's temp file was renamed in
 
 
@@ -352,7 +362,7 @@ def test_data_prepare_fills_the_cache_a_run_then_only_hits(synth_dir, tmp_path, 
     assert f"{len(paths)} images ({len(rows)} rows): {len(paths)} decoded and stored, 0 already there" in out
     cache = ImageCache(f"{tmp_path}/run/image_cache")
     assert all(np.array_equal(cache.pixels(p, ImageSpec(64)), uncached(p, ImageSpec(64))) for p in paths)
-    assert cache.stats() == {"hits": len(paths), "misses": 0, "rebuilt": 0, "write_errors": 0}
+    assert cache.stats() == {"hits": len(paths), "misses": 0, "rebuilt": 0, "write_errors": 0, "read_errors": 0}
     assert main(argv[:-2] + ["--processes", "1"]) == 0
     assert f"0 decoded and stored, {len(paths)} already there" in capsys.readouterr().out
 

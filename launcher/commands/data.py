@@ -110,11 +110,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = fill_cache(cache, paths, image_spec_for_config(cfg), processes=max(1, args.processes))
     print(f"image cache {directory}: {r.images} images ({len(paths)} rows): {r.misses} decoded and stored, {r.hits} "
-          f"already there, {r.rebuilt} rebuilt, {r.write_errors} write errors, {len(r.failed)} failed; "
+          f"already there, {r.rebuilt} rebuilt, {r.write_errors} write errors, {r.read_errors} read errors, "
+          f"{len(r.failed)} failed; "
           f"{time.perf_counter() - t0:.1f} s with {max(1, args.processes)} process(es)")
     for problem in r.failed[:20]:
         print(f"  {problem}", file=sys.stderr)
-    return 1 if r.failed or r.write_errors else 0
+    return 1 if r.failed or r.write_errors or r.read_errors else 0
 
 
 def image_spec_for_config(cfg: Config) -> ImageSpec:
