@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+GRAY_RECIPE = 1
+"""Version of what `load_gray` computes; part of the image cache's key. Bump it whenever `load_gray` changes."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,10 @@ class ImageSpec:
     std: tuple[float, float, float] = CLIP_STD
 
 
-def load_gray(data: bytes, size: int) -> Image.Image:
-    """Decode to an 8-bit grayscale image whose longer side is `size`, using reduced-DCT draft decoding."""
-    im = Image.open(io.BytesIO(data))
+def load_gray(data: bytes | BinaryIO, size: int) -> Image.Image:
+    """Decode to an 8-bit grayscale image whose longer side is `size`, using reduced-DCT draft decoding. `data` is
+    the file's bytes or an open binary file (Pillow then reads it in 64 KiB blocks: no 1 MB buffer to fault in)."""
+    im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     # The final image has its LONGER side = size, so ask draft() for the box the image will be resized to: it picks
     # the largest DCT scale-down (1/2, 1/4, 1/8) that keeps both sides >= that box. Only JPEGs have a draft mode.
     w0, h0 = im.size
@@ -45,15 +49,24 @@ def load_gray(data: bytes, size: int) -> Image.Image:
 
 def to_pixel_values(gray: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Pad a grayscale image to a centred square of 3 normalized channels. Returns (3, S, S) float32."""
+    return normalize_gray(np.asarray(gray, dtype=np.uint8), spec)
+
+
+def normalize_gray(gray: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """(h, w) uint8 -> (3, S, S) float32: centred in the square, normalized per channel. The image cache stores the
+    uint8 input of this function, so a cached image and a freshly decoded one give the same floats bit for bit."""
     s = spec.size
-    w, h = gray.size
+    h, w = gray.shape
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     # Pad with the mean colour, as LLaVA's expand2square does: padding normalizes to exactly 0 in every channel.
     out = np.zeros((3, s, s), dtype=np.float32)
     top, left = (s - h) // 2, (s - w) // 2
-    pixels = np.asarray(gray, dtype=np.float32)[None, :, :] / 255.0  # (1, h, w), broadcast to 3 channels
-    out[:, top : top + h, left : left + w] = (pixels - mean) / std
+    pixels = gray.astype(np.float32)[None, :, :]  # (1, h, w), broadcast to 3 channels
+    pixels /= 255.0
+    view = out[:, top : top + h, left : left + w]  # written in place: no (3, h, w) temporaries
+    np.subtract(pixels, mean, out=view)
+    view /= std
     return out
 
 

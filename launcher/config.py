@@ -46,6 +46,9 @@ class DataConfig:
     """Longest token sequence (prompt + image tokens + target + EOS)."""
     overlong: Literal["error", "truncate"] = "truncate"
     """An overlong sample: an error, or prompt truncated from the left (counted; the target start is never lost)."""
+    image_cache: str = "auto"
+    """Directory of decoded images (each JPEG decoded once per run, see datasets_io/image_cache.py): "auto" =
+    <output.dir>/image_cache, "" = off, else a path; on a cluster a shared filesystem every node mounts. Not a URI."""
 
 
 @dataclass
@@ -268,6 +271,9 @@ def _check_ranges(cfg: Config) -> list[str]:
         p.append(f"train.lr: must be > 0, got {t.lr}")
     if cfg.data.max_seq_len < 16:
         p.append(f"data.max_seq_len: must be >= 16, got {cfg.data.max_seq_len}")
+    if "://" in cfg.data.image_cache:
+        p.append(f"data.image_cache: must be a filesystem path (local disk or a shared mount), not a URI: "
+                 f"{cfg.data.image_cache!r}")
     if cfg.lora.r < 1:
         p.append(f"lora.r: must be >= 1, got {cfg.lora.r}")
     tiny = cfg.model.tiny
@@ -342,6 +348,12 @@ def data_path(cfg: Config, name: str) -> str:
     """`data.train_file` / `data.val_file` resolved against `data.root`."""
     value = getattr(cfg.data, name)
     return value if ("://" in value or value.startswith("/")) else f"{cfg.data.root.rstrip('/')}/{value}"
+
+
+def image_cache_dir(cfg: Config) -> str:
+    """`data.image_cache` resolved: "auto" -> <output.dir>/image_cache; "" (cache off) stays ""."""
+    value = cfg.data.image_cache
+    return f"{cfg.output.dir.rstrip('/')}/image_cache" if value == "auto" else value
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import Config
+from launcher.config import Config, image_cache_dir
 from launcher.errors import LauncherError
 from training.recipe import RunData, corpus_texts, ensure_data, load_run_data  # noqa: F401 - their old home
 
@@ -65,6 +65,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
               show_progress: bool = True) -> dict:
     from datasets_io.sampler import BatchLayout, row_table
     from training.checkpoint import Checkpointer, read_state, resolve_resume
+    from datasets_io.image_cache import open_image_cache
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, check_cursor_unit, train
@@ -94,7 +95,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
         tracker.set_tags(run_tags(prep, "local", device=device))
 
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
+                       image_cache=open_image_cache(image_cache_dir(cfg)))  # an unwritable dir fails here
     # the runtime's part of the data: one rank, its micro-batches decoded by DataLoader processes
     tables = {s: row_table(data.train[s]) for s in ("A", "B")}
     spec = sampler_spec(cfg, prep.counts)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row
 from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
 from training.curriculum import stage_at
 
+if TYPE_CHECKING:
+    from datasets_io.image_cache import ImageCache
 
 DECODE_HOOKS: list = []  # test-only: callables hook(stage, position), run before each training sample's decode
 
@@ -44,6 +46,8 @@ class Preprocessor:
     max_len: int
     overlong: str
     data_root: str
+    image_cache: ImageCache | None = None
+    """Decoded images on disk (datasets_io.image_cache), shared by both stages and all epochs; None = decode always."""
     decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
 
     def sample_at(self, stage: str, position: int, fields: dict[str, str]):
@@ -53,7 +57,9 @@ class Preprocessor:
         return self.sample(fields["prompt"], fields["target"], fields["image"], fields["where"])
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
-        pixels = preprocess_image(read_bytes(join(self.data_root, image)), self.image_spec)  # (3, S, S)
+        path = join(self.data_root, image)
+        cache, spec = self.image_cache, self.image_spec
+        pixels = cache.pixels(path, spec) if cache is not None else preprocess_image(read_bytes(path), spec)  # (3,S,S)
         tok = build_sample(
             self.tokenizer, prompt, target, image_token_id=self.image_token_id,
             num_image_tokens=self.num_image_tokens, max_len=self.max_len, overlong=self.overlong, where=where,

@@ -4,13 +4,20 @@
     launcher data validate data/synth/curriculum_train.jsonl --data-root data/synth [--policy skip]
     launcher data build --cxr-jpg DIR --reports DIR --mimic-iv DIR --out DIR     (from raw MIMIC, see README)
     launcher data plan --config configs/tiny.yaml --num-workers 2 --steps 5 [--set k=v ...] [--format json]
+    launcher data prepare --config configs/tiny.yaml [--set data.image_cache=DIR] [--processes N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets_io.images import ImageSpec
+    from launcher.config import Config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +53,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="override a config key, e.g. --set train.global_batch_size=16 (repeatable)")
     pl.add_argument("--format", choices=["text", "json"], default="text")
     pl.set_defaults(func=run_plan)
+    pr = dsub.add_parser("prepare", help="decode every image of a config's curriculum into its image cache")
+    pr.add_argument("--config", required=True, help="YAML config (data.*, model.*, data.image_cache)")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set data.image_cache=/shared/cache (repeatable)")
+    pr.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                    help="decoding processes (default: the CPU count, %(default)s)")
+    pr.set_defaults(func=run_prepare)
 
     try:
         from datasets_io.mimic_build import add_build_arguments, run_build
@@ -77,6 +91,55 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"\n{bad} bad record(s): failing (use --policy skip to count and skip them)", file=sys.stderr)
         return 1
     return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Fill `data.image_cache` with every train and validation image, so the run's first epoch decodes nothing."""
+    import time
+    from pathlib import Path
+
+    from datasets_io.image_cache import fill_cache, open_image_cache
+    from datasets_io.jsonl import join, read_records
+    from launcher.config import data_path, image_cache_dir, load_config
+    from launcher.errors import LauncherError
+
+    cfg = load_config(args.config, args.overrides)
+    directory = image_cache_dir(cfg)
+    if not directory:
+        raise LauncherError("data.image_cache is '' (the cache is off): nothing to prepare; set it to a directory")
+    cache = open_image_cache(directory)
+    paths: list[str] = []
+    for name in ("train_file", "val_file"):
+        path = data_path(cfg, name)
+        if name == "val_file" and "://" not in path and not Path(path).exists():
+            continue  # as training: the validation file is optional
+        records, report = read_records(path, cfg.data.root, policy=cfg.data.bad_records, check_images="exists")
+        if report.skipped:
+            print(f"{path}: skipped {report.skipped} bad record(s) (data.bad_records=skip)", file=sys.stderr)
+        paths += [join(cfg.data.root, r.image) for r in records]
+    t0 = time.perf_counter()
+    r = fill_cache(cache, paths, image_spec_for_config(cfg), processes=max(1, args.processes))
+    print(f"image cache {directory}: {r.images} images ({len(paths)} rows): {r.misses} decoded and stored, {r.hits} "
+          f"already there, {r.rebuilt} rebuilt, {r.write_errors} write errors, {r.read_errors} read errors, "
+          f"{len(r.failed)} failed; "
+          f"{time.perf_counter() - t0:.1f} s with {max(1, args.processes)} process(es)")
+    for problem in r.failed[:20]:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if r.failed or r.write_errors or r.read_errors else 0
+
+
+def image_spec_for_config(cfg: Config) -> ImageSpec:
+    """The image spec training will use. The cache key needs only its size: the tiny model's is in the config (its
+    base's image_spec.json says the same); a real model's comes from its directory."""
+    from datasets_io.images import ImageSpec
+
+    if not cfg.model.name_or_path:
+        return ImageSpec(cfg.model.tiny.image_size)
+    from transformers import LlavaConfig
+
+    from training.model import image_spec_for
+
+    return image_spec_for(cfg.model.name_or_path, LlavaConfig.from_pretrained(cfg.model.name_or_path))
 
 
 def format_summary(s: dict) -> str:
