@@ -13,7 +13,7 @@ dataset into equal shards, one per worker (`streaming_split(equal=True)`).
 
 Columns are fixed-shape (Ray Data stores them as tensor columns); per row ~ 4*3*S*S + 8*max_seq_len bytes:
   pixel_values (3, S, S) float32          input_ids, labels (max_seq_len,) int32, right-padded; length int32
-  truncated bool                          study_id str
+  shortened bool                          study_id str
   Stage B with EHR dropout also carries input_ids_no_ehr / labels_no_ehr / length_no_ehr: the same sample with the
   Patient Data block emptied, so dropout is chosen per row AND epoch in the worker without re-tokenizing.
 The worker's collate trims to the batch's longest row and pads with `Preprocessor.collate`, so a Ray batch is
@@ -83,7 +83,7 @@ def _fixed(tok: TokenizedSample, width: int, pad_id: int) -> tuple[np.ndarray, n
 def preprocess_rows(batch: dict[str, np.ndarray], *, pre: Any, no_ehr_variant: bool) -> dict[str, np.ndarray]:
     """Records -> model-ready fixed-shape columns: decode/resize (Preprocessor.sample), tokenize, pad to max_len."""
     width, pad = pre.max_len, pre.tokenizer.pad_token_id
-    out: dict[str, list] = {"pixel_values": [], "input_ids": [], "labels": [], "length": [], "truncated": [],
+    out: dict[str, list] = {"pixel_values": [], "input_ids": [], "labels": [], "length": [], "shortened": [],
                             "study_id": []}
     if no_ehr_variant:
         out.update({"input_ids_no_ehr": [], "labels_no_ehr": [], "length_no_ehr": []})
@@ -95,7 +95,7 @@ def preprocess_rows(batch: dict[str, np.ndarray], *, pre: Any, no_ehr_variant: b
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(n)
-        out["truncated"].append(tok.truncated)
+        out["shortened"].append(tok.shortened)
         out["study_id"].append(str(sid))
         if no_ehr_variant:
             tok0 = build_sample(pre.tokenizer, with_empty_ehr(str(prompt)), str(target),
@@ -110,7 +110,7 @@ def preprocess_rows(batch: dict[str, np.ndarray], *, pre: Any, no_ehr_variant: b
     pixels = np.stack(out["pixel_values"]).astype(np.float32) if n_rows else np.zeros((0, 3, s, s), np.float32)
     result = {
         "pixel_values": pixels,  # (B, 3, S, S)
-        "truncated": np.asarray(out["truncated"], dtype=bool),
+        "shortened": np.asarray(out["shortened"], dtype=bool),
         "study_id": np.asarray(out["study_id"], dtype=object),
     }
     for k in ("input_ids", "labels", "input_ids_no_ehr", "labels_no_ehr"):
@@ -190,7 +190,7 @@ def collate(rows: dict[str, np.ndarray], pre: Any, spec: ShardSpec, epoch: int) 
         suffix = "_no_ehr" if dropped else ""
         n = int(rows["length" + suffix][i])
         toks.append(TokenizedSample(rows["input_ids" + suffix][i][:n].tolist(), rows["labels" + suffix][i][:n].tolist(),
-                                    bool(rows["truncated"][i])))
+                                    bool(rows["shortened"][i])))
     return pre.collate(list(rows["pixel_values"]), toks)
 
 

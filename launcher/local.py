@@ -13,13 +13,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from datasets_io.leakage import SubjectOverlap
 from datasets_io.records import Record
+from datasets_io.token_budget import BudgetReport
 from launcher.config import Config, data_path
 from launcher.errors import LauncherError
 
@@ -68,6 +70,8 @@ class RunData:
     train: dict[str, list[Record]]  # stage -> rows
     val: dict[str, list[Record]]
     skipped: int
+    subject_overlap: SubjectOverlap | None = None  # patients in both train and val (only when allowed)
+    budgets: dict[str, BudgetReport] = field(default_factory=dict)  # "train"/"val" -> token budget report
 
 
 def ensure_data(cfg: Config) -> None:
@@ -88,6 +92,7 @@ def ensure_data(cfg: Config) -> None:
 
 def load_run_data(cfg: Config) -> RunData:
     from datasets_io.jsonl import read_records
+    from training.data_checks import check_leakage
 
     def by_stage(path: str) -> tuple[dict[str, list[Record]], int]:
         records, report = read_records(path, cfg.data.root, policy=cfg.data.bad_records, check_images="exists")
@@ -102,7 +107,25 @@ def load_run_data(cfg: Config) -> RunData:
     for stage in ("A", "B"):
         if not train[stage]:
             raise LauncherError(f"{data_path(cfg, 'train_file')}: no Stage {stage} rows; the curriculum needs both")
-    return RunData(train, val, skipped_t + skipped_v)
+    overlap = check_leakage(cfg, train["A"] + train["B"], val["A"] + val["B"])  # LauncherError unless allowed
+    return RunData(train, val, skipped_t + skipped_v, overlap)
+
+
+def fit_run_data_to_budget(cfg: Config, data: RunData, bundle: Any) -> RunData:
+    """Before the first step: every train and val record measured against data.max_seq_len (training.data_checks);
+    over-budget records stop the run or are skipped and counted, per data.bad_records."""
+    from training.data_checks import fit_token_budget
+
+    kept: dict[str, dict[str, list[Record]]] = {}
+    budgets, skipped = {}, data.skipped
+    for split, rows in (("train", data.train), ("val", data.val)):
+        records, budgets[split] = fit_token_budget(cfg, rows["A"] + rows["B"], bundle, f"{split}_file")
+        skipped += len(budgets[split].over_budget)
+        kept[split] = {s: [r for r in records if r.stage == s] for s in ("A", "B")}
+    for stage in ("A", "B"):
+        if not kept["train"][stage]:
+            raise LauncherError(f"{data_path(cfg, 'train_file')}: no Stage {stage} row fits data.max_seq_len")
+    return RunData(kept["train"], kept["val"], skipped, data.subject_overlap, budgets)
 
 
 def corpus_texts(data: RunData) -> list[str]:
@@ -118,6 +141,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
     from training.model import build_model, load_adapter_weights
+    from training.data_checks import data_check_metrics, data_check_tags
     from training.tracking import MlflowTracker, config_params
 
     t_start = time.perf_counter()
@@ -134,11 +158,14 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     data = load_run_data(cfg)
     torch.manual_seed(cfg.train.seed)
     bundle = build_model(cfg, corpus_texts(data), dtype=dtype)
+    data = fit_run_data_to_budget(cfg, data, bundle)  # before the first step: shortened rows counted, bad ones out
     plan = curriculum.plan_steps(cfg, len(data.train["A"]), len(data.train["B"]), world_size=1)
 
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
     if not resumed:
         tracker.log_params(config_params(cfg))
+        tracker.log_metrics(data_check_metrics(data.budgets, data.subject_overlap), step=0)
+        tracker.set_tags(data_check_tags(data.subject_overlap))
         tracker.set_tags({"runtime": "local", "device": device, "total_steps": str(plan.total_steps),
                           "stage_a_steps": str(plan.stage_a_steps)})
 

@@ -38,7 +38,7 @@ def test_all_problems_reported_at_once_with_key_names():
     msg = str(e.value)
     assert len(e.value.problems) == 4
     assert "train.max_stepz: unknown key" in msg and "train.lr: expected float" in msg
-    assert "data.overlong: expected one of 'error', 'truncate'" in msg and "model.tiny.image_size: expected int" in msg
+    assert "data.overlong: expected one of 'shorten_ehr', 'error'" in msg and "model.tiny.image_size: expected int" in msg
 
 
 def test_range_checks():

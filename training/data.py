@@ -54,7 +54,7 @@ class Preprocessor:
             "input_ids": np.asarray(padded["input_ids"], dtype=np.int64),  # (B, T)
             "attention_mask": np.asarray(padded["attention_mask"], dtype=np.int64),
             "labels": np.asarray(padded["labels"], dtype=np.int64),
-            "truncated": np.asarray([t.truncated for t in toks], dtype=bool),
+            "shortened": np.asarray([t.shortened for t in toks], dtype=bool),
         }
 
     def batch(self, items: list[tuple[str, str, str, str]]) -> dict[str, np.ndarray]:
@@ -66,7 +66,7 @@ class Preprocessor:
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     import torch
 
-    return {k: torch.from_numpy(v) for k, v in batch.items() if k != "truncated"}
+    return {k: torch.from_numpy(v) for k, v in batch.items() if k != "shortened"}
 
 
 @dataclass(frozen=True)

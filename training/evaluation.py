@@ -371,6 +371,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
     import torch
 
     from launcher.local import resolve_device
+    from training.data_checks import check_eval_leakage
 
     if opts.batch_size < 1:
         raise LauncherError(f"--batch-size must be >= 1, got {opts.batch_size}")
@@ -384,6 +385,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
     refs = References.of(studies)
 
     models = [load_main_model(opts, device)]
+    overlap = check_eval_leakage(models[0].config, opts.data, opts.data_root)  # patients seen in training: an error
     sibling = stage_a_end_sibling(opts)
     if sibling is not None:
         models.append(load_checkpoint_model(STAGE_A_END, str(sibling), device))
@@ -406,6 +408,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
             "device": device, "arms": list(arms), "models": {m.name: m.source for m in models},
             "n_studies": len(studies), "studies_sha256": studies_digest(studies),
             "generation_s": round(gen_s, 2),
+            "subject_overlap_with_training": overlap.count if overlap is not None else "not checked",
         },
         "models": {},
     }
