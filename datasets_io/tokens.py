@@ -7,6 +7,10 @@ The `<image>` placeholder expands to the vision tower's number of image tokens (
 each). Prompt and target are tokenized separately and concatenated, so the label mask is exact by construction (the
 seed's "labels tokenized separately from the inputs" defect cannot happen: labels ARE the input ids, masked).
 The tokenizer's chat template is used when it has one (Mistral-instruct for the real model).
+
+The target is never cut: a sample over `max_len` has its Patient Data block shortened (datasets_io.ehr_fit, counted
+as `shortened`) or is a bad record (OverBudgetError: file:line, its lengths, the budget). datasets_io.token_budget
+runs `build_sample` on every record before the first step, so training never meets that error mid-run.
 """
 
 from __future__ import annotations
