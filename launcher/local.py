@@ -111,17 +111,24 @@ def load_run_data(cfg: Config) -> RunData:
     return RunData(train, val, skipped_t + skipped_v, overlap)
 
 
-def fit_run_data_to_budget(cfg: Config, data: RunData, bundle: Any) -> RunData:
+def fit_run_data_to_budget(cfg: Config, data: RunData, spec: Any, *, train_rows_droppable: bool = True) -> RunData:
     """Before the first step: every train and val record measured against data.max_seq_len (training.data_checks);
-    over-budget records stop the run or are skipped and counted, per data.bad_records."""
+    over-budget records stop the run or are skipped and counted, per data.bad_records. `spec`: the model bundle, or
+    training.data_checks.TokenSpec (tokenizer, image_token_id, num_image_tokens). `train_rows_droppable=False` (the
+    Ray path, whose data pipeline reads the training file itself) refuses to skip training rows."""
     from training.data_checks import fit_token_budget
 
     kept: dict[str, dict[str, list[Record]]] = {}
     budgets, skipped = {}, data.skipped
     for split, rows in (("train", data.train), ("val", data.val)):
-        records, budgets[split] = fit_token_budget(cfg, rows["A"] + rows["B"], bundle, f"{split}_file")
+        records, budgets[split] = fit_token_budget(cfg, rows["A"] + rows["B"], spec, f"{split}_file")
         skipped += len(budgets[split].over_budget)
         kept[split] = {s: [r for r in records if r.stage == s] for s in ("A", "B")}
+    if budgets["train"].over_budget and not train_rows_droppable:
+        raise LauncherError(
+            f"{data_path(cfg, 'train_file')}: {len(budgets['train'].over_budget)} record(s) over data.max_seq_len "
+            f"(first: {budgets['train'].problems[0]}); the Ray data path cannot skip them yet: remove them (`launcher "
+            "data validate FILE --config CONFIG` lists them), raise data.max_seq_len, or train with `launcher local`")
     for stage in ("A", "B"):
         if not kept["train"][stage]:
             raise LauncherError(f"{data_path(cfg, 'train_file')}: no Stage {stage} row fits data.max_seq_len")
@@ -141,7 +148,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
     from training.model import build_model, load_adapter_weights
-    from training.data_checks import data_check_metrics, data_check_tags
+    from training.data_checks import log_data_checks
     from training.tracking import MlflowTracker, config_params
 
     t_start = time.perf_counter()
@@ -164,8 +171,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
     if not resumed:
         tracker.log_params(config_params(cfg))
-        tracker.log_metrics(data_check_metrics(data.budgets, data.subject_overlap), step=0)
-        tracker.set_tags(data_check_tags(data.subject_overlap))
+        log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
         tracker.set_tags({"runtime": "local", "device": device, "total_steps": str(plan.total_steps),
                           "stage_a_steps": str(plan.stage_a_steps)})
 

@@ -230,8 +230,9 @@ def prepare_run(cfg: Config) -> DriverSetup:
     t0 = time.perf_counter()
     from ray.train.torch import TorchTrainer  # noqa: F401 - imported here, on the set-up thread
 
-    from launcher.local import corpus_texts, ensure_data, load_run_data
+    from launcher.local import corpus_texts, ensure_data, fit_run_data_to_budget, load_run_data
     from training import curriculum
+    from training.data_checks import log_data_checks, token_spec
     from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
     from training.model import resolve_base_path
 
@@ -239,13 +240,16 @@ def prepare_run(cfg: Config) -> DriverSetup:
     world = cfg.ray.num_workers
     ensure_data(cfg)
     data = load_run_data(cfg)  # validates every record (data.bad_records policy) and counts the stages up front
-    counts = {s: len(data.train[s]) for s in ("A", "B")}
     base_path = resolve_base_path(cfg, corpus_texts(data))  # tiny: built once, here, before any worker starts
+    data = fit_run_data_to_budget(cfg, data, token_spec(cfg, lambda: corpus_texts(data)), train_rows_droppable=False)
+    counts = {s: len(data.train[s]) for s in ("A", "B")}
     plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world)
     dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
     ds_config = deepspeed_config(cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     tracker, reopened = pinned_tracker(cfg, plan)  # an unreachable tracking server fails here, before training
+    if not reopened:
+        log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
     return DriverSetup(data, counts, base_path, plan, dtype, ds_config, tracker, reopened,
                        time.perf_counter() - t0)
 

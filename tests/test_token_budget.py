@@ -273,3 +273,25 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
             labels = [t for t in tok.labels if t != IGNORE_INDEX]
             assert bundle.tokenizer.decode(labels) == r.target + bundle.tokenizer.eos_token
             assert len(tok.input_ids) <= 2048 and pixels.shape == (3, 336, 336)
+
+
+@pytest.mark.slow
+def test_ray_stops_before_any_worker_on_an_over_budget_record(ray_local, synth_dir, tmp_path):
+    """The Ray driver runs the same budget check before the first step; its data pipeline reads the training file
+    itself, so skipping over-budget training rows is refused there (clearly, before any worker starts)."""
+    from launcher.config import load_config
+    from launcher.ray_train import run_ray
+
+    lines = (synth_dir / "curriculum_train.jsonl").read_text().splitlines()
+    root = synth_copy(synth_dir, tmp_path / "data", train_extra=[lengthen(json.loads(lines[1]), 40)])
+    over = f"{root / 'curriculum_train.jsonl'}:{len(lines) + 1}"
+
+    def cfg(name: str, **extra):
+        return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp_path / name, **{
+            "ray.num_workers": 1, "ray.cpus_per_worker": 1.0, "ray.name": name, **extra}))
+
+    with pytest.raises(LauncherError, match=rf"1 record\(s\) do not fit data.max_seq_len=384 .* first: {over}: "):
+        run_ray(cfg("err"))
+    assert not (tmp_path / "err" / "ray" / "err" / "launcher_run.json").exists()  # no MLflow run was pinned
+    with pytest.raises(LauncherError, match=rf"first: {over}: .*the Ray data path cannot skip them yet"):
+        run_ray(cfg("skip", **{"data.bad_records": "skip"}))

@@ -2,8 +2,7 @@
 
     overlap = check_leakage(cfg, train_rows, val_rows)                         # after reading the files
     train_rows, report = fit_token_budget(cfg, train_rows, bundle, "train_file")  # once the tokenizer exists
-    tracker.log_metrics(data_check_metrics({"train": report}, overlap), step=0)
-    tracker.set_tags(data_check_tags(overlap))
+    log_data_checks(tracker, {"train": report}, overlap)                      # MLflow: counts at step 0, a tag
 
 Only counts go to MLflow, never patient data.
 """
@@ -48,6 +47,12 @@ def data_check_metrics(budgets: dict[str, BudgetReport], overlap: SubjectOverlap
     if overlap is not None:
         out["data/subject_overlap"] = overlap.count
     return out
+
+
+def log_data_checks(tracker: Any, budgets: dict[str, BudgetReport], overlap: SubjectOverlap | None) -> None:
+    """The checks' counts as MLflow metrics at step 0, and the overlap tag when patients are shared (allowed)."""
+    tracker.log_metrics(data_check_metrics(budgets, overlap), step=0)
+    tracker.set_tags(data_check_tags(overlap))
 
 
 def data_check_tags(overlap: SubjectOverlap | None) -> dict[str, str]:
