@@ -145,10 +145,10 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training import curriculum
     from training.checkpoint import Checkpointer, read_state, resolve_resume
     from training.data import Preprocessor, StageStream, StreamSpec, local_batches
+    from training.data_checks import log_data_checks
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
     from training.model import build_model, load_adapter_weights
-    from training.data_checks import log_data_checks
     from training.tracking import MlflowTracker, config_params
 
     t_start = time.perf_counter()
