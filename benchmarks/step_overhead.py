@@ -90,7 +90,7 @@ def main() -> None:
         data = load_run_data(cfg)
         bundle = build_model(cfg, corpus_texts(data))
         pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                           cfg.data.max_seq_len, "truncate", cfg.data.root)
+                           cfg.data.max_seq_len, "shorten_ehr", cfg.data.root)
         stream = StageStream("B", data.train["B"], StreamSpec(0))
         batch = to_torch(pre.batch([stream.item(i) for i in range(cfg.train.micro_batch_size)]))
         hand, ours, ckpt_times = [], [], []

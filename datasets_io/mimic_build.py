@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from datasets_io.records import CHEXPERT_LABELS, ICD_FLAGS, STAGE_MODES, prompt_a, prompt_b, target_a, target_b
+from datasets_io.records import CHEXPERT_LABELS, STAGE_MODES, prompt_a, prompt_b, target_a, target_b
 from launcher.errors import LauncherError
 
 
@@ -340,15 +340,12 @@ def load_icd_map(path: str | Path) -> IcdMap:
     if not isinstance(data.get("version"), (str, int, float)):
         problems.append("'version' is required (a string such as \"1.0\")")
 
-    def section(name: str, required: tuple[str, ...]) -> dict[str, dict[int, tuple[str, ...]]]:
+    def section(name: str) -> dict[str, dict[int, tuple[str, ...]]]:
         raw = data.get(name)
         out: dict[str, dict[int, tuple[str, ...]]] = {}
         if not isinstance(raw, dict):
             problems.append(f"'{name}' must be a mapping of name -> {{description, icd9, icd10}}")
             return out
-        for flag in required:
-            if flag not in raw:
-                problems.append(f"{name}.{flag}: missing (required by datasets_io.records.ICD_FLAGS)")
         for flag, spec in raw.items():
             where = f"{name}.{flag}"
             if not isinstance(spec, dict):
@@ -371,8 +368,10 @@ def load_icd_map(path: str | Path) -> IcdMap:
             out[str(flag)] = by_version
         return out
 
-    flags = section("flags", ICD_FLAGS)
-    chronic = section("chronic_conditions", ())
+    flags = section("flags")  # the map defines the label space (configs/icd_map.yaml, configs/icd_map_seed.yaml)
+    chronic = section("chronic_conditions")
+    if isinstance(data.get("flags"), dict) and not data["flags"]:
+        problems.append("'flags' is empty: name at least one flag")
     if problems:
         raise LauncherError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return IcdMap(str(data["version"]), hashlib.sha256(text.encode()).hexdigest(), flags, chronic)
@@ -1075,7 +1074,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", metavar="LIST", help="subject folders to keep, e.g. p10 or p10,p11 (default all)")
     parser.add_argument("--views", default="PA,AP", help="ViewPosition preference, most preferred first")
     parser.add_argument("--max-studies", type=int, default=0, metavar="N", help="stop after N kept studies (0 = all)")
-    parser.add_argument("--icd-map", default=str(DEFAULT_ICD_MAP), metavar="YAML", help="versioned ICD flag map")
+    parser.add_argument("--icd-map", default=str(DEFAULT_ICD_MAP), metavar="YAML", help="versioned ICD flag map (default: %(default)s; the original "
+                        "project's eight flags: configs/icd_map_seed.yaml)")
     parser.add_argument("--unmentioned", choices=("omit", "negative"), default="omit",
                         help="CheXpert blank (not mentioned): omit from the block, or render Negative")
     parser.add_argument("--no-admission", choices=("stage-a-only", "icd-none"), default="stage-a-only",

@@ -14,7 +14,7 @@ positions. Resuming seeks: positions before the cursor are never read, decoded o
 
 Columns are fixed-shape (Ray Data stores them as tensor columns); per row ~ 4*3*S*S + 8*max_seq_len bytes:
   pixel_values (3, S, S) float32      input_ids, labels (max_seq_len,) int32, right-padded; length int32
-  truncated, ehr_dropped, replay bool  study_id str, position int64
+  shortened, ehr_dropped, replay bool  study_id str, position int64
 The worker's `collate` trims to the batch's longest row and pads with `Preprocessor.collate`.
 """
 
@@ -66,20 +66,20 @@ def _fixed(tok: TokenizedSample, width: int, pad_id: int) -> tuple[np.ndarray, n
 def decode_items(batch: dict[str, np.ndarray], *, rows: Any, stage: str, pre: Any) -> dict[str, np.ndarray]:
     """map_batches step: sampler draws -> model-ready fixed-shape columns (decode/resize, tokenize, pad)."""
     tables, width, pad = _tables(rows), pre.max_len, pre.tokenizer.pad_token_id
-    out: dict[str, list] = {k: [] for k in ("pixel_values", "input_ids", "labels", "length", "truncated", "study_id")}
+    out: dict[str, list] = {k: [] for k in ("pixel_values", "input_ids", "labels", "length", "shortened", "study_id")}
     for pos, row, replay, dropped in zip(batch["position"], batch["row"], batch["replay"], batch["ehr_dropped"]):
         d = Draw(int(pos), int(row), bool(replay), bool(dropped))
         fields = sample_fields(tables, stage, d)
         pixels, tok = pre.sample_at(stage, d.position, fields)  # (3, S, S), tokens
         ids, labels, n = _fixed(tok, width, pad)
         for k, v in (("pixel_values", pixels), ("input_ids", ids), ("labels", labels), ("length", n),
-                     ("truncated", tok.truncated), ("study_id", fields["study_id"])):
+                     ("shortened", tok.shortened), ("study_id", fields["study_id"])):
             out[k].append(v)
     return {
         "pixel_values": np.stack(out["pixel_values"]).astype(np.float32),  # (B, 3, S, S)
         "input_ids": np.stack(out["input_ids"]), "labels": np.stack(out["labels"]),  # (B, max_len) int32
         "length": np.asarray(out["length"], dtype=np.int32),
-        "truncated": np.asarray(out["truncated"], dtype=bool),
+        "shortened": np.asarray(out["shortened"], dtype=bool),
         "study_id": np.asarray(out["study_id"], dtype=object),
         "position": np.asarray(batch["position"], dtype=np.int64),
         "replay": np.asarray(batch["replay"], dtype=bool), "ehr_dropped": np.asarray(batch["ehr_dropped"], dtype=bool),
@@ -105,7 +105,7 @@ def collate(rows: dict[str, np.ndarray], pre: Any) -> dict[str, np.ndarray]:
     """Fixed-width columns of one micro-batch -> the padded batch `Preprocessor.collate` builds on the local path,
     with the per-sample bookkeeping (study_id, ehr_dropped, replay) the data-order log records."""
     toks = [TokenizedSample(rows["input_ids"][i][:n].tolist(), rows["labels"][i][:n].tolist(),
-                            bool(rows["truncated"][i])) for i, n in enumerate(rows["length"].tolist())]
+                            bool(rows["shortened"][i])) for i, n in enumerate(rows["length"].tolist())]
     batch = pre.collate(list(rows["pixel_values"]), toks)
     batch.update({k: rows[k] for k in ("study_id", "ehr_dropped", "replay")})
     return batch

@@ -1,6 +1,6 @@
 """A synthetic MIMIC-like curriculum with real, learnable signal.
 
-    launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544]
+    launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544] [--ehr-detail mimic]
 
 What carries the signal (so "it learns" can be measured):
 - pixels -> CheXpert: the findings are drawn (enlarged heart shadow, blunted/filled costophrenic angle, a lung apex
@@ -10,6 +10,9 @@ What carries the signal (so "it learns" can be measured):
 - EHR -> ICD: most ICD flags are decided by EHR values the image does not show (BNP for CHF exacerbation,
   temperature and white cells for pneumonia, creatinine for AKI, lactate + heart rate for sepsis, COPD history +
   low SpO2 for a COPD exacerbation). pulmonary_edema and lung_mass follow image findings.
+
+`--ehr-detail mimic` writes Patient Data blocks as large as `launcher data build`'s (15 labs with unit, reference
+range and hours before the study, 6 ED vitals, admission type), so real prompt lengths are exercised here.
 
 Deterministic for a given seed: every study draws from its own `np.random.default_rng([seed, index])`.
 Split by patient (about 10% of patients go to validation).
@@ -201,6 +204,48 @@ def draw_ehr_and_icd(labels: dict[str, str], patient: dict, rng: np.random.Gener
     return ehr, icd
 
 
+# Normal ranges of the MIMIC build's lab panel (datasets_io.mimic_build.LAB_PANEL): name -> (unit, lo, hi, digits).
+# The values that carry the ICD signal (NT-proBNP, WBC, Creatinine, Lactate) come from the basic draw.
+MIMIC_LABS: dict[str, tuple[str, float, float, int]] = {
+    "NT-proBNP": ("pg/mL", 0.0, 300.0, 0), "Troponin T": ("ng/mL", 0.0, 0.01, 2), "Creatinine": ("mg/dL", 0.5, 1.2, 1),
+    "BUN": ("mg/dL", 6.0, 20.0, 0), "Sodium": ("mEq/L", 133.0, 145.0, 0), "Potassium": ("mEq/L", 3.3, 5.1, 1),
+    "Glucose": ("mg/dL", 70.0, 100.0, 0), "WBC": ("K/uL", 4.0, 11.0, 1), "Hemoglobin": ("g/dL", 12.0, 16.0, 1),
+    "Platelets": ("K/uL", 150.0, 440.0, 0), "Lactate": ("mmol/L", 0.5, 2.0, 1), "CRP": ("mg/L", 0.0, 5.0, 1),
+    "pH": ("units", 7.35, 7.45, 2), "pO2": ("mm Hg", 85.0, 105.0, 0), "pCO2": ("mm Hg", 35.0, 45.0, 0),
+}
+MIMIC_VITALS: dict[str, tuple[str, float, float]] = {  # MIMIC-IV-ED vitalsign conventions (mimic_build.VITALS)
+    "temperature": ("degF", 97.0, 99.5), "heart_rate": ("bpm", 60, 100), "resp_rate": ("breaths/min", 12, 20),
+    "o2_sat": ("%", 94, 100), "sbp": ("mmHg", 100, 140), "dbp": ("mmHg", 60, 90),
+}
+ADMISSION_TYPES = ("EW EMER.", "URGENT", "OBSERVATION ADMIT", "ELECTIVE", "DIRECT EMER.")
+
+
+def mimic_detail_ehr(ehr: dict, rng: np.random.Generator) -> dict:
+    """The basic EHR widened to what `launcher data build` writes: the whole lab panel with unit, reference range
+    and hours before the study, six ED vitals with hours before, and the admission type. The signal values of the
+    basic block are kept (BNP becomes NT-proBNP, temperature is given in degF, SpO2 as o2_sat)."""
+    signal = {"NT-proBNP": ehr["Labs"].get("BNP"), "WBC": ehr["Labs"].get("WBC"),
+              "Creatinine": ehr["Labs"].get("Creatinine"), "Lactate": ehr["Labs"].get("Lactate")}
+    labs = {}
+    for name, (unit, lo, hi, digits) in MIMIC_LABS.items():
+        if signal.get(name) is None and rng.random() < 0.12:  # real panels are incomplete
+            continue
+        value = signal[name]["value"] if signal.get(name) else rng.normal((lo + hi) / 2, (hi - lo) / 3)
+        if name == "NT-proBNP" and signal[name]:
+            value *= 3.0  # NT-proBNP runs ~3x BNP
+        labs[name] = {"value": _q(max(value, 0.0), digits), "unit": unit, "reference_range": [lo, hi],
+                      "hours_before": _q(rng.uniform(0.2, 24.0))}
+    basic = ehr["Vitals"]
+    known = {"temperature": basic["temperature"]["value"] * 9 / 5 + 32, "heart_rate": basic["heart_rate"]["value"],
+             "o2_sat": basic["spo2"]["value"]}
+    vitals = {name: {"value": _q(known.get(name, rng.uniform(lo, hi))), "unit": unit,
+                     "hours_before": _q(rng.uniform(0.1, 12.0))}
+              for name, (unit, lo, hi) in MIMIC_VITALS.items()}
+    return {"Age": ehr["Age"], "Sex": ehr["Sex"], "Admission_type": str(rng.choice(ADMISSION_TYPES)),
+            "Vitals": vitals, "Labs": labs, "O2_device": ehr["O2_device"],
+            "Chronic_conditions": ehr["Chronic_conditions"]}
+
+
 # --------------------------------------------------------------------------------------------- pixels
 def render_xray(labels: dict[str, str], height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A frontal chest film as uint8 (H, W). Geometry is in relative coordinates so any size works.
@@ -279,8 +324,16 @@ def render_xray(labels: dict[str, str], height: int, width: int, rng: np.random.
 
 
 # --------------------------------------------------------------------------------------------- the curriculum
-def make_studies(n_studies: int, seed: int) -> list[Study]:
-    """Patients with 1-3 studies each; every study draws from its own generator (deterministic by index)."""
+EHR_DETAILS = ("basic", "mimic")
+
+
+def make_studies(n_studies: int, seed: int, ehr_detail: str = "basic") -> list[Study]:
+    """Patients with 1-3 studies each; every study draws from its own generator (deterministic by index).
+
+    `ehr_detail="mimic"` widens each Patient Data block to the MIMIC build's size (mimic_detail_ehr) from a separate
+    generator, so ids, labels, impressions and ICD flags are the same as with "basic"."""
+    if ehr_detail not in EHR_DETAILS:
+        raise ValueError(f"ehr_detail={ehr_detail!r}: expected one of {EHR_DETAILS}")
     studies: list[Study] = []
     subject_rng = np.random.default_rng([seed, 0])
     k = 0
@@ -299,6 +352,8 @@ def make_studies(n_studies: int, seed: int) -> list[Study]:
             rng = np.random.default_rng([seed, 2, k])
             labels = draw_labels(rng)
             ehr, icd = draw_ehr_and_icd(labels, patient, rng)
+            if ehr_detail == "mimic":
+                ehr = mimic_detail_ehr(ehr, np.random.default_rng([seed, 5, k]))
             dicom = "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5))
             studies.append(
                 Study(subject_id, 50_000_000 + int(rng.integers(0, 9_999_999)), dicom, labels,
@@ -320,11 +375,12 @@ def study_rows(study: Study) -> list[dict]:
 
 def write_synthetic(
     out: str | Path, n_studies: int, seed: int, image_size: tuple[int, int] = (256, 256), val_fraction: float = 0.1,
-    progress: bool = True,
+    progress: bool = True, ehr_detail: str = "basic",
 ) -> dict:
-    """Write curriculum_{train,val}.jsonl and the JPEGs under `out`. Returns a summary dict."""
+    """Write curriculum_{train,val}.jsonl and the JPEGs under `out`. Returns a summary dict.
+    `ehr_detail`: "basic" (the demo's short Patient Data) or "mimic" (MIMIC-build-size blocks, see mimic_detail_ehr)."""
     out = Path(out)
-    studies = make_studies(n_studies, seed)
+    studies = make_studies(n_studies, seed, ehr_detail)
     subjects = sorted({s.subject_id for s in studies})
     split_rng = np.random.default_rng([seed, 3])
     n_val = max(1, round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
@@ -349,4 +405,4 @@ def write_synthetic(
     for name in counts:  # atomic: a half-written curriculum never looks complete
         os.replace(out / f"curriculum_{name}.jsonl.tmp", out / f"curriculum_{name}.jsonl")
     return {"studies": len(studies), "patients": len(subjects), "val_patients": len(val_subjects),
-            "rows": counts, "image_size": [h, w], "seed": seed}
+            "rows": counts, "image_size": [h, w], "seed": seed, "ehr_detail": ehr_detail}

@@ -7,27 +7,38 @@ The `<image>` placeholder expands to the vision tower's number of image tokens (
 each). Prompt and target are tokenized separately and concatenated, so the label mask is exact by construction (the
 seed's "labels tokenized separately from the inputs" defect cannot happen: labels ARE the input ids, masked).
 The tokenizer's chat template is used when it has one (Mistral-instruct for the real model).
+
+The target is never cut: a sample over `max_len` has its Patient Data block shortened (datasets_io.ehr_fit, counted
+as `shortened`) or is a bad record (OverBudgetError: file:line, its lengths, the budget). datasets_io.token_budget
+runs `build_sample` on every record before the first step, so training never meets that error mid-run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from datasets_io.records import IMAGE_TOKEN
+from datasets_io.ehr_fit import shorten_prompt, with_ehr
+from datasets_io.records import IMAGE_TOKEN, RecordError, ehr_from_prompt
 
 IGNORE_INDEX = -100
+Overlong = Literal["shorten_ehr", "error"]
+OVERLONG_POLICIES: tuple[str, ...] = ("shorten_ehr", "error")
 
 
-class OverlongError(ValueError):
-    pass
+class OverBudgetError(RecordError):
+    """A record that cannot fit `data.max_seq_len` without cutting its target: a bad record (file:line, lengths)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(where or "sample", "length", reason)
 
 
 @dataclass
 class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False
+    shortened: bool = False
+    """The Patient Data block was shortened to fit (datasets_io.ehr_fit); callers count these."""
 
     @property
     def attention_mask(self) -> list[int]:
@@ -66,24 +77,45 @@ def build_sample(
     image_token_id: int,
     num_image_tokens: int,
     max_len: int,
-    overlong: Literal["error", "truncate"] = "truncate",
+    overlong: Overlong = "shorten_ehr",
     where: str = "",
 ) -> TokenizedSample:
-    """One training sample. Overlong: `error` raises OverlongError naming `where`; `truncate` cuts the END of the
-    target (so the start of the answer is never lost) and marks the sample truncated (callers count these)."""
+    """One training sample; the whole target (and EOS) is always supervised, never cut.
+
+    Over `max_len`: with `overlong="shorten_ehr"` a Stage B prompt gets its Patient Data block shortened by the rule
+    of datasets_io.ehr_fit (farthest measurements first, then low-priority fields) and the sample is marked
+    `shortened`; a sample that does not fit even with the block emptied, a Stage A sample, or any over-long sample
+    under `overlong="error"`, raises OverBudgetError naming `where` (file:line), its lengths and the budget.
+    `budget_report` runs this on every record before the first step, so training never meets the error mid-run.
+    """
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
     prompt_ids = encode_prompt(tokenizer, prompt, image_token_id, num_image_tokens)
     target_ids = encode_target(tokenizer, target)
+    shortened = False
+    if len(prompt_ids) + len(target_ids) > max_len:
+        room = max_len - len(target_ids)
+        encode = lambda p: encode_prompt(tokenizer, p, image_token_id, num_image_tokens)  # noqa: E731
+        fitted = shorten_prompt(prompt, lambda p: len(encode(p)) <= room) if overlong == "shorten_ehr" else None
+        if fitted is None:
+            raise OverBudgetError(where, over_budget_reason(prompt, prompt_ids, target_ids, num_image_tokens,
+                                                             max_len, overlong, encode))
+        prompt_ids, shortened = encode(fitted[0]), True
+    return TokenizedSample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, shortened)
+
+
+def over_budget_reason(prompt: str, prompt_ids: list[int], target_ids: list[int], num_image_tokens: int,
+                       max_len: int, overlong: str, encode: Callable[[str], list[int]]) -> str:
+    """The numbers of an over-budget sample (token counts only: no patient text)."""
     total = len(prompt_ids) + len(target_ids)
-    truncated = False
-    if total > max_len:
-        room = max_len - len(prompt_ids)
-        if overlong == "error" or room < 8:
-            raise OverlongError(
-                f"{where or 'sample'}: {total} tokens > data.max_seq_len={max_len} "
-                f"(prompt {len(prompt_ids)}, target {len(target_ids)}); raise max_seq_len or use overlong=truncate"
-            )
-        target_ids, truncated = target_ids[:room], True
-    return TokenizedSample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
+    text = (f"{total} tokens > data.max_seq_len={max_len} (prompt {len(prompt_ids)} incl. {num_image_tokens} image "
+            f"tokens, target {len(target_ids)} incl. EOS)")
+    if ehr_from_prompt(prompt) is None:
+        return text + "; a Stage A prompt has nothing to shorten: raise data.max_seq_len or shorten the target"
+    emptied = len(encode(with_ehr(prompt, {}))) + len(target_ids)
+    if overlong == "error":
+        return text + f"; data.overlong=error (shorten_ehr would need {emptied} or fewer with the EHR emptied)"
+    return text + f"; {emptied} even with the Patient Data block emptied: raise data.max_seq_len"
 
 
 def pad_batch(samples: list[TokenizedSample], pad_id: int, side: Literal["right", "left"] = "right") -> dict:

@@ -1,13 +1,20 @@
 """`launcher data validate`: read every record under the skip policy (so ALL problems are listed), then summarize:
-rows per stage, label prevalence, EHR field coverage. Only counts and label names are printed, never patient values.
+rows per stage, label prevalence, EHR field coverage, subjects shared between the files (patient leakage) and, given
+a config, the token budget per file (datasets_io.token_budget). Only counts, label names, subject ids and file:line
+positions are printed, never patient values.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from datasets_io.jsonl import ReadReport, iter_records
+from itertools import combinations
+from typing import Any
+
+from datasets_io.jsonl import ReadReport, iter_records, read_records
+from datasets_io.leakage import SHOWN_EXAMPLES, subject_of
 from datasets_io.records import CHEXPERT_LABELS, ehr_from_prompt, parse_target
+from datasets_io.token_budget import budget_report
 
 EHR_FIELDS = ("Age", "Sex", "Vitals", "Labs", "O2_device", "Chronic_conditions")
 
@@ -19,8 +26,10 @@ def summarize_files(files: list[str], data_root: str, images: str = "decode") ->
     ehr_cov: Counter = Counter()
     studies, patients = set(), set()
     n_b = 0
+    subjects: dict[str, set[str]] = {path: set() for path in files}
     for path in files:
         for r in iter_records(path, data_root, policy="skip", check_images=images, report=report):
+            subjects[path].add(subject_of(r))
             studies.add(r.study_id)
             parts = r.image.split("/")
             patients.update(p for p in parts if p.startswith("p") and len(p) > 3)
@@ -46,5 +55,29 @@ def summarize_files(files: list[str], data_root: str, images: str = "decode") ->
         },
         "icd_prevalence": {k: v / max(n_b, 1) for k, v in sorted(icd.items())},
         "ehr_coverage": {f: ehr_cov[f] / max(n_b, 1) for f in EHR_FIELDS},
+        "subject_overlap": subject_overlaps(subjects),
         "problems": report.problems,
     }
+
+
+def subject_overlaps(subjects: dict[str, set[str]]) -> list[dict[str, Any]]:
+    """Every pair of files with the count of subjects they share and the first few ids (leakage when one is a
+    training file and the other a validation or test file)."""
+    out = []
+    for a, b in combinations(subjects, 2):
+        shared = sorted(subjects[a] & subjects[b])
+        out.append({"files": [a, b], "shared_subjects": len(shared), "examples": shared[:SHOWN_EXAMPLES]})
+    return out
+
+
+def token_budgets(files: list[str], data_root: str, tokenizer: Any, image_token_id: int, num_image_tokens: int,
+                  max_len: int, overlong: str) -> dict[str, dict[str, Any]]:
+    """Per file: the token budget report (lengths per stage, rows shortened, rows over budget with file:line)."""
+    out = {}
+    for path in files:
+        records, _ = read_records(path, data_root, policy="skip", check_images="none")
+        report = budget_report(records, tokenizer, image_token_id, num_image_tokens, max_len, overlong)
+        out[path] = {"lines": report.lines(), "metrics": report.metrics(prefix=""),
+                     "percentiles": {stage: report.percentiles(stage) for stage in sorted(report.lengths)},
+                     "over_budget": report.problems, "rows_over_budget": len(report.over_budget)}
+    return out

@@ -41,11 +41,16 @@ class DataConfig:
     synth_seed: int = 0
     """Seed of the synthetic generator."""
     bad_records: Literal["error", "skip"] = "error"
-    """What a bad record does: stop with file:line (error) or count and skip it (skip)."""
+    """What a bad record does: stop with file:line (error) or count and skip it (skip). Includes records over the
+    token budget, found before the first step (datasets_io.token_budget)."""
     max_seq_len: int = 512
     """Longest token sequence (prompt + image tokens + target + EOS)."""
-    overlong: Literal["error", "truncate"] = "truncate"
-    """An overlong sample: an error, or prompt truncated from the left (counted; the target start is never lost)."""
+    overlong: Literal["shorten_ehr", "error"] = "shorten_ehr"
+    """A sample over max_seq_len: `shorten_ehr` shortens its Patient Data block (farthest measurements first, then
+    low-priority fields; counted, datasets_io.ehr_fit), `error` makes it a bad record. The target is never cut: a
+    sample that does not fit even with the block emptied is a bad record under either value."""
+    allow_subject_overlap: bool = False
+    """Accept patients shared by the training and validation/test files (leakage; an MLflow tag records it)."""
     image_cache: str = "auto"
     """Directory of decoded images (each JPEG decoded once per run, see datasets_io/image_cache.py): "auto" =
     <output.dir>/image_cache, "" = off, else a path; on a cluster a shared filesystem every node mounts. Not a URI."""

@@ -67,6 +67,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.checkpoint import Checkpointer, read_state, resolve_resume
     from datasets_io.image_cache import open_image_cache
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
+    from training.data_checks import log_data_checks
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, check_cursor_unit, train
     from training.model import load_adapter_weights
@@ -93,6 +94,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     if not resumed:
         tracker.log_params(config_params(cfg))
         tracker.set_tags(run_tags(prep, "local", device=device))
+        log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
 
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
                        cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,

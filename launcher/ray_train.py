@@ -232,6 +232,10 @@ def prepare_run(cfg: Config) -> DriverSetup:
                                     "ray.num_workers": str(world),
                                     "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
     tracker, reopened = pinned_tracker(cfg, tags)  # an unreachable tracking server fails here, before training
+    if not reopened:
+        from training.data_checks import log_data_checks
+
+        log_data_checks(tracker, prep.data.budgets, prep.data.subject_overlap)  # counts only: no patient data
     return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0)
 
 

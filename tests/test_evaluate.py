@@ -448,3 +448,31 @@ def test_baseline_checkpoint_compares_two_trained_models(trained, synth_dir, tmp
            for model in ("model", "trained_baseline")}
     assert len(ids["model"]) == 3 and ids["model"] == ids["trained_baseline"]  # same studies, same order
     assert "## Comparison model-trained_baseline/ehr_on" in (out / "report.md").read_text()
+
+
+def test_evaluate_refuses_data_sharing_patients_with_the_checkpoints_training_file(trained, synth_dir, tmp_path,
+                                                                                    capsys):
+    """Patient leakage: the evaluation file against the training file of the checkpoint's config.yaml."""
+    import shutil
+
+    from launcher.cli import main
+
+    val = tmp_path / "val.jsonl"  # the real val file plus one training row: one subject overlaps
+    val.write_text((synth_dir / "curriculum_val.jsonl").read_text()
+                   + (synth_dir / "curriculum_train.jsonl").read_text().splitlines()[0] + "\n")
+    ckpt = trained / "checkpoints" / "final"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(val), "--data-root", str(synth_dir), "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "4", "--bootstrap", "10", "--no-progress", "--no-stage-a-end",
+            "--no-mlflow"]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "patient leakage: 1 subject(s) of" in err and str(val) in err and not (tmp_path / "eval").exists()
+
+    allowed = tmp_path / "allowed"  # the same checkpoint whose training config accepted the overlap
+    shutil.copytree(ckpt, allowed)
+    cfg_file = allowed / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("allow_subject_overlap: false", "allow_subject_overlap: true"))
+    args[2] = str(allowed)
+    assert main([*args, "--out", str(tmp_path / "eval2")]) == 0
+    metrics = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert metrics["evaluation"]["subject_overlap_with_training"] == 1

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datasets_io.images import CLIP_MEAN, CLIP_STD, ImageSpec, load_gray, preprocess_image, preprocess_image_naive
 from datasets_io.records import prompt_b, target_b
-from datasets_io.tokens import IGNORE_INDEX, OverlongError, build_sample, encode_prompt, pad_batch
+from datasets_io.tokens import IGNORE_INDEX, build_sample, encode_prompt, pad_batch
 
 
 def jpeg(h, w, value=128) -> bytes:
@@ -87,18 +87,6 @@ def test_label_mask_covers_exactly_target_plus_eos(tokenizer):
 def test_numbers_are_single_digits(tokenizer):
     ids = tokenizer("2693.0", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["2", "6", "9", "3", ".", "0"]
-
-
-def test_overlong_policy_error_or_truncate_keeps_target_start(tokenizer):
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    prompt_len = len(encode_prompt(tokenizer, prompt_b(EHR), image_id, 16))
-    kw = dict(image_token_id=image_id, num_image_tokens=16, max_len=prompt_len + 10)
-    with pytest.raises(OverlongError, match="row.jsonl:3"):
-        build_sample(tokenizer, prompt_b(EHR), TARGET, overlong="error", where="row.jsonl:3", **kw)
-    s = build_sample(tokenizer, prompt_b(EHR), TARGET, overlong="truncate", **kw)
-    assert s.truncated and len(s.input_ids) == prompt_len + 10
-    full = build_sample(tokenizer, prompt_b(EHR), TARGET, image_token_id=image_id, num_image_tokens=16, max_len=4096)
-    assert s.input_ids == full.input_ids[: prompt_len + 10]  # the START of the target is kept
 
 
 def test_chat_template_is_used_when_present(tokenizer):

@@ -223,7 +223,44 @@ def test_icd_map_is_versioned_complete_and_matches_by_version(tmp_path):
     with pytest.raises(LauncherError) as e:
         load_icd_map(bad)
     message = str(e.value)  # every problem at once, each naming its key
-    assert "unknown key 'extra'" in message and "'48.6'" in message and "flags.sepsis: missing" in message
+    assert "unknown key 'extra'" in message and "'48.6'" in message
+    bad.write_text('version: "x"\nflags: {}\nchronic_conditions: {}\n')
+    with pytest.raises(LauncherError, match="'flags' is empty"):
+        load_icd_map(bad)
+
+
+SEED_FLAGS = {"pneumonia", "pleural_effusion", "pneumothorax", "pulmonary_embolism", "chf_exacerbation",
+              "pulmonary_edema", "rib_fracture", "lung_mass"}
+
+
+def test_seed_icd_map_has_the_original_eight_flags_undotted_by_version():
+    seed = load_icd_map(Path(__file__).resolve().parents[1] / "configs" / "icd_map_seed.yaml")
+    assert set(seed.flags) == SEED_FLAGS and seed.version == "seed-1.0"
+    cases = [("4280", 9, ["chf_exacerbation"]), ("I509", 10, ["chf_exacerbation"]),  # ANY heart failure
+             ("42823", 9, ["chf_exacerbation"]), ("I5023", 10, ["chf_exacerbation"]),
+             ("4281", 9, ["chf_exacerbation", "pulmonary_edema"]), ("J810", 10, ["pulmonary_edema"]),
+             ("5119", 9, ["pleural_effusion"]), ("J910", 10, ["pleural_effusion"]), ("5110", 9, []),  # no effusion
+             ("J9311", 10, ["pneumothorax"]), ("S270XXA", 10, ["pneumothorax"]), ("5121", 9, ["pneumothorax"]),
+             ("41519", 9, ["pulmonary_embolism"]), ("I2699", 10, ["pulmonary_embolism"]),
+             ("80703", 9, ["rib_fracture"]), ("S2241XA", 10, ["rib_fracture"]), ("S220", 10, []),  # vertebra
+             ("C3490", 10, ["lung_mass"]), ("J189", 10, ["pneumonia"]), ("486", 9, ["pneumonia"]),
+             ("A419", 10, []), ("N179", 10, []), ("J189", 9, [])]  # the default map's extra flags are not labelled
+    assert [sorted(seed.match(seed.flags, code, v)) for code, v, _ in cases] == [want for *_, want in cases]
+
+
+def test_build_with_the_seed_icd_map_labels_the_eight_flags(raw, tmp_path):
+    seed_map = Path(__file__).resolve().parents[1] / "configs" / "icd_map_seed.yaml"
+    report = run(raw, tmp_path / "seed", "--icd-map", str(seed_map))
+    assert set(report["icd_flags_positive"]) == SEED_FLAGS and report["icd_map"]["version"] == "seed-1.0"
+    found = rows(tmp_path / "seed")
+    icd = lambda r: parse_target(r["target"], expect_icd=True).icd  # noqa: E731
+    for record in found.values():
+        if record["stage"] == "B":
+            assert set(icd(record)) <= SEED_FLAGS
+    # I5023 + J189 (+ N179, I10: no seed flag); 486 + 4280 (CHF unspecified IS chf_exacerbation here) + 5849, 49121
+    assert icd(found[(fx.S_CHF_ADM, "B")]) == {"pneumonia": True, "chf_exacerbation": True}
+    assert icd(found[(fx.S_PNA9, "B")]) == {"pneumonia": True, "chf_exacerbation": True}
+    assert icd(found[(fx.S_SEPSIS, "B")]) == {}  # A419, R6521, J9601: none of the eight
 
 
 def test_ehr_block_age_sex_labs_vitals_before_the_study_only(built, raw, tmp_path):

@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from datasets_io.jsonl import read_records
@@ -83,3 +84,24 @@ def test_ehr_block_has_the_seed_fields(synth_dir):
     ehr = ehr_from_prompt(next(r for r in rows if r["stage"] == "B")["prompt"])
     assert set(ehr) == {"Age", "Sex", "Vitals", "Labs", "O2_device", "Chronic_conditions"}
     assert ehr["Labs"]["BNP"]["unit"] == "pg/mL" and ehr["Labs"]["BNP"]["reference_range"] == [0, 100]
+
+
+def test_ehr_detail_mimic_is_the_builds_size_with_the_same_studies_and_labels():
+    from datasets_io.mimic_build import LAB_PANEL, VITALS
+    from datasets_io.records import prompt_b
+
+    basic, mimic = make_studies(40, 0), make_studies(40, 0, "mimic")
+    assert [(s.study_id, s.impression, s.icd) for s in basic] == [(s.study_id, s.impression, s.icd) for s in mimic]
+    ehr = mimic[0].ehr
+    assert list(ehr) == ["Age", "Sex", "Admission_type", "Vitals", "Labs", "O2_device", "Chronic_conditions"]
+    assert set(ehr["Vitals"]) == {name for name, _ in VITALS.values()} and set(ehr["Labs"]) <= set(LAB_PANEL)
+    lab = next(iter(ehr["Labs"].values()))
+    assert set(lab) == {"value", "unit", "reference_range", "hours_before"} and 0 < lab["hours_before"] <= 24
+    sizes = sorted(len(prompt_b(s.ehr)) for s in mimic)
+    assert sizes[len(sizes) // 2] > 3 * sorted(len(prompt_b(s.ehr)) for s in basic)[len(sizes) // 2]
+    for b, m in zip(basic, mimic):  # the signal of the basic block survives (BNP -> NT-proBNP, degC -> degF)
+        if "BNP" in b.ehr["Labs"]:
+            assert m.ehr["Labs"]["NT-proBNP"]["value"] == round(b.ehr["Labs"]["BNP"]["value"] * 3.0, 0)
+        assert abs(m.ehr["Vitals"]["temperature"]["value"] - (b.ehr["Vitals"]["temperature"]["value"] * 9 / 5 + 32)) < 0.06
+    with pytest.raises(ValueError, match="ehr_detail"):
+        make_studies(2, 0, "full")

@@ -50,7 +50,7 @@ def model_and_stage_b_batch(cfg, rows: int, spec):
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
-                       "truncate", cfg.data.root)
+                       "shorten_ehr", cfg.data.root)
     stream = StageStream("B", data.train["B"], spec)
     return bundle, to_torch(pre.batch([stream.item(i) for i in range(rows)]))
 
@@ -75,7 +75,7 @@ def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
     from training.model import label_loss
 
     bundle, batch = model_and_stage_b_batch(tiny_cfg(), 6, StreamSpec(0, ehr_dropout=0.5))  # mixed lengths: padding
-    batch.pop("truncated", None)
+    batch.pop("shortened", None)
     model = bundle.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ours = label_loss(model, batch)
@@ -142,7 +142,7 @@ def test_bundle_loads_with_plain_peft_and_gives_the_same_logits(tiny_cfg):
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
-                       "truncate", cfg.data.root)
+                       "shorten_ehr", cfg.data.root)
     batch = to_torch(pre.batch([StageStream("B", data.train["B"], StreamSpec(0)).item(i) for i in range(2)]))
     batch.pop("labels")
     with torch.no_grad():

@@ -73,7 +73,7 @@ class Preprocessor:
             "input_ids": np.asarray(padded["input_ids"], dtype=np.int64),  # (B, T)
             "attention_mask": np.asarray(padded["attention_mask"], dtype=np.int64),
             "labels": np.asarray(padded["labels"], dtype=np.int64),
-            "truncated": np.asarray([t.truncated for t in toks], dtype=bool),
+            "shortened": np.asarray([t.shortened for t in toks], dtype=bool),
         }
 
     def batch(self, items: list[tuple[str, str, str, str]]) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Model inputs as tensors; the META_KEYS stay plain lists (the loop records them, the model never sees them)."""
     import torch
 
-    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in batch.items() if k != "truncated" and k not in META_KEYS}
+    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in batch.items() if k != "shortened" and k not in META_KEYS}
     out.update({k: list(batch[k]) for k in META_KEYS if k in batch})
     return out
 

@@ -500,6 +500,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
     import torch
 
     from launcher.local import resolve_device
+    from training.data_checks import check_eval_leakage
 
     if opts.batch_size < 1:
         raise LauncherError(f"--batch-size must be >= 1, got {opts.batch_size}")
@@ -512,6 +513,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
     arms = arms_for(opts.ehr, studies)
 
     models = load_models(opts, device)
+    overlap = check_eval_leakage(models[0].config, opts.data, opts.data_root)  # patients seen in training: an error
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -546,6 +548,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
             "generation_s": round(gen_s, 2),
             "clinical": {"chexbert": opts.chexbert, "radgraph": opts.radgraph,
                          "bertscore_model": opts.bertscore_model, "skipped": list(clinical.skipped)},
+            "subject_overlap_with_training": overlap.count if overlap is not None else "not checked",
         },
         "models": {},
     }

@@ -13,11 +13,13 @@ reported. Everything else about preparing and closing a run is here, once:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets_io.leakage import SubjectOverlap
 from datasets_io.records import Record
+from datasets_io.token_budget import BudgetReport
 from launcher.config import Config, data_path
 from launcher.errors import LauncherError
 from training import curriculum
@@ -28,7 +30,9 @@ from training import curriculum
 class RunData:
     train: dict[str, list[Record]]  # stage -> rows
     val: dict[str, list[Record]]
-    skipped: int
+    skipped: int  # bad records skipped (data.bad_records: skip), over-budget ones included
+    subject_overlap: SubjectOverlap | None = None  # patients in both train and val (only when allowed)
+    budgets: dict[str, BudgetReport] = field(default_factory=dict)  # "train"/"val" -> token budget report
 
 
 def ensure_data(cfg: Config) -> None:
@@ -50,6 +54,7 @@ def ensure_data(cfg: Config) -> None:
 def load_run_data(cfg: Config) -> RunData:
     """Every record validated (data.bad_records policy), split by stage; both stages must have rows."""
     from datasets_io.jsonl import read_records
+    from training.data_checks import check_leakage
 
     def by_stage(path: str) -> tuple[dict[str, list[Record]], int]:
         records, report = read_records(path, cfg.data.root, policy=cfg.data.bad_records, check_images="exists")
@@ -64,7 +69,26 @@ def load_run_data(cfg: Config) -> RunData:
     for stage in ("A", "B"):
         if not train[stage]:
             raise LauncherError(f"{data_path(cfg, 'train_file')}: no Stage {stage} rows; the curriculum needs both")
-    return RunData(train, val, skipped_t + skipped_v)
+    overlap = check_leakage(cfg, train["A"] + train["B"], val["A"] + val["B"])  # LauncherError unless allowed
+    return RunData(train, val, skipped_t + skipped_v, overlap)
+
+
+def fit_run_data_to_budget(cfg: Config, data: RunData, spec: Any) -> RunData:
+    """Before the first step: every train and val record measured against data.max_seq_len (training.data_checks);
+    over-budget records stop the run or are skipped and counted, per data.bad_records. `spec`: anything with
+    tokenizer, image_token_id, num_image_tokens (training.data_checks.TokenSpec, a model bundle)."""
+    from training.data_checks import fit_token_budget
+
+    kept: dict[str, dict[str, list[Record]]] = {}
+    budgets, skipped = {}, data.skipped
+    for split, rows in (("train", data.train), ("val", data.val)):
+        records, budgets[split] = fit_token_budget(cfg, rows["A"] + rows["B"], spec, f"{split}_file")
+        skipped += len(budgets[split].over_budget)
+        kept[split] = {s: [r for r in records if r.stage == s] for s in ("A", "B")}
+    for stage in ("A", "B"):
+        if not kept["train"][stage]:
+            raise LauncherError(f"{data_path(cfg, 'train_file')}: no Stage {stage} row fits data.max_seq_len")
+    return RunData(kept["train"], kept["val"], skipped, data.subject_overlap, budgets)
 
 
 def corpus_texts(data: RunData) -> list[str]:
@@ -89,10 +113,14 @@ def prepare_run_data(cfg: Config, world_size: int) -> RunPrep:
         raise LauncherError(str(e)) from None
     from training.model import resolve_base_path
 
+    from training.data_checks import token_spec
+
     ensure_data(cfg)
-    data = load_run_data(cfg)
-    counts = {s: len(data.train[s]) for s in ("A", "B")}
+    data = load_run_data(cfg)  # every record validated; patients shared with the val file refused
     base_path = resolve_base_path(cfg, corpus_texts(data))
+    # token lengths before the first step (the same on both runtimes): shortened rows counted, over-budget ones out
+    data = fit_run_data_to_budget(cfg, data, token_spec(cfg, lambda: corpus_texts(data)))
+    counts = {s: len(data.train[s]) for s in ("A", "B")}
     plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world_size)
     return RunPrep(cfg, data, counts, base_path, plan, world_size)
 

@@ -2,6 +2,8 @@
 
     launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544]
     launcher data validate data/synth/curriculum_train.jsonl --data-root data/synth [--policy skip]
+    launcher data validate data/mimic/curriculum_{train,val}.jsonl --config configs/llava_med_7b.yaml [--set k=v]
+        (with a config: the token budget with the model's tokenizer and image-token count)
     launcher data build --cxr-jpg DIR --reports DIR --mimic-iv DIR --out DIR     (from raw MIMIC, see README)
     launcher data plan --config configs/tiny.yaml --num-workers 2 --steps 5 [--set k=v ...] [--format json]
     launcher data prepare --config configs/tiny.yaml [--set data.image_cache=DIR] [--processes N]
@@ -13,7 +15,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from launcher.errors import LauncherError
 
 if TYPE_CHECKING:
     from datasets_io.images import ImageSpec
@@ -32,16 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
                    help="image height and width (MIMIC size: 3056 2544; default: %(default)s)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of PATIENTS in validation")
+    s.add_argument("--ehr-detail", choices=["basic", "mimic"], default="basic",
+                   help="Patient Data size: basic (the demo's) or mimic (as large as `data build` writes: full lab "
+                        "panel with units, ranges, hours before; vitals). Default: %(default)s")
     s.set_defaults(func=run_synth)
 
     v = dsub.add_parser("validate", help="check curriculum JSONL files and print a summary")
     v.add_argument("files", nargs="+", metavar="FILE")
-    v.add_argument("--data-root", required=True, help="directory (or URI) image paths are relative to")
+    v.add_argument("--data-root", help="directory (or URI) image paths are relative to (default: the config's "
+                                        "data.root; required without --config)")
     v.add_argument("--policy", choices=["error", "skip"], default="error",
                    help="error: exit non-zero on any bad record (all are listed); skip: count and report them")
     v.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
                    help="how images are checked (default: %(default)s)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.add_argument("--config", metavar="YAML", help="training config: also report the token budget with its model's "
+                   "tokenizer, image-token count, data.max_seq_len and data.overlong")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable), as for `launcher local`")
     v.set_defaults(func=run_validate)
 
     pl = dsub.add_parser("plan", help="print which samples each optimizer step (and each rank) trains on")
@@ -73,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from datasets_io.synth import write_synthetic
 
-    summary = write_synthetic(args.out, args.studies, args.seed, tuple(args.image_size), args.val_fraction)
+    summary = write_synthetic(args.out, args.studies, args.seed, tuple(args.image_size), args.val_fraction,
+                              ehr_detail=args.ehr_detail)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -81,12 +95,24 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     from datasets_io.validate import summarize_files
 
-    summary = summarize_files(args.files, args.data_root, images=args.images)
+    cfg = None
+    if args.config:
+        from launcher.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+    elif args.overrides:
+        raise LauncherError("--set needs --config")
+    data_root = args.data_root or (cfg.data.root if cfg else None)
+    if not data_root:
+        raise LauncherError("--data-root is required without --config")
+    summary = summarize_files(args.files, data_root, images=args.images)
+    if cfg is not None:
+        summary["token_budget"] = budget_summary(cfg, args.files, data_root)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
-    bad = summary["bad_records"]
+    bad = summary["bad_records"] + sum(b["rows_over_budget"] for b in summary.get("token_budget", {}).values())
     if bad and args.policy == "error":
         print(f"\n{bad} bad record(s): failing (use --policy skip to count and skip them)", file=sys.stderr)
         return 1
@@ -142,6 +168,27 @@ def image_spec_for_config(cfg: Config) -> ImageSpec:
     return image_spec_for(cfg.model.name_or_path, LlavaConfig.from_pretrained(cfg.model.name_or_path))
 
 
+def budget_summary(cfg, files: list[str], data_root: str) -> dict:
+    """The token budget of each file with the config's model tokenizer (training.data_checks.token_spec)."""
+    from datasets_io.jsonl import read_records
+    from datasets_io.validate import token_budgets
+    from launcher.config import data_path
+    from training.data_checks import token_spec
+
+    def corpus() -> list[str]:  # what the tiny tokenizer is trained on: the config's training file, else FILE...
+        train = data_path(cfg, "train_file")
+        sources = [train] if "://" in train or Path(train).is_file() else files
+        return [t for f in sources for r in read_records(f, data_root, policy="skip", check_images="none")[0]
+                for t in (r.prompt, r.target)]
+
+    spec = token_spec(cfg, corpus)
+    out = token_budgets(files, data_root, spec.tokenizer, spec.image_token_id, spec.num_image_tokens,
+                        cfg.data.max_seq_len, cfg.data.overlong)
+    for b in out.values():
+        b["tokenizer"] = spec.source
+    return out
+
+
 def format_summary(s: dict) -> str:
     lines = [f"files: {', '.join(s['files'])}",
              f"records: {s['rows']} good, {s['bad_records']} bad, {s['blank_lines']} blank lines",
@@ -156,6 +203,13 @@ def format_summary(s: dict) -> str:
     lines.append("EHR field coverage (Stage B rows with a non-empty value):")
     for fld, p in s["ehr_coverage"].items():
         lines.append(f"  {fld:28s} {p:6.1%}")
+    for o in s["subject_overlap"]:
+        lines.append(f"subjects shared by {o['files'][0]} and {o['files'][1]}: {o['shared_subjects']}"
+                     + (f" (e.g. {', '.join(o['examples'])}): patient leakage if one is a train file"
+                        if o["shared_subjects"] else ""))
+    for path, b in s.get("token_budget", {}).items():
+        lines.append(f"{path}: tokenizer {b['tokenizer']}")
+        lines += [f"  {line}" for line in b["lines"]]
     if s["problems"]:
         lines.append(f"problems ({len(s['problems'])}):")
         lines += [f"  {p}" for p in s["problems"][:50]]
