@@ -113,12 +113,13 @@ def corpus_texts(data: RunData) -> list[str]:
 def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop_after: int | None = None,
               show_progress: bool = True) -> dict:
     from training import curriculum
-    from training.checkpoint import Checkpointer, read_state, resolve_resume
+    from training.checkpoint import (Checkpointer, check_resume, read_state, records_fingerprint, resolve_resume,
+                                     resume_key)
     from training.data import Preprocessor, StageStream, StreamSpec, local_batches
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train, write_run_summary
     from training.model import build_model, load_adapter_weights
-    from training.tracking import MlflowTracker, config_params
+    from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
 
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -132,12 +133,22 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
 
     ensure_data(cfg)
     data = load_run_data(cfg)
+    plan = curriculum.plan_steps(cfg, len(data.train["A"]), len(data.train["B"]), world_size=1)
+    key = resume_key(cfg, plan, 1, records_fingerprint(data.train["A"] + data.train["B"]))
+    if resumed:
+        check_resume(resumed, key, resume_from)  # a changed plan is refused, naming every changed key
+        if resumed["global_step"] >= plan.total_steps:
+            print(f"[resume] {resume_from}: the run is already complete ({resumed['global_step']}/"
+                  f"{plan.total_steps} steps); nothing to do")
+            done = out / "run_summary.json"
+            return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
     torch.manual_seed(cfg.train.seed)
     bundle = build_model(cfg, corpus_texts(data), dtype=dtype)
-    plan = curriculum.plan_steps(cfg, len(data.train["A"]), len(data.train["B"]), world_size=1)
 
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
-    if not resumed:
+    if resumed:  # the steps between the checkpoint and the stop are trained again: never logged twice
+        tracker = ResumeSafeTracker(tracker)
+    else:
         tracker.log_params(config_params(cfg))
         tracker.set_tags({"runtime": "local", "device": device, "total_steps": str(plan.total_steps),
                           "stage_a_steps": str(plan.stage_a_steps)})
@@ -176,7 +187,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                 grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 save_every=cfg.train.save_every, show_progress=show_progress,
                 log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
-                extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path})
+                extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path,
+                             "resume_key": key})
     print(f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
           f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
           f"setup {time.perf_counter() - t_start:.1f}s")

@@ -133,6 +133,7 @@ def local_batches(
         _PositionBatches(stream, pre, start, batch_size, count),
         batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator(),  # its own: a new iterator must not draw from the global RNG (LoRA dropout's)
     )
     for batch in loader:
         yield to_torch(batch)
