@@ -10,6 +10,7 @@ the sampler, the tracker, local checkpoints; then runs `training.loop.train`, th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -63,16 +64,16 @@ def resolve_dtype(cfg_dtype: str, device: str) -> tuple[torch.dtype, str]:
 # ------------------------------------------------------------------------------------------------ the run
 def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop_after: int | None = None,
               show_progress: bool = True) -> dict:
-    from datasets_io.sampler import BatchLayout, row_table
-    from training.checkpoint import Checkpointer, read_state, resolve_resume
     from datasets_io.image_cache import open_image_cache
+    from datasets_io.sampler import BatchLayout, row_table
+    from training.checkpoint import Checkpointer, check_resume, read_state, resolve_resume
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
     from training.data_checks import log_data_checks
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, check_cursor_unit, train
     from training.model import load_adapter_weights
     from training.recipe import build_lora_model, finish_run, prepare_run_data, run_tags, validation_source
-    from training.tracking import MlflowTracker, config_params
+    from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
 
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -88,10 +89,19 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
 
     prep = prepare_run_data(cfg, world_size=1)
     cfg, data, plan = prep.cfg, prep.data, prep.plan
+    if resumed:
+        check_resume(resumed, prep.resume_key, resume_from)  # a changed plan is refused, naming every changed key
+        if resumed["global_step"] >= plan.total_steps:
+            print(f"[resume] {resume_from}: the run is already complete ({resumed['global_step']}/"
+                  f"{plan.total_steps} steps); nothing to do")
+            done = out / "run_summary.json"
+            return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
     bundle = build_lora_model(cfg, prep.base_path)  # fp32 weights; autocast mixes
 
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
-    if not resumed:
+    if resumed:  # the steps between the checkpoint and the stop are trained again: never logged twice
+        tracker = ResumeSafeTracker(tracker)
+    else:
         tracker.log_params(config_params(cfg))
         tracker.set_tags(run_tags(prep, "local", device=device))
         log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
@@ -125,7 +135,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                 log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
                 on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
                 if cfg.train.record_data_order else None,
-                extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path})
+                extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path,
+                             "resume_key": prep.resume_key})
     print(f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
           f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
           f"setup {time.perf_counter() - t_start:.1f}s")

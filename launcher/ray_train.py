@@ -210,6 +210,7 @@ class DriverSetup:
     tracker: Any
     reopened: bool
     seconds: float
+    complete_at: int | None = None  # the run's latest checkpoint already ends the plan: nothing to train
 
 
 def prepare_run(cfg: Config) -> DriverSetup:
@@ -236,7 +237,16 @@ def prepare_run(cfg: Config) -> DriverSetup:
         from training.data_checks import log_data_checks
 
         log_data_checks(tracker, prep.data.budgets, prep.data.subject_overlap)  # counts only: no patient data
-    return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0)
+    complete_at = None
+    if reopened:  # a changed plan is refused here, before the cluster does any work (the workers check it again)
+        from training.checkpoint import latest_checkpoint, read_state
+
+        latest = latest_checkpoint(out / "checkpoints")
+        saved = read_state(latest) if latest else None
+        check_resumable(prep.cfg, saved, prep.resume_key, world)
+        if saved and saved["global_step"] >= prep.plan.total_steps:
+            complete_at = saved["global_step"]
+    return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0, complete_at)
 
 
 def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
@@ -276,6 +286,14 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
                 ray.shutdown()
             raise
     prep, tracker = setup.prep, setup.tracker
+    if setup.complete_at is not None:  # neither trained, saved nor registered again
+        print(f"[ray] run {cfg.ray.storage_path}/{cfg.ray.name} is already complete ({setup.complete_at}/"
+              f"{prep.plan.total_steps} steps); nothing to do", flush=True)
+        tracker.close("FINISHED")
+        if started_here:
+            ray.shutdown()
+        done = out / "run_summary.json"
+        return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
     data, counts, base_path, plan = prep.data, prep.counts, prep.base_path, prep.plan
     dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
     driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
@@ -297,7 +315,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         loop_config = {
             "cfg": to_dict(cfg), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
             "val": data.val, "base_model": base_path, "debug": debug,
-            "rows": rows, "counts": counts,
+            "rows": rows, "counts": counts, "resume_key": prep.resume_key,
             "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
             "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
                            for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
@@ -364,40 +382,13 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
 
 
 # ------------------------------------------------------------------------------------------------ worker side
-class ResumeSafeTracker:
-    """Rank 0's tracker. After a restart the loop replays the steps between the checkpoint and the crash; MLflow
-    already has their metrics, so a metric is written only at steps beyond the last one logged for its key.
-    Also prints the training lines, so `ray job logs` shows progress."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.run_id = inner, inner.run_id
-        client = inner.client
-        self.last_step = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
-                          for key in client.get_run(self.run_id).data.metrics}
-
-    def log_params(self, params: dict) -> None:
-        self.inner.log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
-        if fresh:
-            self.inner.log_metrics(fresh, step=step)
-            for k in fresh:
-                self.last_step[k] = step
-        if "train/loss" in metrics:
-            say(f"[train] step {step} stage {'AB'[int(metrics.get('train/stage', 0))]} loss {metrics['train/loss']:.4f}"
-                f" lr {metrics.get('train/lr', 0):.2e} samples/s {metrics.get('train/samples_per_s', 0):.1f}")
-        elif any(k.startswith("val/") for k in metrics):
-            say(f"[val] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    def set_tags(self, tags: dict) -> None:
-        self.inner.set_tags(tags)
-
-    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        self.inner.log_artifacts(local_dir, artifact_path)
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass  # the driver owns the run's status
+def echo_metrics(metrics: dict[str, float], step: int) -> None:
+    """Rank 0's training lines in the job log (`ray job logs` shows progress)."""
+    if "train/loss" in metrics:
+        say(f"[train] step {step} stage {'AB'[int(metrics.get('train/stage', 0))]} loss {metrics['train/loss']:.4f}"
+            f" lr {metrics.get('train/lr', 0):.2e} samples/s {metrics.get('train/samples_per_s', 0):.1f}")
+    elif any(k.startswith("val/") for k in metrics):
+        say(f"[val] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 class PrimedIterator:
@@ -460,7 +451,7 @@ def train_worker(config: dict) -> None:
     held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
     ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
     saved = read_state(ckpt_dir) if ckpt_dir else None
-    check_resumable(cfg, saved, plan, world)
+    check_resumable(cfg, saved, config["resume_key"], world)
     resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
                     if saved else None)
     step0, cursor0 = (saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})
@@ -493,7 +484,7 @@ def train_worker(config: dict) -> None:
     from training.loop import LoopIO, LoopState, train
     from training.model import resolve_base_path
     from training.recipe import build_lora_model, validation_source
-    from training.tracking import MlflowTracker, NullTracker
+    from training.tracking import MlflowTracker, NullTracker, ResumeSafeTracker
 
     state = LoopState.from_json(saved) if saved else LoopState()
     if not cfg.ray.use_gpu:
@@ -544,7 +535,9 @@ def train_worker(config: dict) -> None:
         # checkpoint the loop has passed is the one a restart resumes from, not the one before.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
-    tracker = ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"])) if rank == 0 else NullTracker()
+    tracker = (ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
+                                 close_run=False)  # the driver owns the run's status
+               if rank == 0 else NullTracker())
     order_log = (DataOrderLog(out / "data_order.jsonl", rank, world, state.global_step)
                  if cfg.train.record_data_order else None)  # every rank: the gather is a collective
     io = LoopIO(engine=engine, plan=plan, source=source, tracker=tracker,
@@ -554,7 +547,7 @@ def train_worker(config: dict) -> None:
                 save_every=cfg.train.save_every, world_size=world, show_progress=False, on_checkpoint=on_checkpoint,
                 log_checkpoint_artifacts=cfg.mlflow.log_checkpoints, on_step_data=order_log, rank=rank,
                 extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
-                             "runtime": "ray", "world_size": world})
+                             "runtime": "ray", "world_size": world, "resume_key": config["resume_key"]})
     say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s ("
         + ", ".join(f"{k} {v:.1f}s" for k, v in laps.phases.items())
         + f"; DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
@@ -580,22 +573,21 @@ def train_worker(config: dict) -> None:
                                  if state.first_step_done_at else None)}, indent=2))
 
 
-def check_resumable(cfg: Config, saved: dict | None, plan: Any, world: int) -> None:
-    """A checkpoint continues only under the same step plan and worker count. The data order would continue on any
-    worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank: refused, not
-    silently restarted."""
+def check_resumable(cfg: Config, saved: dict | None, key: dict, world: int) -> None:
+    """A checkpoint continues only under the same plan (training.checkpoint.resume_key) and worker count. The data
+    order would continue on any worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned
+    per rank: refused, not silently restarted."""
+    from training.checkpoint import check_resume
     from training.loop import check_cursor_unit
 
     if not saved:
         return
     where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
     check_cursor_unit(saved, where)
-    if saved.get("plan") != plan.__dict__:
-        raise LauncherError(f"{where} was started with another step plan ({saved.get('plan')}), this config gives "
-                            f"{plan.__dict__}: resume with the same config, or pick a new ray.name")
     if saved.get("world_size", world) != world:
         raise LauncherError(
             f"{where} was saved by {saved['world_size']} workers, this run has {world}: the data order would "
             "continue (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank and cannot be "
             f"reloaded on another count. Resume with --num-workers {saved['world_size']}, or start a new ray.name "
             "from the adapter bundle.")
+    check_resume(saved, key, where)

@@ -99,20 +99,23 @@ def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
 def test_resume_on_another_worker_count_is_refused_with_the_reason(train_data, tmp_path):
     from launcher.errors import LauncherError
     from launcher.ray_train import check_resumable
+    from training.checkpoint import resume_key
     from training.curriculum import make_plan
 
     cfg = ray_cfg(train_data, tmp_path / "r")
     plan = make_plan(max_steps=10, epochs=1.0, n_rows_a=50, n_rows_b=50, micro_batch_size=4, grad_accum=1,
                      world_size=2, stage_split=0.35, warmup_steps=2, min_lr_ratio=0.1)
-    saved = {"plan": dict(plan.__dict__), "world_size": 2, "cursor_unit": "global_positions"}
-    check_resumable(cfg, saved, plan, 2)  # same plan, same workers: fine
-    check_resumable(cfg, None, plan, 4)  # nothing to resume
+    key = resume_key(cfg, plan, 2, "abc")
+    saved = {"resume_key": key, "world_size": 2, "cursor_unit": "global_positions"}
+    check_resumable(cfg, saved, key, 2)  # same plan, same workers: fine
+    check_resumable(cfg, None, key, 4)  # nothing to resume
     with pytest.raises(LauncherError, match="saved by 2 workers, this run has 4: .*optimizer state is partitioned"):
-        check_resumable(cfg, saved, plan, 4)  # the same global batch on 4 workers: the plan matches, the state not
+        check_resumable(cfg, saved, key, 4)  # the same global batch on 4 workers: the plan matches, the state not
     with pytest.raises(LauncherError, match="counts micro-batches of one rank"):  # a checkpoint from before
-        check_resumable(cfg, {**saved, "cursor_unit": None}, plan, 2)
-    with pytest.raises(LauncherError, match="another step plan"):
-        check_resumable(cfg, {**saved, "plan": {**saved["plan"], "total_steps": 11}}, plan, 2)
+        check_resumable(cfg, {**saved, "cursor_unit": None}, key, 2)
+    with pytest.raises(LauncherError, match="the run's plan changed") as e:
+        check_resumable(cfg, saved, {**key, "total_steps": 11}, 2)
+    assert "total_steps: checkpoint 10, now 11" in str(e.value)
 
 
 def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,6 @@ from launcher.errors import LauncherError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def bundle_files(out_dir: Path) -> list[str]:
-    return sorted(p.name for p in Path(out_dir).iterdir())
 
 
 class Checkpointer:
@@ -104,5 +99,46 @@ def resolve_resume(resume: str | None, checkpoints_root: Path) -> Path | None:
     return path
 
 
-def plan_dict(plan: Any) -> dict:
-    return asdict(plan)
+# --------------------------------------------------------------------------------------------- resume safety
+def records_fingerprint(rows: Any) -> str:
+    """A short hash of the training rows (study, stage, image, prompt, target, in file order): a checkpoint's data
+    cursor only means something over the same rows."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for r in rows:
+        for part in (r.study_id, r.stage, r.image, r.prompt, r.target):
+            h.update(part.encode())
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+def resume_key(cfg: Config, plan: Any, world_size: int, train_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint's step, stage and data cursor mean: a resume is only exact when every value is unchanged.
+    Stored in trainer_state.json; `check_resume` compares it with the current run's."""
+    t, c = cfg.train, cfg.curriculum
+    return {
+        "train.max_steps": t.max_steps, "train.epochs": t.epochs, "train.seed": t.seed,
+        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum, "world_size": world_size,
+        "samples_per_step": plan.samples_per_step, "total_steps": plan.total_steps,
+        "stage_a_steps": plan.stage_a_steps, "curriculum.stage_split": c.stage_split,
+        "curriculum.replay_fraction": c.replay_fraction, "curriculum.ehr_dropout": c.ehr_dropout,
+        "train.warmup_steps": plan.warmup_steps, "train.min_lr_ratio": plan.min_lr_ratio,
+        "training data": train_fingerprint,
+    }
+
+
+def check_resume(saved_state: dict, current_key: dict[str, Any], ckpt: str | Path) -> None:
+    """Refuse to resume a checkpoint whose plan differs from this run's, listing every changed key with both values
+    (a changed step count moves the stage switch and the learning-rate schedule; a changed batch or data changes
+    what the saved cursor points at)."""
+    saved = saved_state.get("resume_key")
+    if saved is None:
+        raise LauncherError(f"cannot resume from {ckpt}: it records no plan (written by an older version), so "
+                            "an exact resume cannot be verified; start a new run (another output.dir)")
+    changed = [f"  {k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current_key.items() if saved.get(k) != v]
+    if changed:
+        raise LauncherError(
+            f"cannot resume from {ckpt}: the run's plan changed, so its step, stage and data cursor would mean "
+            "something else:\n" + "\n".join(changed) + "\nResume with the original settings, or start a new run "
+            "(another output.dir, or ray.name on Ray).")

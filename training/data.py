@@ -138,6 +138,7 @@ def local_batches(pre: Preprocessor, tables: dict, spec: SamplerSpec, stage: str
         _MicroBatches(pre, tables, spec, stage, micro),
         batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator(),  # its own: a new iterator must not draw from the global RNG (LoRA dropout's)
     )
     for batch in loader:
         yield to_torch(batch)

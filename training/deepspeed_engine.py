@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from training.engines import make_optimizer, set_lr
+from safetensors.torch import load_file, save_file
+
+from training.engines import make_optimizer, restore_rng, rng_tensors, set_lr
 from training.model import label_loss
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -228,6 +230,7 @@ class DeepSpeedEngine:
         """DeepSpeed's own checkpoint into <out_dir>/engine (collective; each rank writes its partitions)."""
         self.engine.save_checkpoint(str(out_dir), tag=ENGINE_SUBDIR, save_latest=False,
                                     exclude_frozen_parameters=True)
+        save_file(rng_tensors(), str(out_dir / ENGINE_SUBDIR / f"rng_rank{self.rank}.safetensors"))  # per rank
         return {"kind": "deepspeed", "tag": ENGINE_SUBDIR, "zero_stage": self.zero_stage,
                 "world_size": self.world_size, "global_steps": int(self.engine.global_steps)}
 
@@ -242,3 +245,6 @@ class DeepSpeedEngine:
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt_dir}/{meta['tag']}")
+        # each rank's generators as they were at the checkpoint (LoRA dropout), not a reseed; DeepSpeed's fp16 loss
+        # scaler is part of its own checkpoint
+        restore_rng(load_file(str(Path(ckpt_dir) / meta["tag"] / f"rng_rank{self.rank}.safetensors")), ckpt_dir)

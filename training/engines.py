@@ -66,6 +66,33 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path, meta: dic
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+# ----------------------------------------------------------------------------- RNG of every device
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The generator state of the CPU and of every CUDA / MPS device: LoRA dropout draws from the device's
+    generator, so an exact resume needs each of them back."""
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out["mps"] = torch.mps.get_rng_state()
+    return out
+
+
+def restore_rng(saved: dict[str, torch.Tensor], where: Path) -> None:
+    """Put back every generator `rng_tensors` saved. A checkpoint from another kind of device cannot be resumed
+    exactly: that is an error, never a silent reseed."""
+    now = set(rng_tensors())
+    if set(saved) != now:
+        raise RuntimeError(f"{where}: RNG state saved for devices {sorted(saved)}, this machine has {sorted(now)}; "
+                           "resume on the same kind and number of devices")
+    torch.set_rng_state(saved["torch_cpu"])
+    cuda = sorted((k for k in saved if k.startswith("cuda_")), key=lambda k: int(k.split("_")[1]))
+    if cuda:
+        torch.cuda.set_rng_state_all([saved[k] for k in cuda])
+    if "mps" in saved:
+        torch.mps.set_rng_state(saved["mps"])
+
+
 class AccelerateEngine:
     """Single-process engine. Accelerate places model/optimizer on the device and handles autocast; gradient
     accumulation is done by the loop (it owns micro-batch counting), clipping by Accelerate."""
@@ -122,12 +149,19 @@ class AccelerateEngine:
     def save_training_state(self, out_dir: Path) -> dict:
         meta = save_optimizer_state(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
                                     out_dir / "optimizer.safetensors")
-        save_file({"torch_cpu": torch.get_rng_state()}, str(out_dir / "rng_state.safetensors"))
-        return meta
+        save_file(rng_tensors(), str(out_dir / "rng_state.safetensors"))
+        scaler = self.accelerator.scaler  # fp16 mixed precision only (its loss scale and growth tracker)
+        return {**meta, "grad_scaler": scaler.state_dict() if scaler is not None else None}
 
     def load_training_state(self, ckpt_dir: Path, meta: dict) -> None:
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         load_optimizer_state(opt, ckpt_dir / "optimizer.safetensors", meta)
         for g in opt.param_groups:  # base_lr travels in param_groups meta
             g.setdefault("base_lr", g["lr"])
-        torch.set_rng_state(load_file(str(ckpt_dir / "rng_state.safetensors"))["torch_cpu"])
+        restore_rng(load_file(str(ckpt_dir / "rng_state.safetensors")), ckpt_dir)
+        scaler, saved = self.accelerator.scaler, meta.get("grad_scaler")
+        if (scaler is None) != (saved is None):
+            raise RuntimeError(f"{ckpt_dir}: saved {'with' if saved else 'without'} an fp16 grad scaler, resumed "
+                               f"{'with' if scaler else 'without'}: resume with the same model.dtype and device")
+        if scaler is not None:
+            scaler.load_state_dict(saved)

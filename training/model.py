@@ -35,6 +35,7 @@ from launcher.errors import LauncherError
 log = logging.getLogger(__name__)
 
 BASE_MODEL_DIRNAME = "base_model"
+ORIGIN_FILE = "origin.json"  # what a tiny base was built from (corpus hash, tiny config, seed)
 
 
 @dataclass
@@ -110,6 +111,7 @@ def build_tiny_base(cfg: Config, train_texts: list[str], out_dir: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "image_spec.json").write_text(json.dumps({"size": cfg.model.tiny.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}))
+    (tmp / ORIGIN_FILE).write_text(json.dumps(tiny_base_origin(cfg, train_texts), indent=2))
     tmp.rename(out_dir)
     return out_dir
 
@@ -157,7 +159,37 @@ def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
             raise LauncherError(f"tiny base model not found at {base} and no corpus given to build it")
         base.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_base(cfg, train_texts, base)
+    elif train_texts is not None:
+        check_tiny_base_origin(cfg, train_texts, base)
     return str(base)
+
+
+def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
+    """What a tiny base is built from: its tokenizer is trained on the corpus, its weights drawn from the config."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for t in train_texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    return {"corpus_texts": len(train_texts), "corpus_hash": h.hexdigest(),
+            "model.tiny": dataclasses.asdict(cfg.model.tiny), "train.seed": cfg.train.seed}
+
+
+def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> None:
+    """Refuse to reuse `<output.dir>/base_model` for another corpus or tiny config: its tokenizer was trained on
+    other text, and the bundles already in that output dir point at it, so it is never silently replaced."""
+    now = tiny_base_origin(cfg, train_texts)
+    path = base / ORIGIN_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved != now:
+        what = ("it records no corpus (built by an older version)" if saved is None else
+                "it was built from " + ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
+                                                 if saved.get(k) != v))
+        raise LauncherError(f"the tiny base model {base} does not belong to this run's data: {what}. Its tokenizer "
+                            "is trained on the corpus, so use another output.dir for other data (or delete "
+                            f"{base} and the checkpoints that point at it).")
 
 
 def apply_lora(cfg: Config, model: Any) -> Any:
@@ -221,10 +253,17 @@ def load_adapter_weights(model: Any, ckpt_dir: str | Path) -> None:
     path = Path(ckpt_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise LauncherError(f"cannot resume: {path} is missing")
-    result = set_peft_model_state_dict(model, load_file(str(path)))
-    missing = [k for k in result.unexpected_keys]
+    from peft import get_peft_model_state_dict
+
+    saved = load_file(str(path))
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(saved))  # e.g. the projector: it would stay at init
     if missing:
-        raise LauncherError(f"cannot resume from {ckpt_dir}: adapter tensors do not match the model: {missing[:5]}")
+        raise LauncherError(f"cannot resume from {ckpt_dir}: {len(missing)} trained tensor(s) missing from "
+                            f"{path.name}, e.g. {missing[:3]}; the bundle is incomplete or from another model")
+    result = set_peft_model_state_dict(model, saved)
+    if result.unexpected_keys:
+        raise LauncherError(f"cannot resume from {ckpt_dir}: adapter tensors do not match the model: "
+                            f"{list(result.unexpected_keys)[:5]}")
 
 
 def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:

@@ -23,6 +23,7 @@ from datasets_io.token_budget import BudgetReport
 from launcher.config import Config, data_path
 from launcher.errors import LauncherError
 from training import curriculum
+from training.checkpoint import records_fingerprint, resume_key
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -104,6 +105,7 @@ class RunPrep:
     base_path: str  # the base model directory (the tiny one built here, once, if the config asks for it)
     plan: Any  # training.curriculum.StepPlan
     world_size: int
+    resume_key: dict  # what a checkpoint of this run means (training.checkpoint.resume_key): stored, compared
 
 
 def prepare_run_data(cfg: Config, world_size: int) -> RunPrep:
@@ -122,7 +124,8 @@ def prepare_run_data(cfg: Config, world_size: int) -> RunPrep:
     data = fit_run_data_to_budget(cfg, data, token_spec(cfg, lambda: corpus_texts(data)))
     counts = {s: len(data.train[s]) for s in ("A", "B")}
     plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world_size)
-    return RunPrep(cfg, data, counts, base_path, plan, world_size)
+    key = resume_key(cfg, plan, world_size, records_fingerprint(data.train["A"] + data.train["B"]))
+    return RunPrep(cfg, data, counts, base_path, plan, world_size, key)
 
 
 def run_tags(prep: RunPrep, runtime: str, **extra: str) -> dict[str, str]:

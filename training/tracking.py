@@ -128,5 +128,41 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+class ResumeSafeTracker:
+    """A resumed run's tracker: the loop replays the steps between the checkpoint and the stop, and MLflow already
+    has their metrics, so a metric is written only at steps beyond the last one logged for its key (both runtimes).
+    `echo` (Ray: job logs) also gets every metric dict; `close_run=False` leaves the run's status to its owner (the
+    Ray driver)."""
+
+    def __init__(self, inner: Any, echo: Any = None, close_run: bool = True):
+        self.inner, self.run_id, self.echo, self.close_run = inner, inner.run_id, echo, close_run
+        self.tracking_uri = getattr(inner, "tracking_uri", None)
+        client = inner.client
+        self.last_step = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+                          for key in client.get_run(self.run_id).data.metrics}
+
+    def log_params(self, params: dict) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
+        if fresh:
+            self.inner.log_metrics(fresh, step=step)
+            for k in fresh:
+                self.last_step[k] = step
+        if self.echo is not None:
+            self.echo(metrics, step)
+
+    def set_tags(self, tags: dict) -> None:
+        self.inner.set_tags(tags)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.inner.log_artifacts(local_dir, artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.close_run:
+            self.inner.close(status)
+
+
 def config_params(cfg: Config) -> dict[str, Any]:
     return flatten(to_dict(cfg))
