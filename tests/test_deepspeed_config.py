@@ -90,7 +90,7 @@ def test_deepspeed_accepts_the_generated_config():
 
 def test_every_shipped_config_gives_a_deepspeed_config():
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        if path.name == "icd_map.yaml":
+        if path.name.startswith("icd_map"):  # ICD maps, not run configs
             continue
         cfg = load_config(path)
         ds = deepspeed_config(cfg, cfg.ray.num_workers, resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu))
