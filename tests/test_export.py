@@ -1,0 +1,188 @@
+"""`launcher export`: the merged HF model computes what base + adapter computes, loads with plain transformers
+(model, tokenizer, processor and chat template), and a registered model exports by URI; the GGUF files read back
+with gguf's reader hold the merged weights under the names llama.cpp expects.
+
+One tiny training run per session (test_evaluate.tiny_trained_run, shared with the evaluate and registry tests), one
+merge per module."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.errors import LauncherError
+from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, tiny_trained_run
+
+# fp32 merge vs the unmerged LoRA forward: x @ (W + s B A)^T and x @ W^T + s (x @ A^T) @ B^T differ only by float
+# rounding. Measured on the tiny run: max |logit difference| ~1e-6; the bound leaves room for other BLAS kernels.
+LOGIT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dir, tmp_path_factory) -> Path:
+    return tiny_trained_run(synth_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def final(trained) -> Path:
+    return trained / "checkpoints" / "final"
+
+
+@pytest.fixture(scope="module")
+def hf_export(final, tmp_path_factory) -> Path:
+    from launcher.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert main(["export", "--checkpoint", str(final), "--format", "hf", "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+def _requests(synth_dir: Path, n: int = 2) -> list[tuple[str, bytes]]:
+    """(prompt, image bytes): a Stage A and a Stage B prompt of validation studies."""
+    from datasets_io.records import prompt_a
+
+    rows = [json.loads(line) for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()[:n]]
+    prompts = [prompt_a(), *[r["prompt"] for r in rows[1:]]]
+    return [(p, (synth_dir / r["image"]).read_bytes()) for p, r in zip(prompts, rows)]
+
+
+def _exported_bundle(out: Path):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from training.model import bundle_for
+
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    return bundle_for(model, AutoTokenizer.from_pretrained(out), str(out))
+
+
+@pytest.mark.slow
+def test_merged_export_gives_the_same_logits_and_greedy_text(final, hf_export, synth_dir):
+    from datasets_io.images import preprocess_image
+    from training.generate import encode_batch, generate_reports
+    from training.model import load_trained
+
+    reference = load_trained(str(final))  # PeftModel: base + LoRA + trained projector, unmerged, fp32
+    exported = _exported_bundle(hf_export)
+    assert type(exported.model).__name__ == "LlavaForConditionalGeneration"
+    requests = _requests(synth_dir)
+    prompts = [p for p, _ in requests]
+    pixels = [preprocess_image(im, reference.image_spec) for _, im in requests]
+
+    batch_ref = encode_batch(reference, prompts, pixels)
+    batch_exp = encode_batch(exported, prompts, pixels)  # the exported tokenizer, through its chat template
+    assert torch.equal(batch_ref["input_ids"], batch_exp["input_ids"])
+    with torch.inference_mode():
+        ref_logits = reference.model(**batch_ref).logits
+        exp_logits = exported.model(**batch_exp).logits
+    diff = (ref_logits - exp_logits).abs().max().item()
+    assert diff <= LOGIT_TOLERANCE, f"max |logit difference| {diff:.3g}"
+    assert ref_logits.abs().max() > 1.0  # not a trivially zero output
+
+    ref_text = generate_reports(reference, requests, batch_size=2, max_new_tokens=24)
+    exp_text = generate_reports(exported, requests, batch_size=2, max_new_tokens=24)
+    assert exp_text == ref_text and all(ref_text)
+
+
+@pytest.mark.slow
+def test_export_holds_the_trained_projector_and_merged_lora(final, hf_export, trained):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(hf_export / "model.safetensors"))
+    base = load_file(str(trained / "base_model" / "model.safetensors"))
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert not any("lora" in k or "modules_to_save" in k or "base_layer" in k for k in weights)
+    assert set(weights) == set(base)  # the base's layout: a plain LlavaForConditionalGeneration
+    # on disk: the llava-hf layout vLLM reads (transformers 5 maps it to model.language_model... when loading)
+    proj = "multi_modal_projector.linear_1.weight"
+    trained_proj = next(v for k, v in adapter.items() if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert torch.equal(weights[proj], trained_proj) and not torch.equal(weights[proj], base[proj])
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    a = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_A" in k)  # (r, in)
+    b = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_B" in k)  # (out, r)
+    cfg = json.loads((final / "adapter_config.json").read_text())
+    expected = base[q] + (cfg["lora_alpha"] / cfg["r"]) * (b @ a)
+    assert torch.allclose(weights[q], expected, atol=1e-6) and not torch.allclose(weights[q], base[q])
+    info = json.loads((hf_export / "export.json").read_text())
+    assert info["dtype"] == "fp32" and info["checkpoint"] == str(final.resolve()) and info["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_processor_and_chat_template_render_the_training_prompt(hf_export, synth_dir):
+    """What a server does with the directory: AutoProcessor + apply_chat_template + processor(images, text)."""
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from datasets_io.records import prompt_a
+    from datasets_io.tokens import encode_prompt
+
+    processor = AutoProcessor.from_pretrained(hf_export)
+    tok = AutoTokenizer.from_pretrained(hf_export)
+    before, after = prompt_a().split("<image>")
+    messages = [{"role": "user", "content": [{"type": "text", "text": before}, {"type": "image"},
+                                             {"type": "text", "text": after}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == f"{tok.bos_token}{prompt_a()}\n"
+    assert tok.apply_chat_template([{"role": "user", "content": prompt_a()}], add_generation_prompt=True,
+                                   tokenize=False) == text
+    image_path = synth_dir / json.loads((synth_dir / "curriculum_val.jsonl").read_text().splitlines()[0])["image"]
+    enc = processor(images=Image.open(image_path), text=text, return_tensors="pt", add_special_tokens=False)
+    exported = _exported_bundle(hf_export)
+    expected = encode_prompt(tok, prompt_a(), exported.image_token_id, exported.num_image_tokens)
+    assert enc["input_ids"][0].tolist() == expected
+    assert tuple(enc["pixel_values"].shape) == (1, 3, exported.image_spec.size, exported.image_spec.size)
+
+
+@pytest.mark.slow
+def test_registered_model_exports_by_uri_to_the_same_weights(trained, hf_export, tmp_path):
+    from safetensors.torch import load_file
+
+    from launcher.cli import main
+
+    out = tmp_path / "from-registry"
+    uri = f"models:/{REGISTERED_NAME}@{REGISTERED_ALIAS}"
+    assert main(["export", "--model", uri, "--tracking-uri", f"sqlite:///{trained / 'mlflow.db'}", "--format", "hf",
+                 "--out", str(out)]) == 0
+    assert not out.with_name(out.name + ".partial").exists()
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(hf_export / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((out / "export.json").read_text())
+    assert info["model_uri"] == uri and info["dtype"] == "fp32" and info["run_id"]
+
+
+@pytest.mark.slow
+def test_bf16_export_stores_bf16_and_loads(final, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from training.export import export_hf, load_merged
+
+    merged = load_merged(final)
+    summary = export_hf(merged, tmp_path / "bf16", dtype="bf16")
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert summary["dtype"] == "bf16" and all(v.dtype == torch.bfloat16 for v in weights.values())
+    assert AutoConfig.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    assert next(merged.model.parameters()).dtype == torch.float32  # the in-memory merge is untouched
+
+
+def test_export_refuses_an_existing_out_and_ambiguous_sources(tmp_path):
+    from launcher.cli import build_parser
+    from training.export import finish, load_merged, partial_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(LauncherError, match="exists"):
+        partial_dir(out, overwrite=False)
+    partial = partial_dir(out, overwrite=True)
+    assert partial.name == "out.partial" and out.exists()  # OUT is replaced only when the new one is complete
+    (partial / "x").write_text("1")
+    finish(partial, out)
+    assert (out / "x").is_file() and not partial.exists()
+    with pytest.raises(LauncherError, match="exactly one"):
+        load_merged(None, None)
+    with pytest.raises(SystemExit):  # argparse: --checkpoint and --model are exclusive, one is required
+        build_parser().parse_args(["export", "--checkpoint", "c", "--model", "m", "--format", "hf", "--out", "o"])
