@@ -186,3 +186,160 @@ def test_export_refuses_an_existing_out_and_ambiguous_sources(tmp_path):
         load_merged(None, None)
     with pytest.raises(SystemExit):  # argparse: --checkpoint and --model are exclusive, one is required
         build_parser().parse_args(["export", "--checkpoint", "c", "--model", "m", "--format", "hf", "--out", "o"])
+
+
+# --------------------------------------------------------------------------------------------- GGUF
+@pytest.fixture(scope="module")
+def merged(final):
+    from training.export import load_merged
+
+    return load_merged(final)
+
+
+@pytest.fixture(scope="module")
+def gguf_exports(merged, tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("gguf")
+    from training.export_gguf import export_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+    for dtype in ("fp32", "fp16"):
+        summary = export_gguf(merged, root / dtype, dtype=dtype)
+        assert summary["dtype"] == dtype
+    return {"fp32": root / "fp32", "fp16": root / "fp16"}
+
+
+def _read(path: Path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def _hf_weights(merged) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in merged.model.state_dict().items()}
+
+
+def _llama_names(n_layers: int) -> set[str]:
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    return {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(n_layers) for n in per_block}
+
+
+def _lm_source(name: str, hf: dict) -> np.ndarray:
+    """The merged HF tensor a llama.cpp tensor holds (q/k still in HF row order)."""
+    fixed = {"token_embd.weight": "model.language_model.embed_tokens.weight",
+             "output_norm.weight": "model.language_model.norm.weight", "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return hf[fixed[name]]
+    _, i, part, _ = name.split(".")
+    hf_part = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}[part]
+    return hf[f"model.language_model.layers.{i}.{hf_part}.weight"]
+
+
+def _interleaved(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary pairs: within each head, row 2j is HF row j and row 2j+1 is HF row j + head_dim/2."""
+    head_dim = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        for j in range(head_dim // 2):
+            out[h * head_dim + 2 * j] = w[h * head_dim + j]
+            out[h * head_dim + 2 * j + 1] = w[h * head_dim + head_dim // 2 + j]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gguf_language_model_reads_back_as_llama_with_the_merged_weights(gguf_exports, merged, dtype):
+    ftype = {"fp32": "f32", "fp16": "f16"}[dtype]
+    fields, tensors = _read(gguf_exports[dtype] / f"model-{ftype}.gguf")
+    text = merged.model.config.text_config
+    assert fields["general.architecture"] == "llama"
+    assert fields["general.file_type"] == (0 if ftype == "f32" else 1)
+    assert (fields["llama.block_count"], fields["llama.embedding_length"], fields["llama.feed_forward_length"]) == (
+        text.num_hidden_layers, text.hidden_size, text.intermediate_size)
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (
+        text.num_attention_heads, text.num_key_value_heads)
+    assert fields["llama.rope.dimension_count"] == text.hidden_size // text.num_attention_heads
+    assert set(tensors) == _llama_names(text.num_hidden_layers)
+
+    hf = _hf_weights(merged)
+    heads = {"attn_q": text.num_attention_heads, "attn_k": text.num_key_value_heads}
+    for name, t in tensors.items():
+        want = _lm_source(name, hf)
+        part = name.split(".")[2] if name.startswith("blk.") else ""
+        if part in heads:
+            want = _interleaved(want, heads[part])
+        got = np.asarray(t.data)
+        assert got.shape == want.shape and [int(d) for d in t.shape] == list(reversed(want.shape)), name
+        if ftype == "f32" or want.ndim == 1:  # f16 files keep 1-D tensors in f32
+            assert got.dtype == np.float32 and np.array_equal(got, want), name
+        else:
+            assert got.dtype == np.float16 and np.array_equal(got, want.astype(np.float16)), name
+            assert np.abs(got.astype(np.float32) - want).max() <= np.abs(want).max() * 2**-11, name  # f16 rounding
+
+
+@pytest.mark.slow
+def test_gguf_carries_the_tokenizer_and_chat_template(gguf_exports, merged, hf_export):
+    from training.export import PLAIN_CHAT_TEMPLATE
+
+    fields, _ = _read(gguf_exports["fp32"] / "model-f32.gguf")
+    tok = merged.tokenizer
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(tokens) == merged.model.config.text_config.vocab_size
+    assert tokens[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert tokens[fields["tokenizer.ggml.bos_token_id"]] == "<s>" and tokens[fields["tokenizer.ggml.eos_token_id"]] == "</s>"
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tok.convert_tokens_to_ids("<image>")] == 3  # CONTROL
+    assert len(fields["tokenizer.ggml.merges"]) > 0 and fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.chat_template"] == PLAIN_CHAT_TEMPLATE == (hf_export / "chat_template.jinja").read_text()
+    modelfile = (gguf_exports["fp32"] / "Modelfile").read_text()
+    assert "FROM ./model-f32.gguf\nFROM ./mmproj-model-f32.gguf\n" in modelfile
+    assert 'TEMPLATE """{{ .Prompt }}\n"""' in modelfile and 'PARAMETER stop "</s>"' in modelfile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gguf_mmproj_holds_the_tower_and_the_trained_projector(gguf_exports, merged, dtype):
+    ftype = {"fp32": "f32", "fp16": "f16"}[dtype]
+    fields, tensors = _read(gguf_exports[dtype] / f"mmproj-model-{ftype}.gguf")
+    config, vision = merged.model.config, merged.model.config.vision_config
+    assert fields["general.architecture"] == "clip" and fields["clip.projector_type"] == "mlp"
+    assert fields["clip.has_llava_projector"] is True and fields["clip.has_vision_encoder"] is True
+    assert (fields["clip.vision.image_size"], fields["clip.vision.patch_size"], fields["clip.vision.block_count"]) == (
+        vision.image_size, vision.patch_size, vision.num_hidden_layers)  # vision_feature_layer -1: every block
+    assert fields["clip.vision.projection_dim"] == config.text_config.hidden_size
+    assert fields["clip.use_gelu"] is (vision.hidden_act == "gelu")
+    per_block = [f"{n}.{p}" for n in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
+                 for p in ("weight", "bias")]
+    assert set(tensors) == {"v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight",
+                            "v.pre_ln.bias", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} | {
+        f"v.blk.{i}.{n}" for i in range(vision.num_hidden_layers) for n in per_block}
+
+    hf = _hf_weights(merged)
+    tower = "model.vision_tower.vision_model." if any(".vision_model." in k for k in hf) else "model.vision_tower."
+    pairs = {"mm.0.weight": "model.multi_modal_projector.linear_1.weight",  # the TRAINED projector
+             "mm.2.bias": "model.multi_modal_projector.linear_2.bias",
+             "v.patch_embd.weight": tower + "embeddings.patch_embedding.weight",
+             "v.class_embd": tower + "embeddings.class_embedding",
+             "v.blk.1.ffn_up.weight": tower + "encoder.layers.1.mlp.fc1.weight",
+             "v.blk.0.attn_out.bias": tower + "encoder.layers.0.self_attn.out_proj.bias"}
+    for name, key in pairs.items():
+        got, want = np.asarray(tensors[name].data), hf[key]
+        assert got.shape == want.shape, name
+        expected = want.astype(np.float16) if ftype == "f16" and want.ndim >= 2 else want
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), name
+
+
+def test_tower_layers_used_follows_vision_feature_layer():
+    from types import SimpleNamespace
+
+    from training.export_gguf import tower_layers_used
+
+    cfg = lambda layer: SimpleNamespace(vision_feature_layer=layer,  # noqa: E731
+                                        vision_config=SimpleNamespace(num_hidden_layers=24))
+    assert [tower_layers_used(cfg(x)) for x in (-1, -2, 23)] == [24, 23, 23]
+    with pytest.raises(LauncherError, match="several layers"):
+        tower_layers_used(cfg([-2, -5]))
