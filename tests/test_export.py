@@ -310,6 +310,7 @@ def test_gguf_mmproj_holds_the_tower_and_the_trained_projector(gguf_exports, mer
     assert fields["clip.has_llava_projector"] is True and fields["clip.has_vision_encoder"] is True
     assert (fields["clip.vision.image_size"], fields["clip.vision.patch_size"], fields["clip.vision.block_count"]) == (
         vision.image_size, vision.patch_size, vision.num_hidden_layers)  # vision_feature_layer -1: every block
+    assert list(fields["clip.vision.feature_layer"]) == [vision.num_hidden_layers]  # the last block's output
     assert fields["clip.vision.projection_dim"] == config.text_config.hidden_size
     assert fields["clip.use_gelu"] is (vision.hidden_act == "gelu")
     per_block = [f"{n}.{p}" for n in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")

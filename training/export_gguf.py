@@ -37,6 +37,7 @@ from launcher.errors import LauncherError
 GGUF_DTYPES = {"fp32": "f32", "fp16": "f16"}
 LM_PREFIX = "model.language_model."
 TOWER_PREFIX = "model.vision_tower."
+FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # llama.cpp clip-impl.h KEY_FEATURE_LAYERS; no gguf constant
 PROJECTOR_NAMES = {"model.multi_modal_projector.linear_1": "mm.0", "model.multi_modal_projector.linear_2": "mm.2"}
 
 
@@ -226,7 +227,10 @@ def write_mmproj(path: Path, model: Any, image_spec: Any, ftype: str, name: str)
     writer.add_vision_projection_dim(config.text_config.hidden_size)
     writer.add_vision_head_count(vision.num_attention_heads)
     writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
-    writer.add_vision_block_count(tower_layers_used(config))
+    used = tower_layers_used(config)
+    writer.add_vision_block_count(used)
+    # Without it llama.cpp's LLaVA graph runs block_count - 1 blocks (LLaVA-1.5's "second to last" default).
+    writer.add_array(FEATURE_LAYER_KEY, [used])
     writer.add_vision_image_mean(list(image_spec.mean))
     writer.add_vision_image_std(list(image_spec.std))
     writer.add_bool(gguf.Keys.ClipVision.USE_GELU, vision.hidden_act == "gelu")  # False: CLIP's quick_gelu
