@@ -206,8 +206,9 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
     assert rows["ray"][0] == "ok" and f"cluster 127.0.0.1:{gcs}: 1 node(s), CPU 3, GPU 0" in rows["ray"][1]
     rc, rows, out = results[f"http://127.0.0.1:{dash}"]
     assert rc == 0, out[-3000:]
-    assert rows["ray"] == ("ok", f"{ray.__version__}; dashboard http://127.0.0.1:{dash} answers (Ray {ray.__version__});"
-                                 " resources: `ray status --address` on the head")
+    v = ray.__version__
+    assert rows["ray"] == ("ok", f"{v}; dashboard http://127.0.0.1:{dash} answers (Ray {v}); "
+                                 "resources: `ray status --address` on the head")
 
 
 def test_a_stopped_cluster_fails_naming_the_address(capsys, monkeypatch):

@@ -7,7 +7,6 @@ merge per module."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -290,7 +289,8 @@ def test_gguf_carries_the_tokenizer_and_chat_template(gguf_exports, merged, hf_e
     tokens = fields["tokenizer.ggml.tokens"]
     assert fields["tokenizer.ggml.model"] == "gpt2" and len(tokens) == merged.model.config.text_config.vocab_size
     assert tokens[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
-    assert tokens[fields["tokenizer.ggml.bos_token_id"]] == "<s>" and tokens[fields["tokenizer.ggml.eos_token_id"]] == "</s>"
+    assert tokens[fields["tokenizer.ggml.bos_token_id"]] == "<s>"
+    assert tokens[fields["tokenizer.ggml.eos_token_id"]] == "</s>"
     types = fields["tokenizer.ggml.token_type"]
     assert types[tok.convert_tokens_to_ids("<image>")] == 3  # CONTROL
     assert len(fields["tokenizer.ggml.merges"]) > 0 and fields["tokenizer.ggml.add_bos_token"] is True

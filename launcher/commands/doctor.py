@@ -181,7 +181,8 @@ def check_deepspeed(offload_optimizer: bool) -> Check:
 
     compatible = importlib.import_module("deepspeed.ops").__compatible_ops__
     jit = sorted(n for n, ok in compatible.items() if ok and not installed_ops.get(n))
-    detail = f"{deepspeed.__version__}; JIT on first use: {', '.join(jit) or 'none'}"
+    detail = (f"{deepspeed.__version__}; JIT on first use: {', '.join(jit) or 'none'} (the launcher's engine needs "
+              "none of them unless deepspeed.offload_optimizer)")
     if jit and not shutil.which("ninja"):
         return Check("deepspeed", "fail", detail + "; no ninja on PATH",
                      "pip install ninja (DeepSpeed builds its ops with it)")

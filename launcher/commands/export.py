@@ -20,7 +20,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="merge LoRA into the base and write an HF (vLLM) or GGUF (llama.cpp/Ollama) model",
+    p = sub.add_parser("export", help="merge LoRA into the base; write an HF (vLLM) or GGUF (llama.cpp/Ollama) model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="an adapter bundle (checkpoints/final, stage_A_end, ...)")
