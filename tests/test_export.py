@@ -344,3 +344,66 @@ def test_tower_layers_used_follows_vision_feature_layer():
     assert [tower_layers_used(cfg(x)) for x in (-1, -2, 23)] == [24, 23, 23]
     with pytest.raises(LauncherError, match="several layers"):
         tower_layers_used(cfg([-2, -5]))
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp itself
+def _llama_bin(name: str) -> Path | None:
+    """A llama.cpp tool from $LLAMA_CPP_BIN or PATH. llama.cpp has no wheel on PyPI (llama-cpp-python is a source
+    distribution that compiles it: many minutes on 2 cores), so CI skips these; README "Export" has a measured run."""
+    import os
+    import shutil
+
+    where = os.environ.get("LLAMA_CPP_BIN")
+    path = Path(where) / name if where else (Path(shutil.which(name)) if shutil.which(name) else None)
+    return path if path and path.is_file() else None
+
+
+def _run(args: list, timeout: float = 300) -> str:
+    import subprocess
+
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_llama_bin("llama-completion") is None, reason="llama.cpp is not built here (no PyPI wheel)")
+def test_llama_cpp_continues_a_text_prompt_as_transformers_does(gguf_exports, merged):
+    """The language-model GGUF under llama.cpp: same prompt ids, same greedy continuation (f32)."""
+    model = gguf_exports["fp32"] / "model-f32.gguf"
+    prompt = "Impression:"
+    out = _run([_llama_bin("llama-tokenize"), "-m", model, "-p", prompt, "--ids", "--log-disable"])
+    ids = json.loads(out.strip().splitlines()[-1])
+    tok = merged.tokenizer
+    assert ids == [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    n = 16
+    text = _run([_llama_bin("llama-completion"), "-m", model, "-p", prompt, "-n", n, "--temp", "0", "--top-k", "1",
+                 "-no-cnv", "--no-display-prompt", "--no-warmup", "-s", "0", "-t", "2"])
+    with torch.inference_mode():
+        new = merged.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):]
+    expected = tok.decode(new.tolist(), skip_special_tokens=True)
+    assert text.strip() == expected.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_llama_bin("llama-mtmd-cli") is None, reason="llama.cpp is not built here (no PyPI wheel)")
+def test_llama_cpp_reports_on_an_image_as_transformers_does(gguf_exports, merged, synth_dir, tmp_path):
+    """Both GGUF files under llama.cpp's multimodal CLI: the training prompt with the image where it was in training.
+    A PNG at the model's size, so neither side resizes or decodes a JPEG differently."""
+    from PIL import Image
+
+    from datasets_io.records import prompt_a
+    from training.generate import generate_reports
+
+    size = merged.bundle.image_spec.size
+    first = json.loads((synth_dir / "curriculum_val.jsonl").read_text().splitlines()[0])
+    png = tmp_path / "x.png"
+    Image.open(synth_dir / first["image"]).convert("RGB").resize((size, size)).save(png)
+    n = 24
+    out = _run([_llama_bin("llama-mtmd-cli"), "-m", gguf_exports["fp32"] / "model-f32.gguf",
+                "--mmproj", gguf_exports["fp32"] / "mmproj-model-f32.gguf", "--image", png,
+                "-p", prompt_a().replace("<image>", "<__media__>"), "-n", n, "--temp", "0", "--top-k", "1",
+                "-s", "0", "-t", "2", "--no-warmup"])
+    expected = generate_reports(merged.bundle, [(prompt_a(), png.read_bytes())], max_new_tokens=n)[0]
+    assert out.strip().endswith(expected.strip())
