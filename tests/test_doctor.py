@@ -218,3 +218,13 @@ def test_a_stopped_cluster_fails_naming_the_address(capsys, monkeypatch):
 
     c = check_ray(os.environ["RAY_ADDRESS"])
     assert c.status == "fail" and f"RAY_ADDRESS=http://127.0.0.1:{port}" in c.detail and "ray start --head" in c.fix
+
+
+def test_a_gcs_address_where_nothing_listens_fails_fast():
+    """ray.init would retry for minutes; the TCP probe answers at once."""
+    from launcher.commands.doctor import check_ray
+
+    (port,) = _free_ports(1)
+    start = time.time()
+    c = check_ray(f"127.0.0.1:{port}")
+    assert c.status == "fail" and f"RAY_ADDRESS=127.0.0.1:{port}" in c.detail and time.time() - start < 10

@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -151,8 +152,15 @@ def _check_ray_dashboard(address: str, local_version: str) -> Check:
 
 
 def _check_ray_cluster(address: str, ray: Any) -> Check:
-    """Connect as a driver for a moment: the nodes and resources `launcher ray` would get."""
-    host = address.split(":")[0]
+    """Connect as a driver for a moment: the nodes and resources `launcher ray` would get. A TCP probe first:
+    ray.init keeps retrying an address where nothing listens for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        if address != "auto":  # "auto": the cluster this machine is part of (ray.init finds it, or fails at once)
+            socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        return Check("ray", "fail", f"{ray.__version__}; nothing answers at RAY_ADDRESS={address} ({e})",
+                     "start the head (`ray start --head`), fix RAY_ADDRESS (HOST:6379), or unset it to run locally")
     kwargs = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False, **kwargs)
