@@ -33,7 +33,8 @@ EXPORT_INFO = "export.json"
 
 # The prompt the model was trained on when the tokenizer has no chat template (the tiny model's):
 # `{bos}{user text}\n` (datasets_io.tokens.prompt_text), the answer follows and ends with EOS. The image is inline in
-# the user text ("Image:<image>\n..."); in the list form an image part renders as "<image>" where it stands.
+# the user text ("Image:<image>\n..."); in the list form an image part renders as "<image>" where it stands. The
+# model never saw a system turn; one (llama.cpp renders an example with one at start-up) is written as a line of text.
 PLAIN_CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
@@ -45,7 +46,7 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
     "{%- if message['role'] == 'user' -%}{{- text + '\\n' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- text + eos_token -}}"
-    "{%- else -%}{{- raise_exception('only user and assistant turns: the model was trained without a system turn') -}}"
+    "{%- else -%}{{- text + '\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
