@@ -8,6 +8,8 @@
         --data-root data/synth --ehr both --out runs/tiny/eval
     launcher register --checkpoint runs/tiny/checkpoints/final --name cxr-report-generator --alias candidate
     launcher predict --checkpoint runs/tiny/checkpoints/final --image x.jpg --ehr ehr.json
+    launcher export --checkpoint runs/tiny/checkpoints/final --format hf --out exports/tiny-hf
+    launcher doctor --config configs/tiny.yaml
 
 Each command group lives in its own module under `launcher/commands/` with `add_parser(subparsers)`; the heavy
 imports (torch, ray, mlflow) happen inside the command, so `launcher --help` is instant. Errors that users can act
@@ -27,6 +29,8 @@ COMMAND_MODULES = (
     "launcher.commands.ray",
     "launcher.commands.evaluate",
     "launcher.commands.model",
+    "launcher.commands.export",
+    "launcher.commands.doctor",
 )
 
 
