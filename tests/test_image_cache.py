@@ -128,7 +128,7 @@ def test_preprocessor_with_the_cache_gives_the_same_batches_and_decodes_each_ima
     images = {r.image for r in rows}
     assert len(images) < len(rows)  # Stage A and Stage B rows of one study share its image
     tok = train_tokenizer([t for r in rows for t in (r.prompt, r.target)], vocab_size=400)
-    args = (tok, ImageSpec(64), tok.convert_tokens_to_ids(IMAGE_TOKEN), 4, 512, "truncate", str(synth_dir))
+    args = (tok, ImageSpec(64), tok.convert_tokens_to_ids(IMAGE_TOKEN), 4, 512, "shorten_ehr", str(synth_dir))
     cache = ImageCache(str(tmp_path / "cache"))
     plain, cached = Preprocessor(*args), Preprocessor(*args, image_cache=cache)
     items = [(r.prompt, r.target, r.image, r.where) for r in rows]
