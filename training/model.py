@@ -187,9 +187,9 @@ def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> N
         what = ("it records no corpus (built by an older version)" if saved is None else
                 "it was built from " + ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
                                                  if saved.get(k) != v))
-        raise LauncherError(f"the tiny base model {base} does not belong to this run's data: {what}. Its tokenizer "
-                            "is trained on the corpus, so use another output.dir for other data (or delete "
-                            f"{base} and the checkpoints that point at it).")
+        raise LauncherError(f"the tiny base model {base} does not belong to this run's data and settings: {what}. "
+                            "Its tokenizer is trained on the corpus and its weights drawn with the seed, so use "
+                            f"another output.dir (or delete {base} and the checkpoints that point at it).")
 
 
 def apply_lora(cfg: Config, model: Any) -> Any:
