@@ -143,7 +143,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
                           "stage_a_steps": str(plan.stage_a_steps)})
 
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root, packing=cfg.train.packing)
     spec = StreamSpec(cfg.train.seed, cfg.curriculum.replay_fraction, cfg.curriculum.ehr_dropout)
     streams = {"A": StageStream("A", data.train["A"], spec),
                "B": StageStream("B", data.train["B"], spec, replay_rows=data.train["A"])}

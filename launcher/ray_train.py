@@ -193,7 +193,8 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     config = LlavaConfig.from_pretrained(base_path)
     return Preprocessor(tokenizer, image_spec_for(base_path, config), config.image_token_index,
-                        num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+                        num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
+                        packing=cfg.train.packing)
 
 
 def val_rows_for_workers(cfg: Config, val: dict[str, list], world: int) -> dict[str, list[list[dict]]]:
@@ -463,7 +464,7 @@ def build_lora_model(cfg: Config, seed: int, dtype: str = "fp32") -> Any:
 
     base_path = resolve_base_path(cfg, None)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base, tokenizer = load_base(base_path, torch_dtype)
+    base, tokenizer = load_base(base_path, torch_dtype, cfg.model.attn_implementation)
     torch.manual_seed(seed)
     return bundle_for(apply_lora(cfg, base), tokenizer, base_path)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from datasets_io.images import ImageSpec, preprocess_image
 from datasets_io.jsonl import join, read_bytes
+from datasets_io.packing import packed_batch
 from datasets_io.records import Record, with_empty_ehr
 from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
 
@@ -38,6 +39,9 @@ class Preprocessor:
     max_len: int
     overlong: str
     data_root: str
+    packing: bool = False
+    """train.packing: lay a micro-batch out in rows of `max_len` tokens (datasets_io/packing.py) instead of padding
+    every sample to the longest; the same samples, in the same order of positions."""
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
         pixels = preprocess_image(read_bytes(join(self.data_root, image)), self.image_spec)  # (3, S, S)
@@ -48,6 +52,8 @@ class Preprocessor:
         return pixels, tok
 
     def collate(self, pixels: list[np.ndarray], toks: list) -> dict[str, np.ndarray]:
+        if self.packing:
+            return packed_batch(pixels, toks, self.max_len, self.tokenizer.pad_token_id)
         padded = pad_batch(toks, self.tokenizer.pad_token_id, side="right")
         return {
             "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, S, S)

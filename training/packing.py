@@ -1,0 +1,61 @@
+"""The model side of packing (datasets_io/packing.py lays the rows out): forward inputs per attention backend, and
+per-sample losses for padded and packed batches alike.
+
+Attention stays inside each sample through the restarting `position_ids` alone, with no 2D attention mask and no KV
+cache (`use_cache=False`: transformers only looks for packed sequences when there is no cache):
+- sdpa / eager / flex_attention: transformers builds the block-diagonal causal 4D mask from them
+  (masking_utils.find_packed_sequence_indices + packed_sequence_mask_function); cost O(R * W^2) booleans per layer
+  call, like the padded batch's causal mask;
+- flash_attention_2 / 3: transformers takes FlashAttention's variable-length path (cu_seqlens from the position ids)
+  only for a batch of ONE row, so the rows are flattened to (1, R * W) here; no mask is materialised at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from datasets_io.packing import NON_MODEL_KEYS
+from datasets_io.tokens import IGNORE_INDEX
+
+
+
+def attn_implementation(model: Any) -> str:
+    """The language model's attention backend of a (Peft / DeepSpeed wrapped) LLaVA."""
+    config = getattr(model, "config", None) or model.module.config
+    text = getattr(config, "text_config", None) or config
+    return str(getattr(text, "_attn_implementation", None) or "sdpa")
+
+
+def model_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward() arguments of a batch: bookkeeping keys dropped; packed rows flattened for FlashAttention."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    inputs["use_cache"] = False  # training needs no KV cache, and with one transformers ignores packed position ids
+    if "position_ids" in inputs and inputs["input_ids"].shape[0] > 1 and attn_implementation(model).startswith("flash"):
+        inputs["input_ids"] = inputs["input_ids"].reshape(1, -1)  # (R, W) -> (1, R*W): the varlen path's layout
+        inputs["position_ids"] = inputs["position_ids"].reshape(1, -1)
+    return inputs
+
+
+def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(R, W) index of the micro-batch sample each token belongs to: `segment_ids` when packed, the row when padded."""
+    if "segment_ids" in batch:
+        return batch["segment_ids"]
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    return rows[:, None].expand_as(batch["input_ids"])
+
+
+def per_sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each sample over its own label tokens, in micro-batch sample order
+    (NaN for a sample without labels). Full logits: for tests and benchmarks, not the training step."""
+    logits = model(**model_inputs(model, batch)).logits.float()  # (R, W, V)
+    logits = logits.reshape(*batch["labels"].shape, -1)
+    labels, owner = batch["labels"][:, 1:], sample_ids(batch)[:, 1:]  # position t predicts token t+1
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")  # (R, W-1)
+    has = labels != IGNORE_INDEX
+    n = int(batch["pixel_values"].shape[0])
+    total = torch.zeros(n, dtype=per_token.dtype).index_add_(0, owner[has], per_token[has])
+    count = torch.zeros(n, dtype=per_token.dtype).index_add_(0, owner[has], torch.ones_like(per_token[has]))
+    return total / count
