@@ -19,12 +19,13 @@ padded batch as long as attention stays inside each sample:
   that order, so each sample's image features land in its own segment.
 
 Packing changes only the layout of one micro-batch: which samples form it (the sampler's positions) is untouched,
-so data order, the cursor and resume are exactly those of the padded path. Rows are filled first-fit decreasing
-(deterministic: ties keep sample order). numpy only: this runs in Ray Data's processes.
+so data order, the cursor and resume are exactly those of the padded path. Rows are balanced (`plan_rows`) and the
+batch is as wide as its fullest row, not always the budget. numpy only: this runs in Ray Data's processes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,20 +46,52 @@ class PackedRows:
 
 
 def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing bin packing of sample lengths into rows of `budget` tokens -> sample indices per row."""
+    """Sample lengths -> sample indices per row, rows of at most `budget` tokens, laid out to compute on the fewest
+    tokens: rows x the fullest row (ties: narrower rows, as attention costs rows x width^2). Candidates: for every row
+    count, longest-first to the least-filled row (balanced rows); for 65 row capacities between the longest sample
+    and the budget, first-fit decreasing (full rows). Deterministic; ~1 ms for 16 samples."""
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"sample {i}: {n} tokens > packing budget {budget} (data.max_seq_len)")
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    longest = lengths[order[0]]
+    candidates = [_balanced_rows(lengths, order, n, budget)
+                  for n in range(max(1, math.ceil(sum(lengths) / budget)), len(lengths) + 1)]
+    candidates += [_first_fit_rows(lengths, order, longest + (budget - longest) * k // 64) for k in range(65)]
+
+    def cost(rows: list[list[int]]) -> tuple[int, int]:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width, width
+
+    return min((rows for rows in candidates if rows), key=cost)
+
+
+def _balanced_rows(lengths: list[int], order: list[int], n_rows: int, budget: int) -> list[list[int]] | None:
+    """Longest first, each sample to the least-filled of `n_rows` rows; None when one does not fit."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for i in order:
+        r = min(range(n_rows), key=lambda r: (load[r], r))
+        if load[r] + lengths[i] > budget:  # the least-filled row is full: so is every other
+            return None
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [row for row in rows if row]
+
+
+def _first_fit_rows(lengths: list[int], order: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing into rows of `capacity` tokens (each sample fits: capacity >= the longest)."""
     rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[i] > budget:
-            raise ValueError(f"sample {i}: {lengths[i]} tokens > packing budget {budget} (data.max_seq_len)")
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(budget - lengths[i])
+    load: list[int] = []
+    for i in order:
+        r = next((r for r in range(len(rows)) if load[r] + lengths[i] <= capacity), len(rows))
+        if r == len(rows):
+            rows.append([])
+            load.append(0)
+        rows[r].append(i)
+        load[r] += lengths[i]
     return rows
 
 

@@ -18,9 +18,11 @@ def sample(n: int, prompt: int, tag: int) -> TokenizedSample:
     return TokenizedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:])
 
 
-def test_rows_are_first_fit_decreasing_within_the_budget():
-    assert plan_rows([5, 3, 8, 2, 6], 10) == [[2, 3], [4, 1], [0]]  # 8+2, 6+3, 5
-    assert plan_rows([4, 4], 8) == [[0, 1]]  # ties keep sample order
+def test_rows_are_the_fewest_and_balanced_within_the_budget():
+    assert plan_rows([5, 3, 8, 2, 6], 10) == [[2], [4, 3], [0, 1]]  # 8 | 6+2 | 5+3: three full rows of 8, no padding
+    assert plan_rows([9, 9, 2], 10) == [[0], [1], [2]]  # 20 tokens, but 9+9+2 needs three rows of 10
+    assert plan_rows([4, 4], 8) == [[0], [1]]  # as few tokens as one row of 8, and narrower (attention ~ width^2)
+    assert plan_rows([2, 7, 3], 100) == [[1, 2, 0]]  # longest first
     with pytest.raises(ValueError, match="sample 1: 11 tokens > packing budget 10"):
         plan_rows([3, 11], 10)
 
@@ -108,3 +110,36 @@ def test_packed_run_matches_padded_run_and_resumes_exactly(tiny_cfg, tmp_path):
     assert first["global_step"] == 2
     resumed = run_local(split_cfg, device="cpu", resume="auto", show_progress=False)
     assert resumed["losses"] == packed["losses"]  # bit-exact: the same micro-batches, laid out the same way
+
+
+def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
+    """FlashAttention does not run on this CPU machine; what it is given does: one row of the real tokens, whose
+    restarting position ids transformers turns into the varlen kernel's cu_seqlens (the per-sample boundaries)."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from training.packing import model_layout
+
+    samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]
+    p = pack_samples(samples, budget=8, pad_id=0)
+    batch = {"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids,
+             "segment_ids": p.segment_ids, "pixel_values": np.zeros((3, 1))}
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    flash = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    inputs, labels, owner = model_layout(flash, batch)
+    assert inputs["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 100, 101, 102, 103, 300, 301, 302]]
+    assert labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
+    assert owner.tolist() == [[1] * 6 + [0] * 4 + [2] * 3] and inputs["use_cache"] is False
+    (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
+    assert cu_q.tolist() == [0, 6, 10, 13] and int(max_q) == 6
+    sdpa = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="sdpa")))
+    assert model_layout(sdpa, batch)[0]["input_ids"].shape == (2, 7)  # SDPA keeps the rows (mask per row)
+
+
+def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
+    from launcher.config import ConfigError
+
+    assert tiny_cfg(**{"train.packing": "true"}).train.packing is True
+    with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager"):
+        tiny_cfg(**{"train.packing": "true", "model.attn_implementation": "paged|sdpa"})

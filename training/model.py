@@ -31,7 +31,7 @@ from datasets_io.records import IMAGE_TOKEN
 from datasets_io.tokens import IGNORE_INDEX
 from launcher.config import Config
 from launcher.errors import LauncherError
-from training.packing import model_inputs
+from training.packing import model_layout
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ def label_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     every position: prompts, EHR blocks and image tokens carry no labels, so on the tiny model this is ~20% of a step.
     Used by every engine and by the step-overhead benchmark's hand-written loop. Padded and packed batches alike
     (training/packing.py): the mean over the same label tokens, so the same loss and gradients."""
-    inputs = model_inputs(model, batch)  # packed rows: flattened for FlashAttention's varlen path
-    labels = batch["labels"].reshape(inputs["input_ids"].shape)
+    inputs, labels, _ = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     logits = model(**inputs, logits_to_keep=keep).logits  # (label tokens, vocab)

@@ -7,7 +7,8 @@ cache (`use_cache=False`: transformers only looks for packed sequences when ther
   (masking_utils.find_packed_sequence_indices + packed_sequence_mask_function); cost O(R * W^2) booleans per layer
   call, like the padded batch's causal mask;
 - flash_attention_2 / 3: transformers takes FlashAttention's variable-length path (cu_seqlens from the position ids)
-  only for a batch of ONE row, so the rows are flattened to (1, R * W) here; no mask is materialised at all.
+  only for a batch of ONE row, so the rows are flattened here to one row of the real tokens, padding dropped: no
+  mask is materialised and no padding computed (padding efficiency 1.0).
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ def attn_implementation(model: Any) -> str:
     return str(getattr(text, "_attn_implementation", None) or "sdpa")
 
 
-def model_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward() arguments of a batch: bookkeeping keys dropped; packed rows flattened for FlashAttention."""
+def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """(forward() arguments, labels, sample ids) in the layout fed to the model. Bookkeeping keys are dropped; for
+    FlashAttention the packed rows become one row without their padding, (R, W) -> (1, real tokens): its
+    variable-length path computes on real tokens only."""
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     inputs["use_cache"] = False  # training needs no KV cache, and with one transformers ignores packed position ids
-    if "position_ids" in inputs and inputs["input_ids"].shape[0] > 1 and attn_implementation(model).startswith("flash"):
-        inputs["input_ids"] = inputs["input_ids"].reshape(1, -1)  # (R, W) -> (1, R*W): the varlen path's layout
-        inputs["position_ids"] = inputs["position_ids"].reshape(1, -1)
-    return inputs
+    labels, owner = batch["labels"], sample_ids(batch)
+    if "segment_ids" in batch and attn_implementation(model).startswith("flash"):
+        real = batch["segment_ids"].reshape(-1) >= 0  # (R*W,)
+        inputs["input_ids"] = inputs["input_ids"].reshape(-1)[real][None]  # (1, real tokens)
+        inputs["position_ids"] = inputs["position_ids"].reshape(-1)[real][None]
+        labels, owner = labels.reshape(-1)[real][None], owner.reshape(-1)[real][None]
+    return inputs, labels, owner
 
 
 def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,13 +55,14 @@ def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def per_sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) mean next-token cross-entropy of each sample over its own label tokens, in micro-batch sample order
     (NaN for a sample without labels). Full logits: for tests and benchmarks, not the training step."""
-    logits = model(**model_inputs(model, batch)).logits.float()  # (R, W, V)
-    logits = logits.reshape(*batch["labels"].shape, -1)
-    labels, owner = batch["labels"][:, 1:], sample_ids(batch)[:, 1:]  # position t predicts token t+1
+    inputs, labels, owner = model_layout(model, batch)
+    logits = model(**inputs).logits.float()  # (R, W, V)
+    labels, owner = labels[:, 1:], owner[:, 1:]  # position t predicts token t+1
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")  # (R, W-1)
     has = labels != IGNORE_INDEX
     n = int(batch["pixel_values"].shape[0])
-    total = torch.zeros(n, dtype=per_token.dtype).index_add_(0, owner[has], per_token[has])
-    count = torch.zeros(n, dtype=per_token.dtype).index_add_(0, owner[has], torch.ones_like(per_token[has]))
+    total = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner[has], per_token[has])
+    count = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(
+        0, owner[has], torch.ones_like(per_token[has]))
     return total / count
