@@ -1,0 +1,131 @@
+"""Training throughput of `launcher local` against transformers.Trainer: same tiny LLaVA + LoRA, same data, batch,
+optimizer, schedule and step count.
+
+    python benchmarks/vs_hf_trainer.py [--steps 20] [--batch 8] [--rounds 3]
+
+Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
+Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, AdamW at the
+config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process.
+- Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
+  labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
+  `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
+- launcher: `run_local` (the CLI's `launcher local`) with validation off and one checkpoint at the end, MLflow
+  tracking on (sqlite), padded batches and, as a second variant, `train.packing=true`.
+What is timed: from the end of the first optimizer step to the end of the run (its final save included): start-up
+(imports, data index, model build) and the first step's warm-up are out on both sides. Rounds alternate which side
+goes first (the 2-core machine is shared with other jobs: noise hits both alike); the ratio is of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.config import load_config
+from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
+from training.data import Preprocessor, StageStream, StreamSpec
+from training.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StageBDataset(torch.utils.data.Dataset):
+    """Trainer's input: sample i = the launcher's Stage B stream position i, decoded and tokenized on access."""
+
+    def __init__(self, pre: Preprocessor, stream: StageStream, n: int):
+        self.pre, self.stream, self.n = pre, stream, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        pixels, tok = self.pre.sample(*self.stream.item(i))
+        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": tok.labels,
+                "pixel_values": pixels}
+
+
+def trainer_run(cfg, steps: int, out: Path) -> float:
+    """Seconds from the end of Trainer's first step to the end of its final save."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    data = load_run_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    bundle = build_model(cfg, corpus_texts(data))
+    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+    stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, ehr_dropout=cfg.curriculum.ehr_dropout))
+    mb = cfg.train.micro_batch_size
+    marks: list[float] = []
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if not marks:
+                marks.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=mb, max_steps=steps, learning_rate=cfg.train.lr,
+        weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
+        lr_scheduler_type="cosine", optim="adamw_torch", logging_steps=cfg.train.log_every, save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
+        seed=cfg.train.seed, disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(bundle.tokenizer, padding="longest", label_pad_token_id=-100,
+                                      return_tensors="pt")
+    trainer = Trainer(model=bundle.model, args=args, train_dataset=StageBDataset(pre, stream, steps * mb),
+                      data_collator=collator, callbacks=[FirstStep()])
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    return time.perf_counter() - marks[0]
+
+
+def launcher_run(cfg) -> float:
+    """Seconds from the end of the launcher's first step to the end of its run (run_summary.json's clock)."""
+    summary = run_local(cfg, device="cpu", show_progress=False)
+    return summary["wall_time_s"] - summary["time_to_first_step_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        common = [f"data.root={d}/data", "data.synth_studies=80", f"train.max_steps={args.steps}",
+                  f"train.micro_batch_size={args.batch}", "curriculum.stage_split=0.0", "train.val_batches=0",
+                  "train.eval_every=0", "train.save_every=0", "train.warmup_steps=2", "train.log_every=10"]
+        base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
+        ensure_data(base)
+        build_model(base, corpus_texts(load_run_data(base)))  # the tiny base model every run loads
+        base_model = [f"model.name_or_path={d}/base/base_model"]
+        sides = {
+            "trainer": lambda r: trainer_run(base, args.steps, d / f"trainer{r}"),
+            "launcher": lambda r: launcher_run(load_config(
+                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/launcher{r}"])),
+            "launcher+packing": lambda r: launcher_run(load_config(
+                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/packed{r}",
+                                                                       "train.packing=true"])),
+        }
+        seconds: dict[str, list[float]] = {k: [] for k in sides}
+        for r in range(args.rounds):
+            names = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in names:
+                seconds[name].append(sides[name](r))
+                print(f"round {r} {name}: {seconds[name][-1]:.1f} s for {args.steps - 1} steps", flush=True)
+    sps = {k: (args.steps - 1) * args.batch / np.asarray(v) for k, v in seconds.items()}
+    for k, v in sps.items():
+        print(f"{k:17s} {statistics.median(v):6.2f} samples/s (rounds: {', '.join(f'{x:.2f}' for x in v)})")
+    trainer = statistics.median(sps["trainer"])
+    print(f"launcher+packing/Trainer: {statistics.median(sps['launcher+packing']) / trainer:.2f}x")
+    print(f"launcher/Trainer: {statistics.median(sps['launcher']) / trainer:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
