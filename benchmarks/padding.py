@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from datasets_io.packing import pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b

@@ -21,7 +21,6 @@ from datasets_io.packing import NON_MODEL_KEYS
 from datasets_io.tokens import IGNORE_INDEX
 
 
-
 def attn_implementation(model: Any) -> str:
     """The language model's attention backend of a (Peft / DeepSpeed wrapped) LLaVA."""
     config = getattr(model, "config", None) or model.module.config
