@@ -135,6 +135,8 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
     assert cu_q.tolist() == [0, 6, 10, 13] and int(max_q) == 6
     sdpa = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="sdpa")))
     assert model_layout(sdpa, batch)[0]["input_ids"].shape == (2, 7)  # SDPA keeps the rows (mask per row)
+    deepspeed_like = SimpleNamespace(config={"zero_optimization": {}}, module=flash)  # its `config` is the JSON
+    assert model_layout(deepspeed_like, batch)[0]["input_ids"].shape == (1, 13)
 
 
 def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
@@ -143,3 +145,66 @@ def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
     assert tiny_cfg(**{"train.packing": "true"}).train.packing is True
     with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager"):
         tiny_cfg(**{"train.packing": "true", "model.attn_implementation": "paged|sdpa"})
+
+
+DEEPSPEED_CHECK = r'''
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+from conftest import tiny_overrides
+from launcher.config import load_config
+from launcher.local import corpus_texts, load_run_data
+from launcher.ray_train import build_lora_model
+from training.model import resolve_base_path
+from training.data import Preprocessor, StageStream, StreamSpec, to_torch
+from training.deepspeed_engine import DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu
+from training.packing import attn_implementation
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+prepare_deepspeed_cpu(); init_deepspeed_comm()
+cfg = load_config({config!r}, tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true"}}))
+data = load_run_data(cfg)
+resolve_base_path(cfg, corpus_texts(data))
+bundle = build_lora_model(cfg, seed=0)
+pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                   cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
+out = [pre.sample(*stream.item(i)) for i in range(6)]
+padded = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+pre.packing = True
+packed = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+eng = DeepSpeedEngine(bundle.model, cfg.train, deepspeed_config(cfg, 1, "fp32"))
+result = {{"attn": attn_implementation(eng.engine), "rows": packed["input_ids"].shape[0],
+          "padded": float(eng.eval_loss(padded)), "packed": float(eng.eval_loss(packed))}}
+json.dump(result, open(Path(sys.argv[1]) / "result.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path):
+    """The Ray runtime's engine (DeepSpeed ZeRO-2, gloo, world size 1): a DeepSpeed engine's own `config` is its
+    JSON, so the backend must be read from the wrapped model; the packed micro-batch's loss is the padded one's."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "check.py"
+    script.write_text(DEEPSPEED_CHECK.format(tests=str(repo / "tests"), config=str(repo / "configs" / "tiny.yaml"),
+                                             data=str(synth_dir)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["attn"] == "sdpa" and r["rows"] < 6
+    assert r["packed"] == pytest.approx(r["padded"], rel=1e-5)

@@ -22,10 +22,14 @@ from datasets_io.tokens import IGNORE_INDEX
 
 
 def attn_implementation(model: Any) -> str:
-    """The language model's attention backend of a (Peft / DeepSpeed wrapped) LLaVA."""
-    config = getattr(model, "config", None) or model.module.config
-    text = getattr(config, "text_config", None) or config
-    return str(getattr(text, "_attn_implementation", None) or "sdpa")
+    """The language model's attention backend of a (Peft / DeepSpeed wrapped) LLaVA. A DeepSpeed engine's own
+    `config` is its JSON dict, so the wrapped module's model config is looked at first."""
+    for candidate in (getattr(model, "module", None), model):
+        config = getattr(candidate, "config", None)
+        text = getattr(config, "text_config", None) or config
+        if hasattr(text, "_attn_implementation"):
+            return str(text._attn_implementation or "sdpa")
+    raise ValueError(f"cannot find the attention implementation of {type(model).__name__}")
 
 
 def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
