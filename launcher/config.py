@@ -20,6 +20,11 @@ from typing import Any, Literal
 import yaml
 
 
+PACKING_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention implementations that keep packed samples apart (transformers derives the per-sample mask, or
+FlashAttention's variable-length boundaries, from the restarting position ids)."""
+
+
 class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
@@ -85,6 +90,7 @@ class ModelConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on CUDA, fp16 on MPS (fp32 if `mps_fp32`), fp32 on CPU."""
     attn_implementation: str = "sdpa"
+    """transformers' attention backend for the loaded model: sdpa, eager, flash_attention_2 (CUDA + flash-attn), ..."""
 
 
 @dataclass
@@ -133,6 +139,10 @@ class TrainConfig:
     """Keep the N newest step checkpoints (stage_A_end and final are always kept)."""
     num_workers: int = 0
     """DataLoader worker processes on the local path."""
+    packing: bool = False
+    """Pack each micro-batch's samples (image tokens included) into rows of `data.max_seq_len` tokens, attention kept
+    inside each sample, instead of padding them to the longest: the same loss and gradients on fewer computed tokens.
+    Needs `model.attn_implementation` in sdpa / eager / flex_attention / flash_attention_2 / flash_attention_3."""
 
 
 @dataclass
@@ -274,6 +284,9 @@ def _check_ranges(cfg: Config) -> list[str]:
         p.append("train.epochs: must be > 0 when train.max_steps is 0")
     if t.lr <= 0:
         p.append(f"train.lr: must be > 0, got {t.lr}")
+    if t.packing and cfg.model.attn_implementation not in PACKING_BACKENDS:
+        p.append(f"train.packing: needs model.attn_implementation in {', '.join(PACKING_BACKENDS)} "
+                 f"(got {cfg.model.attn_implementation!r}), which keep packed samples apart")
     if cfg.data.max_seq_len < 16:
         p.append(f"data.max_seq_len: must be >= 16, got {cfg.data.max_seq_len}")
     if "://" in cfg.data.image_cache:

@@ -108,7 +108,8 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
 
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
                        cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
-                       image_cache=open_image_cache(image_cache_dir(cfg)))  # an unwritable dir fails here
+                       image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
+                       packing=cfg.train.packing)
     # the runtime's part of the data: one rank, its micro-batches decoded by DataLoader processes
     tables = {s: row_table(data.train[s]) for s in ("A", "B")}
     spec = sampler_spec(cfg, prep.counts)

@@ -197,7 +197,7 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
     # every node that builds one checks the cache directory itself (node-local paths differ between nodes)
     return Preprocessor(tokenizer, image_spec_for(base_path, config), config.image_token_index,
                         num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
-                        image_cache=open_image_cache(image_cache_dir(cfg)))
+                        image_cache=open_image_cache(image_cache_dir(cfg)), packing=cfg.train.packing)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 
 from datasets_io.images import ImageSpec, preprocess_image
 from datasets_io.jsonl import join, read_bytes
+from datasets_io.packing import packed_batch
 from datasets_io.records import Record
 from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row_table, sample_fields
 from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
@@ -48,6 +49,9 @@ class Preprocessor:
     data_root: str
     image_cache: ImageCache | None = None
     """Decoded images on disk (datasets_io.image_cache), shared by both stages and all epochs; None = decode always."""
+    packing: bool = False
+    """train.packing: lay a micro-batch out in rows of `max_len` tokens (datasets_io/packing.py) instead of padding
+    every sample to the longest; the same samples, in the same order of positions."""
     decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
 
     def sample_at(self, stage: str, position: int, fields: dict[str, str]):
@@ -67,6 +71,8 @@ class Preprocessor:
         return pixels, tok
 
     def collate(self, pixels: list[np.ndarray], toks: list) -> dict[str, np.ndarray]:
+        if self.packing:
+            return packed_batch(pixels, toks, self.max_len, self.tokenizer.pad_token_id)
         padded = pad_batch(toks, self.tokenizer.pad_token_id, side="right")
         return {
             "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, S, S)

@@ -143,7 +143,7 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         for _ in range(io.grad_accum):
             batch = next_batch(stage, meta)
             loss_sum = loss_sum + engine.forward_backward(batch, 1.0 / io.grad_accum).float()  # stays on device
-            samples += batch["input_ids"].shape[0]
+            samples += batch["pixel_values"].shape[0]  # one image per sample; packed rows hold several samples
         factor = lr_factor(step, plan)
         grad_norm = engine.optimizer_step(factor)
         loss = float(engine.reduce_mean(loss_sum / io.grad_accum))  # host sync, once per step

@@ -31,6 +31,7 @@ from datasets_io.records import IMAGE_TOKEN
 from datasets_io.tokens import IGNORE_INDEX
 from launcher.config import Config
 from launcher.errors import LauncherError
+from training.packing import model_layout
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +135,14 @@ def num_image_tokens(config: LlavaConfig) -> int:
     return n if config.vision_feature_select_strategy == "default" else n + 1
 
 
-def load_base(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(LlavaForConditionalGeneration, tokenizer) from a local dir or hub id; clear error when it is not there."""
+def load_base(path: str, dtype: torch.dtype, attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration, tokenizer) from a local dir or hub id; clear error when it is not there.
+    `attn_implementation` (model.attn_implementation): transformers' attention backend; None = its default."""
     from transformers import LlavaForConditionalGeneration
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise LauncherError(
             f"cannot load base model {path!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
@@ -213,7 +215,7 @@ def apply_lora(cfg: Config, model: Any) -> Any:
 
 def build_model(cfg: Config, train_texts: list[str] | None = None, dtype: torch.dtype = torch.float32) -> ModelBundle:
     base_path = resolve_base_path(cfg, train_texts)
-    base, tokenizer = load_base(base_path, dtype)
+    base, tokenizer = load_base(base_path, dtype, cfg.model.attn_implementation)
     model = apply_lora(cfg, base)
     return bundle_for(model, tokenizer, base_path)
 
@@ -282,11 +284,11 @@ def label_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the label tokens, the same value as `model(**batch).loss`, but the LM head
     and softmax run only at the positions that predict a label (`logits_to_keep` as a boolean mask) instead of at
     every position: prompts, EHR blocks and image tokens carry no labels, so on the tiny model this is ~20% of a step.
-    Used by every engine and by the step-overhead benchmark's hand-written loop."""
-    labels = batch["labels"]
+    Used by every engine and by the step-overhead benchmark's hand-written loop. Padded and packed batches alike
+    (training/packing.py): the mean over the same label tokens, so the same loss and gradients."""
+    inputs, labels, _ = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=keep).logits  # (label tokens, vocab)
     if logits.shape[0] == 0:  # no label in the whole micro-batch (prompts that fill max_seq_len): no signal, not NaN
         return logits.sum() * 0.0

@@ -145,7 +145,7 @@ def build_lora_model(cfg: Any, base_path: str, dtype: str = "fp32") -> Any:
     from training.model import apply_lora, bundle_for, load_base
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base, tokenizer = load_base(base_path, torch_dtype)
+    base, tokenizer = load_base(base_path, torch_dtype, cfg.model.attn_implementation)
     torch.manual_seed(cfg.train.seed)
     return bundle_for(apply_lora(cfg, base), tokenizer, base_path)
 

@@ -1,0 +1,145 @@
+"""Padding efficiency (real tokens / computed tokens) of the Stage B mix, padded vs packed (`train.packing`), and the
+step-time ratio, on the tiny model.
+
+    python benchmarks/padding.py [--batches 12] [--batch 8] [--budget 2048] [--ehr-detail 6] [--ehr-dropout 0.15]
+
+The Stage B mix: the curriculum's Stage B stream (`curriculum.ehr_dropout` empties some Patient Data blocks: short
+prompts) with MIMIC-size Patient Data on the others. The project's synthetic data has four labs and three vitals
+per study, far shorter than a MIMIC admission's lab history; this benchmark appends a `Lab_history` of repeated
+draws of a basic metabolic panel + blood count (a log-normal number of draws, median `--ehr-detail`, as many as fit
+`--budget`) to each kept block, so prompts run from ~100 to ~2,000 tokens as real extracts do. (No `--ehr-detail`
+option exists in datasets_io/synth.py on this branch: the longer blocks are generated here.)
+
+Computed tokens: padded = micro-batch size x its longest sample; packed = rows x the fullest row (datasets_io/
+packing.py), what SDPA / eager compute on (FlashAttention-2 gets the real tokens only: 1.00, printed apart). Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in
+both layouts, alternating rounds (the CPU is shared: noise hits both alike), median per micro-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from datasets_io.packing import pack_samples, padding_efficiency
+from datasets_io.records import ehr_from_prompt, prompt_b
+from datasets_io.tokens import OverlongError
+from launcher.config import load_config
+from launcher.local import corpus_texts, ensure_data, load_run_data
+from training.data import Preprocessor, StageStream, StreamSpec, to_torch
+from training.model import build_model, label_loss
+
+REPO = Path(__file__).resolve().parents[1]
+PANEL = {"Sodium": (135, 145), "Potassium": (3.5, 5.1), "Chloride": (98, 107), "Bicarbonate": (22, 29),
+         "BUN": (7, 20), "Creatinine": (0.6, 1.3), "Glucose": (70, 140), "Hemoglobin": (11, 16),
+         "Hematocrit": (34, 47), "Platelets": (150, 400), "WBC": (4, 11)}
+
+
+def lab_history(rng: np.random.Generator, draws: int) -> list[dict]:
+    """`draws` panels, newest first, values scattered around their reference ranges."""
+    out = []
+    for d in range(draws):
+        panel = {k: round(float(rng.uniform(lo * 0.8, hi * 1.2)), 1) for k, (lo, hi) in PANEL.items()}
+        out.append({"hours_before_study": int(6 * d + rng.integers(0, 6)), **panel})
+    return out
+
+
+def detailed(prompt: str, rng: np.random.Generator, median_draws: float) -> str:
+    """A kept Patient Data block with a MIMIC-size lab history appended; an emptied block stays empty."""
+    ehr = ehr_from_prompt(prompt)
+    if not ehr:
+        return prompt
+    draws = int(rng.lognormal(np.log(median_draws), 0.8)) if median_draws > 0 else 0
+    return prompt_b({**ehr, "Lab_history": lab_history(rng, draws)})
+
+
+def stage_b_samples(pre: Preprocessor, stream: StageStream, n: int, median_draws: float, budget: int) -> list:
+    """n (pixels, TokenizedSample) of the Stage B mix; a lab history too long for the budget is shortened (counted)."""
+    out, shortened = [], 0
+    for pos in range(n):
+        prompt, target, image, where = stream.item(pos)
+        rng = np.random.default_rng([11, pos])
+        long_prompt = detailed(prompt, rng, median_draws)
+        while True:
+            try:
+                pixels, tok = pre.sample(long_prompt, target, image, where)
+                if not tok.truncated:
+                    break
+            except OverlongError:
+                pass
+            ehr = ehr_from_prompt(long_prompt)
+            ehr["Lab_history"] = ehr["Lab_history"][: len(ehr["Lab_history"]) * 3 // 4]
+            long_prompt, shortened = prompt_b(ehr), shortened + 1
+        out.append((pixels, tok))
+    print(f"{n} Stage B samples; lab histories shortened to fit --budget {budget}: {shortened} time(s)")
+    return out
+
+
+def step_seconds(model, batch: dict) -> float:
+    t0 = time.perf_counter()
+    loss = label_loss(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, default=12, help="micro-batches measured")
+    ap.add_argument("--batch", type=int, default=8, help="samples per micro-batch")
+    ap.add_argument("--budget", type=int, default=2048, help="data.max_seq_len: the packed row's token budget")
+    ap.add_argument("--ehr-detail", type=float, default=6.0, help="median lab-history draws per kept EHR block")
+    ap.add_argument("--ehr-dropout", type=float, default=0.15, help="curriculum.ehr_dropout (llava_med_7b.yaml)")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating which layout goes first")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        run(args, Path(d))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.root={tmp}/data", f"output.dir={tmp}/run",
+                                                        "data.synth_studies=80", f"data.max_seq_len={args.budget}"])
+    ensure_data(cfg)
+    data = load_run_data(cfg)
+    bundle = build_model(cfg, corpus_texts(data))
+    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                       args.budget, "truncate", cfg.data.root)
+    stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=args.ehr_dropout))
+    samples = stage_b_samples(pre, stream, args.batches * args.batch, args.ehr_detail, args.budget)
+    lengths = [len(t.input_ids) for _, t in samples]
+    micro = [samples[k * args.batch:(k + 1) * args.batch] for k in range(args.batches)]
+    real = sum(lengths)
+    padded_cost = sum(len(m) * max(len(t.input_ids) for _, t in m) for m in micro)
+    packed_rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id) for m in micro]
+    packed_cost = sum(p.input_ids.size for p in packed_rows)
+    print(f"tokens per sample: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} "
+          f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}")
+    print(f"packed rows per micro-batch: {[p.input_ids.shape[0] for p in packed_rows]}")
+
+    layouts = {}
+    for packing in (False, True):
+        pre.packing = packing
+        layouts[packing] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
+    model = bundle.model.train()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.rounds):
+        for packing in ((False, True) if r % 2 == 0 else (True, False)):
+            times[packing] += [step_seconds(model, b) for b in layouts[packing]]
+    t_pad, t_pack = statistics.median(times[False]), statistics.median(times[True])
+    spread = {k: (min(v) * 1000, max(v) * 1000) for k, v in times.items()}
+    print(f"step (forward+backward, one micro-batch, CPU, median of {len(times[False])}): "
+          f"padded {t_pad * 1000:.0f} ms [{spread[False][0]:.0f}-{spread[False][1]:.0f}], "
+          f"packed {t_pack * 1000:.0f} ms [{spread[True][0]:.0f}-{spread[True][1]:.0f}]; "
+          f"packed/padded step time: {t_pack / t_pad:.2f}x")
+    print(f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
+          f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on")
+    print(f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
+          f"{padding_efficiency(lengths, padded_cost):.2f} padded")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Training throughput of `launcher local` against transformers.Trainer: same tiny LLaVA + LoRA, same data, batch,
+optimizer, schedule and step count.
+
+    python benchmarks/vs_hf_trainer.py [--steps 20] [--batch 8] [--rounds 3]
+
+Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
+Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, AdamW at the
+config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process.
+- Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
+  labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
+  `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
+- launcher: `run_local` (the CLI's `launcher local`) with validation off and one checkpoint at the end, MLflow
+  tracking on (sqlite), padded batches and, as a second variant, `train.packing=true`.
+What is timed: the steady state, from the end of optimizer step 10 to the end of step 20 (wall clock: Trainer's
+`on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps: data loading, the step and
+the bookkeeping between steps are in; start-up (imports, data index, model build), the first steps' warm-up and
+the end-of-run save are out (printed apart: from the end of step 1 to the end of the run). Rounds alternate which
+side goes first (the 2-core machine is shared with other jobs); medians and best rounds are printed, and the last
+line is the ratio of the best rounds: other jobs only ever slow a run down (timeit's rule: the minimum time is the
+estimate, the rest is interference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.config import load_config
+from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
+from training.data import Preprocessor, StageStream, StreamSpec
+from training.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = (10, 20)  # optimizer steps whose ends bound the timed span (both sides log at steps 10 and 20)
+
+
+class StageBDataset(torch.utils.data.Dataset):
+    """Trainer's input: sample i = the launcher's Stage B stream position i, decoded and tokenized on access."""
+
+    def __init__(self, pre: Preprocessor, stream: StageStream, n: int):
+        self.pre, self.stream, self.n = pre, stream, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        pixels, tok = self.pre.sample(*self.stream.item(i))
+        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": tok.labels,
+                "pixel_values": pixels}
+
+
+def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
+    """(seconds from the end of step 10 to the end of step 20, from the end of step 1 to the end of the run)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    data = load_run_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    bundle = build_model(cfg, corpus_texts(data))
+    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+    stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, ehr_dropout=cfg.curriculum.ehr_dropout))
+    mb = cfg.train.micro_batch_size
+    ends: dict[int, float] = {}
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends[state.global_step] = time.time()
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=mb, max_steps=steps, learning_rate=cfg.train.lr,
+        weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
+        lr_scheduler_type="cosine", optim="adamw_torch", logging_steps=cfg.train.log_every, save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
+        seed=cfg.train.seed, disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(bundle.tokenizer, padding="longest", label_pad_token_id=-100,
+                                      return_tensors="pt")
+    trainer = Trainer(model=bundle.model, args=args, train_dataset=StageBDataset(pre, stream, steps * mb),
+                      data_collator=collator, callbacks=[StepEnds()])
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    return ends[WINDOW[1]] - ends[WINDOW[0]], time.time() - ends[1]
+
+
+def launcher_run(cfg) -> tuple[float, float]:
+    """The same two spans for `launcher local`, from its MLflow metric timestamps (logged as each step ends)."""
+    from mlflow import MlflowClient
+
+    summary = run_local(cfg, device="cpu", show_progress=False)
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "train/loss")
+    ends = {m.step: m.timestamp / 1000 for m in history}
+    tail = summary["wall_time_s"] - summary["time_to_first_step_s"]
+    return ends[WINDOW[1]] - ends[WINDOW[0]], tail
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help=f">= {WINDOW[1]}")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if args.steps < WINDOW[1]:
+        ap.error(f"--steps must be >= {WINDOW[1]}")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        common = [f"data.root={d}/data", "data.synth_studies=80", f"train.max_steps={args.steps}",
+                  f"train.micro_batch_size={args.batch}", "curriculum.stage_split=0.0", "train.val_batches=0",
+                  "train.eval_every=0", "train.save_every=0", "train.warmup_steps=2", "train.log_every=10"]
+        base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
+        ensure_data(base)
+        build_model(base, corpus_texts(load_run_data(base)))  # the tiny base model every run loads
+        base_model = [f"model.name_or_path={d}/base/base_model"]
+        sides = {
+            "trainer": lambda r: trainer_run(base, args.steps, d / f"trainer{r}"),
+            "launcher": lambda r: launcher_run(load_config(
+                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/launcher{r}"])),
+            "launcher+packing": lambda r: launcher_run(load_config(
+                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/packed{r}",
+                                                                       "train.packing=true"])),
+        }
+        seconds: dict[str, list[float]] = {k: [] for k in sides}
+        tails: dict[str, list[float]] = {k: [] for k in sides}
+        for r in range(args.rounds):
+            names = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in names:
+                steady, tail = sides[name](r)
+                seconds[name].append(steady)
+                tails[name].append(tail)
+                print(f"round {r} {name}: steps {WINDOW[0] + 1}-{WINDOW[1]} {steady:.1f} s; end of step 1 to "
+                      f"end of run {tail:.1f} s", flush=True)
+    n = (WINDOW[1] - WINDOW[0]) * args.batch
+    sps = {k: n / np.asarray(v) for k, v in seconds.items()}
+    for k, v in sps.items():
+        print(f"{k:17s} {statistics.median(v):6.2f} samples/s (rounds: {', '.join(f'{x:.2f}' for x in v)}); "
+              f"end of step 1 to end of run: {', '.join(f'{x:.1f}' for x in tails[k])} s")
+    for how, pick in (("medians", statistics.median), ("best rounds", max)):
+        print(f"{how}: launcher/Trainer {pick(sps['launcher']) / pick(sps['trainer']):.2f}x, "
+              f"launcher+packing/Trainer {pick(sps['launcher+packing']) / pick(sps['trainer']):.2f}x")
+    print(f"launcher/Trainer: {max(sps['launcher']) / max(sps['trainer']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

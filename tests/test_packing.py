@@ -1,0 +1,210 @@
+"""Exact multimodal packing: the layout (datasets_io/packing.py) and its equivalence to the padded batch on the tiny
+LLaVA (image tokens included): the same per-sample losses, the same loss and the same gradients, in fp32.
+
+Tolerances (fp32, CPU): per-sample losses and the micro-batch loss to rtol 1e-5 / atol 1e-5; gradients to
+rtol 1e-4 / atol 1e-6 (the two layouts sum the same terms in a different order and attention softmaxes over a
+different number of exactly-masked entries)."""
+
+import numpy as np
+import pytest
+import torch
+
+from datasets_io.packing import pack_samples, plan_rows
+from datasets_io.tokens import IGNORE_INDEX, TokenizedSample
+
+
+def sample(n: int, prompt: int, tag: int) -> TokenizedSample:
+    ids = [tag * 100 + k for k in range(n)]
+    return TokenizedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:])
+
+
+def test_rows_are_the_fewest_and_balanced_within_the_budget():
+    assert plan_rows([5, 3, 8, 2, 6], 10) == [[2], [4, 3], [0, 1]]  # 8 | 6+2 | 5+3: three full rows of 8, no padding
+    assert plan_rows([9, 9, 2], 10) == [[0], [1], [2]]  # 20 tokens, but 9+9+2 needs three rows of 10
+    assert plan_rows([4, 4], 8) == [[0], [1]]  # as few tokens as one row of 8, and narrower (attention ~ width^2)
+    assert plan_rows([2, 7, 3], 100) == [[1, 2, 0]]  # longest first
+    with pytest.raises(ValueError, match="sample 1: 11 tokens > packing budget 10"):
+        plan_rows([3, 11], 10)
+
+
+def test_packed_layout_restarts_positions_and_masks_each_sample():
+    samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]  # sample 1 has no prompt: its first label is set
+    p = pack_samples(samples, budget=8, pad_id=0)
+    assert p.order == [1, 0, 2]  # rows [[1], [0, 2]]
+    assert p.input_ids.shape == (2, 7)  # the fullest row (4 + 3), not the budget
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 0, 1, 2]]
+    assert p.segment_ids.tolist() == [[1, 1, 1, 1, 1, 1, -1], [0, 0, 0, 0, 2, 2, 2]]
+    assert p.input_ids[1].tolist() == [100, 101, 102, 103, 300, 301, 302]
+    assert p.labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100], [-100, -100, 102, 103, -100, 301, 302]]
+
+
+def tiny_batches(cfg, rows: int, budget: int):
+    """The tiny model and one Stage B micro-batch (EHR dropped on half: short and long prompts), padded and packed."""
+    from launcher.local import corpus_texts, load_run_data
+    from training.data import Preprocessor, StageStream, StreamSpec, to_torch
+    from training.model import build_model
+
+    data = load_run_data(cfg)
+    bundle = build_model(cfg, corpus_texts(data))
+    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, budget,
+                       "truncate", cfg.data.root)
+    stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
+    out = [pre.sample(*stream.item(i)) for i in range(rows)]
+    pixels, toks = [p for p, _ in out], [t for _, t in out]
+    padded = to_torch(pre.collate(pixels, toks))
+    pre.packing = True
+    packed = to_torch(pre.collate(pixels, toks))
+    return bundle, padded, packed, toks
+
+
+def grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
+
+
+def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg):
+    from training.model import label_loss
+    from training.packing import per_sample_losses
+
+    cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
+    bundle, padded, packed, toks = tiny_batches(cfg, rows=8, budget=512)
+    lengths = sorted(len(t.input_ids) for t in toks)
+    assert lengths[0] < 0.8 * lengths[-1]  # short and long prompts: the padded batch computes on padding
+    assert packed["input_ids"].shape[0] < len(toks)  # rows hold several samples (image tokens of each inside)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    image_id = bundle.image_token_id
+    assert int((packed["input_ids"] == image_id).sum()) == int((padded["input_ids"] == image_id).sum())
+
+    model = bundle.model.train()
+    per_padded, per_packed = per_sample_losses(model, padded), per_sample_losses(model, packed)
+    assert torch.isfinite(per_padded).all()
+    assert torch.allclose(per_padded, per_packed, rtol=1e-5, atol=1e-5), (per_padded, per_packed)
+    loss_padded, loss_packed = label_loss(model, padded), label_loss(model, packed)
+    assert torch.allclose(loss_padded, loss_packed, rtol=1e-5, atol=1e-5)
+    g_padded, g_packed = grads(model, loss_padded), grads(model, loss_packed)
+    assert len(g_padded) == len(g_packed) and any("vision_tower" in n for n, p in model.named_parameters()
+                                                   if p.requires_grad)
+    worst = max(float(((a - b).abs() - 1e-4 * b.abs()).max()) for a, b in zip(g_padded, g_packed))
+    assert worst <= 1e-6, worst
+
+    # The test can fail: attention across samples (no position restart) or images in the wrong segments change it.
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    assert float((per_sample_losses(model, leaky) - per_padded).detach().abs().max()) > 1e-3  # 100x the tolerance above
+    swapped = dict(packed, pixel_values=packed["pixel_values"].flip(0))
+    assert float((per_sample_losses(model, swapped) - per_padded).detach().abs().max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_packed_run_matches_padded_run_and_resumes_exactly(tiny_cfg, tmp_path):
+    from launcher.local import run_local
+
+    steps = {"train.max_steps": "4", "train.micro_batch_size": "6", "curriculum.ehr_dropout": "0.5",
+             "curriculum.stage_split": "0.25"}
+    padded = run_local(tiny_cfg(**steps, **{"output.dir": str(tmp_path / "padded")}), device="cpu",
+                       show_progress=False)
+    packed_cfg = tiny_cfg(**steps, **{"train.packing": "true", "output.dir": str(tmp_path / "packed")})
+    packed = run_local(packed_cfg, device="cpu", show_progress=False)
+    np.testing.assert_allclose(packed["losses"], padded["losses"], rtol=1e-4)  # same samples, same steps
+    split_cfg = tiny_cfg(**steps, **{"train.packing": "true", "output.dir": str(tmp_path / "split")})
+    first = run_local(split_cfg, device="cpu", stop_after=2, show_progress=False)
+    assert first["global_step"] == 2
+    resumed = run_local(split_cfg, device="cpu", resume="auto", show_progress=False)
+    assert resumed["losses"] == packed["losses"]  # bit-exact: the same micro-batches, laid out the same way
+
+
+def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
+    """FlashAttention does not run on this CPU machine; what it is given does: one row of the real tokens, whose
+    restarting position ids transformers turns into the varlen kernel's cu_seqlens (the per-sample boundaries)."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from training.packing import model_layout
+
+    samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]
+    p = pack_samples(samples, budget=8, pad_id=0)
+    batch = {"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids,
+             "segment_ids": p.segment_ids, "pixel_values": np.zeros((3, 1))}
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    flash = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    inputs, labels, owner = model_layout(flash, batch)
+    assert inputs["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 100, 101, 102, 103, 300, 301, 302]]
+    assert labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
+    assert owner.tolist() == [[1] * 6 + [0] * 4 + [2] * 3] and inputs["use_cache"] is False
+    (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
+    assert cu_q.tolist() == [0, 6, 10, 13] and int(max_q) == 6
+    sdpa = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="sdpa")))
+    assert model_layout(sdpa, batch)[0]["input_ids"].shape == (2, 7)  # SDPA keeps the rows (mask per row)
+    deepspeed_like = SimpleNamespace(config={"zero_optimization": {}}, module=flash)  # its `config` is the JSON
+    assert model_layout(deepspeed_like, batch)[0]["input_ids"].shape == (1, 13)
+
+
+def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
+    from launcher.config import ConfigError
+
+    assert tiny_cfg(**{"train.packing": "true"}).train.packing is True
+    with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager"):
+        tiny_cfg(**{"train.packing": "true", "model.attn_implementation": "paged|sdpa"})
+
+
+DEEPSPEED_CHECK = r'''
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+from conftest import tiny_overrides
+from launcher.config import load_config
+from launcher.local import corpus_texts, load_run_data
+from launcher.ray_train import build_lora_model
+from training.model import resolve_base_path
+from training.data import Preprocessor, StageStream, StreamSpec, to_torch
+from training.deepspeed_engine import DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu
+from training.packing import attn_implementation
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+prepare_deepspeed_cpu(); init_deepspeed_comm()
+cfg = load_config({config!r}, tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true"}}))
+data = load_run_data(cfg)
+resolve_base_path(cfg, corpus_texts(data))
+bundle = build_lora_model(cfg, seed=0)
+pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                   cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
+out = [pre.sample(*stream.item(i)) for i in range(6)]
+padded = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+pre.packing = True
+packed = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+eng = DeepSpeedEngine(bundle.model, cfg.train, deepspeed_config(cfg, 1, "fp32"))
+result = {{"attn": attn_implementation(eng.engine), "rows": packed["input_ids"].shape[0],
+          "padded": float(eng.eval_loss(padded)), "packed": float(eng.eval_loss(packed))}}
+json.dump(result, open(Path(sys.argv[1]) / "result.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path):
+    """The Ray runtime's engine (DeepSpeed ZeRO-2, gloo, world size 1): a DeepSpeed engine's own `config` is its
+    JSON, so the backend must be read from the wrapped model; the packed micro-batch's loss is the padded one's."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "check.py"
+    script.write_text(DEEPSPEED_CHECK.format(tests=str(repo / "tests"), config=str(repo / "configs" / "tiny.yaml"),
+                                             data=str(synth_dir)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["attn"] == "sdpa" and r["rows"] < 6
+    assert r["packed"] == pytest.approx(r["padded"], rel=1e-5)

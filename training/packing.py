@@ -1,0 +1,71 @@
+"""The model side of packing (datasets_io/packing.py lays the rows out): forward inputs per attention backend, and
+per-sample losses for padded and packed batches alike.
+
+Attention stays inside each sample through the restarting `position_ids` alone, with no 2D attention mask and no KV
+cache (`use_cache=False`: transformers only looks for packed sequences when there is no cache):
+- sdpa / eager / flex_attention: transformers builds the block-diagonal causal 4D mask from them
+  (masking_utils.find_packed_sequence_indices + packed_sequence_mask_function); cost O(R * W^2) booleans per layer
+  call, like the padded batch's causal mask;
+- flash_attention_2 / 3: transformers takes FlashAttention's variable-length path (cu_seqlens from the position ids)
+  only for a batch of ONE row, so the rows are flattened here to one row of the real tokens, padding dropped: no
+  mask is materialised and no padding computed (padding efficiency 1.0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from datasets_io.packing import NON_MODEL_KEYS
+from datasets_io.tokens import IGNORE_INDEX
+
+
+def attn_implementation(model: Any) -> str:
+    """The language model's attention backend of a (Peft / DeepSpeed wrapped) LLaVA. A DeepSpeed engine's own
+    `config` is its JSON dict, so the wrapped module's model config is looked at first."""
+    for candidate in (getattr(model, "module", None), model):
+        config = getattr(candidate, "config", None)
+        text = getattr(config, "text_config", None) or config
+        if hasattr(text, "_attn_implementation"):
+            return str(text._attn_implementation or "sdpa")
+    raise ValueError(f"cannot find the attention implementation of {type(model).__name__}")
+
+
+def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """(forward() arguments, labels, sample ids) in the layout fed to the model. Bookkeeping keys are dropped; for
+    FlashAttention the packed rows become one row without their padding, (R, W) -> (1, real tokens): its
+    variable-length path computes on real tokens only."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    inputs["use_cache"] = False  # training needs no KV cache, and with one transformers ignores packed position ids
+    labels, owner = batch["labels"], sample_ids(batch)
+    if "segment_ids" in batch and attn_implementation(model).startswith("flash"):
+        real = batch["segment_ids"].reshape(-1) >= 0  # (R*W,)
+        inputs["input_ids"] = inputs["input_ids"].reshape(-1)[real][None]  # (1, real tokens)
+        inputs["position_ids"] = inputs["position_ids"].reshape(-1)[real][None]
+        labels, owner = labels.reshape(-1)[real][None], owner.reshape(-1)[real][None]
+    return inputs, labels, owner
+
+
+def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(R, W) index of the micro-batch sample each token belongs to: `segment_ids` when packed, the row when padded."""
+    if "segment_ids" in batch:
+        return batch["segment_ids"]
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    return rows[:, None].expand_as(batch["input_ids"])
+
+
+def per_sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each sample over its own label tokens, in micro-batch sample order
+    (NaN for a sample without labels). Full logits: for tests and benchmarks, not the training step."""
+    inputs, labels, owner = model_layout(model, batch)
+    logits = model(**inputs).logits.float()  # (R, W, V)
+    labels, owner = labels[:, 1:], owner[:, 1:]  # position t predicts token t+1
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")  # (R, W-1)
+    has = labels != IGNORE_INDEX
+    n = int(batch["pixel_values"].shape[0])
+    total = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner[has], per_token[has])
+    count = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(
+        0, owner[has], torch.ones_like(per_token[has]))
+    return total / count
