@@ -146,7 +146,7 @@ def measured_sps(summary: dict, skip: int = 2) -> list[float]:
 def run(args: argparse.Namespace, tmp: Path) -> list[dict]:
     import torch
 
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]

@@ -28,7 +28,7 @@ import numpy as np
 from datasets_io.packing import pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
 from datasets_io.tokens import OverlongError
-from launcher.config import load_config
+from datasets_io.config import load_config
 from launcher.local import corpus_texts, ensure_data, load_run_data
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
 from training.model import build_model, label_loss

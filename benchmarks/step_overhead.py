@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import load_config
+from datasets_io.config import load_config
 from launcher.local import corpus_texts, load_run_data
 from training.checkpoint import Checkpointer
 from training.curriculum import plan_steps

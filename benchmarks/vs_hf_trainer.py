@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.config import load_config
+from datasets_io.config import load_config
 from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
 from training.data import Preprocessor, StageStream, StreamSpec
 from training.model import build_model

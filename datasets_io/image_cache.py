@@ -47,7 +47,7 @@ import PIL
 
 from datasets_io.images import GRAY_RECIPE, ImageSpec, load_gray, normalize_gray
 from datasets_io.jsonl import read_bytes, resolve_fs
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 log = logging.getLogger(__name__)
 

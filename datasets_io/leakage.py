@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from datasets_io.records import Record
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 _SUBJECT_RE = re.compile(r"(?:^|/)p(\d+)/s\d+(?:/|$)")
 SHOWN_EXAMPLES = 5

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from datasets_io.records import CHEXPERT_LABELS, STAGE_MODES, prompt_a, prompt_b, target_a, target_b
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 
 class _LazyModule:

@@ -20,7 +20,7 @@ import numpy as np
 from datasets_io.ehr_fit import with_ehr
 from datasets_io.records import Record, ehr_from_prompt
 from datasets_io.tokens import OverBudgetError, build_sample, encode_prompt, encode_target
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 SHOWN_EXAMPLES = 5
 PERCENTILES = (50, 90, 99, 100)

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from datasets_io.records import RecordError
-    from launcher.config import ConfigError
-    from launcher.errors import LauncherError
+    from datasets_io.config import ConfigError
+    from datasets_io.errors import LauncherError
 
     try:
         return int(args.func(args) or 0)

@@ -16,49 +16,14 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
-from launcher.config import Config, image_cache_dir
-from launcher.errors import LauncherError
+from datasets_io.config import Config, image_cache_dir
+from training.devices import DEVICES, available_devices, resolve_device, resolve_dtype  # noqa: F401 - also exported here
 from training.recipe import RunData, corpus_texts, ensure_data, load_run_data  # noqa: F401 - their old home
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
-
-
-# ------------------------------------------------------------------------------------------------ devices
-def available_devices() -> list[str]:
-    found = []
-    if torch.cuda.is_available():
-        found.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        found.append("mps")
-    return found + ["cpu"]
-
-
-def resolve_device(requested: str, available: list[str] | None = None) -> str:
-    """auto -> cuda, then mps, then cpu. Asking for a device that is not there is an error, never a fallback."""
-    available = available if available is not None else available_devices()
-    if requested not in DEVICES:
-        raise LauncherError(f"--device {requested!r}: choose one of {', '.join(DEVICES)}")
-    if requested == "auto":
-        return available[0]
-    if requested not in available:
-        raise LauncherError(
-            f"--device {requested}: not available on this machine (available: {', '.join(available)}). "
-            "Use --device auto to pick the best one."
-        )
-    return requested
-
-
-def resolve_dtype(cfg_dtype: str, device: str) -> tuple[torch.dtype, str]:
-    """(parameter dtype, Accelerate mixed_precision). Base weights stay fp32 on CPU; bf16 autocast on CUDA;
-    fp16 autocast on MPS (bf16 is not supported by every MPS kernel)."""
-    choice = cfg_dtype if cfg_dtype != "auto" else {"cuda": "bf16", "mps": "fp16", "cpu": "fp32"}[device]
-    if device == "cpu" and choice == "fp16":
-        raise LauncherError("model.dtype=fp16 is not supported on CPU; use fp32 or bf16")
-    return torch.float32, {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[choice]
+# devices: training/devices.py (the local runtime, evaluation and predict share them)
 
 
 # ------------------------------------------------------------------------------------------------ the run

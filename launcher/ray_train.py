@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, ConfigError, from_dict, image_cache_dir, to_dict
-from launcher.errors import LauncherError
+from datasets_io.config import Config, ConfigError, from_dict, image_cache_dir, to_dict
+from datasets_io.errors import LauncherError
 from training.curriculum import grad_accum_for, with_derived_grad_accum
 
 RUN_MARKER = "launcher_run.json"  # <storage>/<name>/launcher_run.json pins the MLflow run id to the Ray run

@@ -15,12 +15,32 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from launcher.commands.ray import CONFIG_ENV, load_cli_config
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
+
+
+CONFIG_ENV = "LAUNCHER_CONFIG_YAML"  # `--config env:LAUNCHER_CONFIG_YAML`: the YAML text shipped by `launcher submit`
+
+
+def load_cli_config(path: str, overrides: list[str]):
+    from datasets_io.config import load_config
+    from datasets_io.errors import LauncherError
+
+    if not path.startswith("env:"):
+        return load_config(path, overrides)
+    name = path[4:]
+    if name not in os.environ:
+        raise LauncherError(f"--config {path}: ${name} is not set")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(os.environ[name])
+    try:
+        return load_config(f.name, overrides)
+    finally:
+        os.unlink(f.name)
 
 
 def build_entrypoint(overrides: list[str], num_workers: int | None, use_gpu: bool | None) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite, slow tests (real Ray / DeepSpeed / MLflow server) included.
+# Set up (if needed), lint (ruff, import-linter) and run the whole test suite, slow tests (real Ray / DeepSpeed /
+# MLflow server) included.
 #   bash scripts/test.sh            extra pytest args pass through, e.g. -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +8,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+# habits that a tool checks: lint, and layers that only point down (pyproject.toml [tool.importlinter])
+ruff check .
+lint-imports
 exec python -m pytest -q -rs --durations=15 "$@"

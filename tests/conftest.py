@@ -56,7 +56,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(synth_dir, tmp_path):
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     def make(**extra):
         return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synth_dir, tmp_path / "run", **extra))

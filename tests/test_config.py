@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, from_dict, load_config, to_dict
+from datasets_io.config import ConfigError, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("icd_map"))  # ICD maps: test_mimic_build

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from launcher.cli import main as launcher_main
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
-from launcher.errors import LauncherError
+from datasets_io.config import load_config
+from datasets_io.errors import LauncherError
 from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from conftest import tiny_overrides
-from launcher.config import load_config
+from datasets_io.config import load_config
 from launcher.local import corpus_texts, load_run_data
 from training.recipe import build_lora_model
 from training.model import resolve_base_path

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, tiny_overrides
 from datasets_io.records import PROMPT_A, ehr_from_prompt, parse_target, target_b, with_empty_ehr
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 
 # --------------------------------------------------------------------------------------------- patient-data scan
@@ -268,7 +268,7 @@ def tiny_trained_run(synth_dir: Path, tmp_path_factory) -> Path:
     """One tiny run per test session, shared by test_evaluate and test_registry (training is the slow part):
     6 steps -> checkpoints/stage_A_end (step 2) and checkpoints/final, MLflow in <run>/mlflow.db, and the final
     bundle registered at the end of training as cxr-test@candidate (mlflow.register_at_end)."""
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import run_local
 
     out = tmp_path_factory.getbasetemp() / "tiny_trained_run"
@@ -414,7 +414,7 @@ def test_limit_3_with_an_undefined_icd_difference_completes(trained, synth_dir, 
 
 def image_only_run(synth_dir: Path, tmp_path_factory) -> Path:
     """A second tiny model trained image-only (curriculum.stage_split=1.0) for the same 6 steps."""
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import run_local
 
     out = tmp_path_factory.getbasetemp() / "tiny_image_only_run"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, tiny_trained_run
 
 # fp32 merge vs the unmerged LoRA forward: x @ (W + s B A)^T and x @ W^T + s (x @ A^T) @ B^T differ only by float

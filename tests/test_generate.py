@@ -14,7 +14,7 @@ from datasets_io.records import prompt_a, prompt_b, target_b, with_empty_ehr
 @pytest.fixture(scope="module")
 def bundle(synth_dir, tmp_path_factory):
     """A random tiny LLaVA + LoRA (untrained: generation runs to max_new_tokens, the hardest case for padding)."""
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import corpus_texts, load_run_data
     from training.model import build_model
 

@@ -24,7 +24,7 @@ from datasets_io.image_cache import (HEADER, CorruptEntry, ImageCache, check_wri
                                      open_image_cache)
 from datasets_io.images import ImageSpec, load_gray, normalize_gray, preprocess_image
 from datasets_io.synth import write_synthetic
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 SPEC = ImageSpec(112)
 
@@ -334,7 +334,7 @@ def test_two_processes_filling_one_cache_at_once_agree_with_the_uncached_path(im
 
 # ------------------------------------------------------------------------------------------------ config
 def test_the_config_key_resolves_auto_off_and_a_path_and_refuses_a_uri(tmp_path):
-    from launcher.config import ConfigError, image_cache_dir, load_config
+    from datasets_io.config import ConfigError, image_cache_dir, load_config
 
     tiny = REPO / "configs" / "tiny.yaml"
     out = f"output.dir={tmp_path}/run"

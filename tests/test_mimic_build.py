@@ -30,7 +30,7 @@ from datasets_io.mimic_build import (
     run_build,
 )
 from datasets_io.records import CHEXPERT_LABELS, ICD_FLAGS, ehr_from_prompt, parse_target
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 SPLIT_FILES = ("curriculum_train.jsonl", "curriculum_val.jsonl", "curriculum_test.jsonl")
 

@@ -72,7 +72,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def cfg_for(data: Path, out: Path, **extra):
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     sets = {"train.micro_batch_size": MB, "train.global_batch_size": GLOBAL_BATCH, "train.max_steps": STEPS,
             "train.record_data_order": "true", "train.save_every": 4, "train.warmup_steps": 2,

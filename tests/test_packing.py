@@ -140,7 +140,7 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
 
 
 def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
-    from launcher.config import ConfigError
+    from datasets_io.config import ConfigError
 
     assert tiny_cfg(**{"train.packing": "true"}).train.packing is True
     with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager"):
@@ -153,7 +153,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from conftest import tiny_overrides
-from launcher.config import load_config
+from datasets_io.config import load_config
 from launcher.local import corpus_texts, load_run_data
 from launcher.ray_train import build_lora_model
 from training.model import resolve_base_path

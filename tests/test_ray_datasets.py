@@ -22,7 +22,7 @@ from datasets_io.sampler import BatchLayout, SamplerSpec, row_table
 @pytest.fixture(scope="module")
 def prepared(synth_dir, tmp_path_factory):
     """(cfg, Preprocessor, run data) on the session's synthetic data, with the tiny base (tokenizer) built once."""
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import corpus_texts, load_run_data
     from launcher.ray_train import make_preprocessor
     from training.model import resolve_base_path

@@ -43,7 +43,7 @@ def train_data(tmp_path_factory) -> Path:
 
 
 def ray_cfg(data: Path, out: Path, **extra):
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     sets = {"ray.num_workers": 2, "ray.cpus_per_worker": 0.5, "ray.name": out.name, "ray.max_failures": 1,
             "curriculum.ehr_dropout": 0.25, **extra}
@@ -67,7 +67,7 @@ def decreasing(losses: list[float]) -> bool:
 
 # ------------------------------------------------------------------------------------------------ driver side
 def test_config_is_resolved_for_the_cluster(train_data, tmp_path, monkeypatch):
-    from launcher.config import ConfigError
+    from datasets_io.config import ConfigError
     from launcher.ray_train import check_supported, resolve_for_cluster
 
     monkeypatch.chdir(tmp_path)
@@ -97,7 +97,7 @@ def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
 
 
 def test_resume_on_another_worker_count_is_refused_with_the_reason(train_data, tmp_path):
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
     from launcher.ray_train import check_resumable
     from training.checkpoint import resume_key
     from training.curriculum import make_plan

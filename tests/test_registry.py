@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, assert_no_patient_data, tiny_trained_run
 
 # Run in a fresh interpreter from an unrelated directory: load by alias, predict one row with EHR (image as a path,
@@ -188,7 +188,7 @@ def test_register_at_end_and_load_by_alias_in_a_new_process(synth_dir, tmp_path_
                                                             capsys):
     import mlflow
 
-    from launcher.config import config_hash, load_config
+    from datasets_io.config import config_hash, load_config
 
     run = tiny_trained_run(synth_dir, tmp_path_factory)
     summary = json.loads((run / "run_summary.json").read_text())

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_overrides
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from launcher.local import run_local
 
 
 def make_cfg(data_root: Path, out: Path, **extra):
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(data_root, out, **extra))
 
@@ -71,7 +71,7 @@ def test_replayed_steps_are_not_logged_twice_and_dropout_resumes_exactly(synth_d
     ("train.seed", "7", "train.seed 0 (now 7)"),  # the tiny base is drawn with the seed: refused there first
 ])
 def test_a_changed_plan_is_refused_naming_the_key(finished_run, synth_dir, key, value, shown):
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     base = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synth_dir, finished_run))
     assert str(getattr(getattr(base, key.split(".")[0]), key.split(".")[1])) != value  # it really is a change

@@ -223,7 +223,7 @@ def test_an_internal_failure_is_a_500_without_its_stack_in_the_server(monkeypatc
 
 
 def test_register_refuses_unknown_serving_limits(tmp_path):
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
     from training.registry import register_checkpoint
 
     (tmp_path / "adapter_config.json").write_text("{}")

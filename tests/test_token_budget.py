@@ -21,7 +21,7 @@ from datasets_io.synth import make_studies, study_rows
 from datasets_io.token_budget import apply_bad_records_policy, budget_report
 from datasets_io.tokens import IGNORE_INDEX, OverBudgetError, build_sample, encode_prompt, encode_target
 from launcher.cli import main as cli
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 from conftest import REPO, tiny_overrides
 
@@ -194,7 +194,7 @@ def test_validate_with_config_reports_the_budget_and_overlap(synth_dir, tmp_path
 def test_over_budget_record_stops_local_before_the_first_step_or_is_skipped(synth_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import run_local
 
     lines = (synth_dir / "curriculum_train.jsonl").read_text().splitlines()
@@ -232,7 +232,7 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
     from mlflow.tracking import MlflowClient
 
     from datasets_io.synth import write_synthetic
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import run_local
     from training.model import build_tiny_base
 
@@ -279,7 +279,7 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
 def test_ray_stops_before_any_worker_on_an_over_budget_record(ray_local, synth_dir, tmp_path):
     """The Ray driver runs the same budget check (training.recipe) before any worker starts: under error it stops
     there; under skip the row is counted and never reaches a worker."""
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.ray_train import run_ray
 
     lines = (synth_dir / "curriculum_train.jsonl").read_text().splitlines()

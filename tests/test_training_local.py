@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from launcher.local import resolve_device, run_local
 
 EXPECTED_BUNDLE = {

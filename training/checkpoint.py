@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, save_config
-from launcher.errors import LauncherError
+from datasets_io.config import Config, save_config
+from datasets_io.errors import LauncherError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

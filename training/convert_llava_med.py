@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -951,7 +951,7 @@ def verify_conversion(
 ) -> VerifyReport:
     """Run the original layout and the converted model on the same image and prompt; raise LauncherError if any logit
     differs by more than `tolerance` (or the converted model loads with missing or unexpected weights)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
 
     t0 = time.perf_counter()
     compute_dtype = OUT_DTYPES[dtype]

@@ -24,7 +24,7 @@ from datasets_io.jsonl import join, read_bytes
 from datasets_io.packing import packed_batch
 from datasets_io.records import Record
 from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row_table, sample_fields
-from datasets_io.tokens import IGNORE_INDEX, build_sample, pad_batch
+from datasets_io.tokens import build_sample, pad_batch
 from training.curriculum import stage_at
 
 if TYPE_CHECKING:
@@ -220,7 +220,3 @@ def planned_order(spec: SamplerSpec, tables: dict[str, dict[str, list]], plan: A
                     "ehr_dropped": [d.ehr_dropped for d in ds], "replay": [d.replay for d in ds],
                     "ranks": [[r[0], r[-1] + 1] for r in ranks]})
     return out
-
-
-def count_label_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from datasets_io.leakage import SubjectOverlap, check_subject_overlap, subject_overlap
 from datasets_io.records import IMAGE_TOKEN, Record
 from datasets_io.token_budget import BudgetReport, apply_bad_records_policy, budget_report
-from launcher.config import Config, data_path
+from datasets_io.config import Config, data_path
 
 
 def check_leakage(cfg: Config, train: list[Record], val: list[Record]) -> SubjectOverlap:

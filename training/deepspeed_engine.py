@@ -82,7 +82,7 @@ def deepspeed_config(cfg: Any, world_size: int, dtype: str) -> dict:
 
 def resolve_ds_dtype(cfg_dtype: str, use_gpu: bool) -> str:
     """auto -> bf16 on GPU, fp32 on CPU; fp16/bf16 on CPU are refused (CPU DeepSpeed is tested in fp32)."""
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
 
     choice = cfg_dtype if cfg_dtype != "auto" else ("bf16" if use_gpu else "fp32")
     if not use_gpu and choice != "fp32":

@@ -53,7 +53,7 @@ from datasets_io.records import (
 from datasets_io.images import preprocess_image
 from datasets_io.jsonl import join, path_exists, read_bytes, read_records
 from datasets_io.tokens import encode_prompt
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from training.generate import DEFAULT_MAX_NEW_TOKENS, generate_reports, max_new_tokens_for, parse_report
 from training.metrics import scores
 from training.metrics.clinical import ClinicalScorers
@@ -403,13 +403,13 @@ class LoadedModel:
     source: str  # checkpoint dir or models:/ URI
     bundle: Any
     max_seq_len: int | None
-    config: Any = None  # launcher.config.Config of the checkpoint, when known
+    config: Any = None  # datasets_io.config.Config of the checkpoint, when known
     training_run_id: str | None = None
     tracking_uri: str | None = None  # the store a registered model came from (the evaluation run goes there too)
 
 
 def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from training.checkpoint import read_state
     from training.model import load_trained
 
@@ -499,7 +499,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
     in a comparison never loses the generation's results."""
     import torch
 
-    from launcher.local import resolve_device
+    from training.devices import resolve_device
     from training.data_checks import check_eval_leakage
 
     if opts.batch_size < 1:
@@ -604,7 +604,7 @@ def load_main_model(opts: EvalOptions, device: str) -> LoadedModel:
         raise LauncherError("give exactly one of --checkpoint DIR or --model models:/NAME@ALIAS")
     if opts.checkpoint:
         return load_checkpoint_model("model", opts.checkpoint, device)
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from training.registry import load_registered_bundle, resolve_registry_uri
 
     uri = resolve_registry_uri(opts.tracking_uri)
@@ -628,7 +628,7 @@ def stage_a_end_sibling(opts: EvalOptions) -> Path | None:
 def _train_file(model: LoadedModel) -> str | None:
     if model.config is None:
         return None
-    from launcher.config import data_path
+    from datasets_io.config import data_path
 
     return data_path(model.config, "train_file")
 

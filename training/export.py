@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_INFO = "export.json"

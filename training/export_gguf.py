@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 GGUF_DTYPES = {"fp32": "f32", "fp16": "f16"}
 LM_PREFIX = "model.language_model."

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 from training.checkpoint import Checkpointer, step_dir_name
 from training.curriculum import StepPlan, lr_factor, stage_at
 from training.data import META_KEYS

@@ -29,8 +29,8 @@ from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, MistralCo
 from datasets_io.images import CLIP_MEAN, CLIP_STD, ImageSpec
 from datasets_io.records import IMAGE_TOKEN
 from datasets_io.tokens import IGNORE_INDEX
-from launcher.config import Config
-from launcher.errors import LauncherError
+from datasets_io.config import Config
+from datasets_io.errors import LauncherError
 from training.packing import model_layout
 
 log = logging.getLogger(__name__)

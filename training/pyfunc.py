@@ -290,7 +290,7 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
     """Base model + adapter bundle, loaded with training.model.load_trained; greedy generation."""
 
     def load_context(self, context: Any) -> None:
-        from launcher.config import load_config
+        from datasets_io.config import load_config
         from training.model import load_trained
 
         config = dict(context.model_config or {})

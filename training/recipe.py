@@ -20,8 +20,8 @@ from typing import Any
 from datasets_io.leakage import SubjectOverlap
 from datasets_io.records import Record
 from datasets_io.token_budget import BudgetReport
-from launcher.config import Config, data_path
-from launcher.errors import LauncherError
+from datasets_io.config import Config, data_path
+from datasets_io.errors import LauncherError
 from training import curriculum
 from training.checkpoint import records_fingerprint, resume_key
 

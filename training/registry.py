@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("datasets_io", "training", "launcher")
@@ -147,7 +147,7 @@ def stage_end_metrics(state: dict) -> dict[str, str]:
 
 
 def lineage_tags(ckpt: Path, cfg: Any, state: dict, base_model: str) -> dict[str, str]:
-    from launcher.config import config_hash, data_path
+    from datasets_io.config import config_hash, data_path
 
     tags = {
         "base_model": base_model,
@@ -226,7 +226,7 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
     import mlflow
 
     import training.pyfunc as pyfunc_module
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from training.checkpoint import read_state
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

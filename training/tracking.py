@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from launcher.config import Config, to_dict
-from launcher.errors import LauncherError
+from datasets_io.config import Config, to_dict
+from datasets_io.errors import LauncherError
 
 
 class Tracker(Protocol):

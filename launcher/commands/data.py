@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.errors import LauncherError
+from datasets_io.errors import LauncherError
 
 if TYPE_CHECKING:
     from datasets_io.images import ImageSpec
-    from launcher.config import Config
+    from datasets_io.config import Config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +97,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
     cfg = None
     if args.config:
-        from launcher.config import load_config
+        from datasets_io.config import load_config
 
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
@@ -126,8 +126,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     from datasets_io.image_cache import fill_cache, open_image_cache
     from datasets_io.jsonl import join, read_records
-    from launcher.config import data_path, image_cache_dir, load_config
-    from launcher.errors import LauncherError
+    from datasets_io.config import data_path, image_cache_dir, load_config
+    from datasets_io.errors import LauncherError
 
     cfg = load_config(args.config, args.overrides)
     directory = image_cache_dir(cfg)
@@ -172,7 +172,7 @@ def budget_summary(cfg, files: list[str], data_root: str) -> dict:
     """The token budget of each file with the config's model tokenizer (training.data_checks.token_spec)."""
     from datasets_io.jsonl import read_records
     from datasets_io.validate import token_budgets
-    from launcher.config import data_path
+    from datasets_io.config import data_path
     from training.data_checks import token_spec
 
     def corpus() -> list[str]:  # what the tiny tokenizer is trained on: the config's training file, else FILE...
@@ -224,8 +224,8 @@ def data_plan(cfg, num_workers: int, steps: int | None = None) -> dict:
     from pathlib import Path
 
     from datasets_io.sampler import BatchLayout, row_table
-    from launcher.config import data_path
-    from launcher.errors import LauncherError
+    from datasets_io.config import data_path
+    from datasets_io.errors import LauncherError
     from launcher.local import load_run_data
     from training import curriculum
     from training.data import planned_order, sampler_spec
@@ -249,7 +249,7 @@ def data_plan(cfg, num_workers: int, steps: int | None = None) -> dict:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     plan = data_plan(cfg, args.num_workers or cfg.ray.num_workers, args.steps)

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    from launcher.config import load_config
+    from datasets_io.config import load_config
 
     cfg = load_config(args.config, args.set)  # defaults when no --config: their tracking URI and output dir
     has_cfg = bool(args.config)
@@ -207,7 +207,7 @@ def check_mlflow(cfg: Any) -> Check:
     store's directory must be writable (the file is created on first use, not here)."""
     import mlflow
 
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
     from training.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg)
@@ -238,7 +238,7 @@ def check_mlflow(cfg: Any) -> Check:
 def check_data(cfg: Any) -> list[Check]:
     """The data root and the first SAMPLE_RECORDS records of each curriculum file: schema and image decode."""
     from datasets_io.jsonl import path_exists
-    from launcher.config import data_path
+    from datasets_io.config import data_path
 
     files = {name: data_path(cfg, name) for name in ("train_file", "val_file")}
     missing = [p for p in files.values() if not path_exists(p)]

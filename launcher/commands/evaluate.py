@@ -138,7 +138,7 @@ def run_register(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
 
     image = Path(args.image)
     if not image.is_file():
@@ -179,8 +179,8 @@ def predict_one(args: argparse.Namespace, image: bytes, ehr: dict | None) -> dic
 
         from training.registry import load_registered_bundle
 
-        from launcher.errors import LauncherError
-        from launcher.local import resolve_device
+        from datasets_io.errors import LauncherError
+        from training.devices import resolve_device
 
         bundle, info = load_registered_bundle(args.model, args.tracking_uri)
         bundle.model.to(resolve_device(args.device))
@@ -197,8 +197,8 @@ def predict_one(args: argparse.Namespace, image: bytes, ehr: dict | None) -> dic
 
     from pathlib import Path
 
-    from launcher.config import load_config
-    from launcher.local import resolve_device
+    from datasets_io.config import load_config
+    from training.devices import resolve_device
     from training.generate import predict_reports
     from training.model import load_trained
 

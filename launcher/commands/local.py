@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.config import load_config
+    from datasets_io.config import load_config
     from launcher.local import run_local
 
     cfg = load_config(args.config, args.overrides)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
-CONFIG_ENV = "LAUNCHER_CONFIG_YAML"  # `--config env:LAUNCHER_CONFIG_YAML`: the YAML text shipped by `launcher submit`
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,25 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_submit)
 
 
-def load_cli_config(path: str, overrides: list[str]):
-    from launcher.config import load_config
-    from launcher.errors import LauncherError
-
-    if not path.startswith("env:"):
-        return load_config(path, overrides)
-    name = path[4:]
-    if name not in os.environ:
-        raise LauncherError(f"--config {path}: ${name} is not set")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(os.environ[name])
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        os.unlink(f.name)
-
-
 def run(args: argparse.Namespace) -> int:
     from launcher.ray_train import run_ray
+
+    from launcher.submit import load_cli_config
 
     cfg = load_cli_config(args.config, args.overrides)
     summary = run_ray(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
@@ -80,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
     from launcher.submit import submit_job
 
     if not args.address:
