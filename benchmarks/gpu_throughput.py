@@ -128,7 +128,7 @@ def sample_lengths(cfg, data, tokenizer, image_token_id: int, n_image: int, n: i
     for pos in range(n):
         prompt, target, _, _ = stream.item(pos)
         tok = build_sample(tokenizer, prompt, target, image_token_id=image_token_id, num_image_tokens=n_image,
-                           max_len=cfg.data.max_seq_len, overlong="truncate")
+                           max_len=cfg.data.max_seq_len, overlong="shorten_ehr")
         lengths.append(len(tok.input_ids))
         labels.append(sum(x != -100 for x in tok.labels))
     return lengths, labels

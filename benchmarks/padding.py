@@ -27,7 +27,7 @@ import numpy as np
 
 from datasets_io.packing import pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
-from datasets_io.tokens import OverlongError
+from datasets_io.tokens import OverBudgetError
 from datasets_io.config import load_config
 from launcher.local import corpus_texts, ensure_data, load_run_data
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
@@ -65,17 +65,16 @@ def stage_b_samples(pre: Preprocessor, stream: StageStream, n: int, median_draws
         rng = np.random.default_rng([11, pos])
         long_prompt = detailed(prompt, rng, median_draws)
         while True:
-            try:
+            try:  # over the budget, the Patient Data block is shortened by the training rule (counted)
                 pixels, tok = pre.sample(long_prompt, target, image, where)
-                if not tok.truncated:
-                    break
-            except OverlongError:
-                pass
-            ehr = ehr_from_prompt(long_prompt)
-            ehr["Lab_history"] = ehr["Lab_history"][: len(ehr["Lab_history"]) * 3 // 4]
-            long_prompt, shortened = prompt_b(ehr), shortened + 1
+                shortened += tok.shortened
+                break
+            except OverBudgetError:  # not even the emptied block fits: a shorter lab history
+                ehr = ehr_from_prompt(long_prompt)
+                ehr["Lab_history"] = ehr["Lab_history"][: len(ehr["Lab_history"]) * 3 // 4]
+                long_prompt = prompt_b(ehr)
         out.append((pixels, tok))
-    print(f"{n} Stage B samples; lab histories shortened to fit --budget {budget}: {shortened} time(s)")
+    print(f"{n} Stage B samples; Patient Data shortened to fit --budget {budget}: {shortened}")
     return out
 
 
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       args.budget, "truncate", cfg.data.root)
+                       args.budget, "shorten_ehr", cfg.data.root)
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=args.ehr_dropout))
     samples = stage_b_samples(pre, stream, args.batches * args.batch, args.ehr_detail, args.budget)
     lengths = [len(t.input_ids) for _, t in samples]

@@ -47,7 +47,7 @@ def tiny_batches(cfg, rows: int, budget: int):
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
     pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, budget,
-                       "truncate", cfg.data.root)
+                       "shorten_ehr", cfg.data.root)
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
     out = [pre.sample(*stream.item(i)) for i in range(rows)]
     pixels, toks = [p for p, _ in out], [t for _, t in out]
@@ -155,7 +155,7 @@ import torch, torch.distributed as dist
 from conftest import tiny_overrides
 from datasets_io.config import load_config
 from launcher.local import corpus_texts, load_run_data
-from launcher.ray_train import build_lora_model
+from training.recipe import build_lora_model
 from training.model import resolve_base_path
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
 from training.deepspeed_engine import DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu
@@ -165,8 +165,7 @@ dist.init_process_group("gloo", rank=0, world_size=1)
 prepare_deepspeed_cpu(); init_deepspeed_comm()
 cfg = load_config({config!r}, tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true"}}))
 data = load_run_data(cfg)
-resolve_base_path(cfg, corpus_texts(data))
-bundle = build_lora_model(cfg, seed=0)
+bundle = build_lora_model(cfg, resolve_base_path(cfg, corpus_texts(data)))
 pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
                    cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
 stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
