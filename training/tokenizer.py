@@ -3,12 +3,13 @@ tiny model can learn this task (see README "What the tiny model learns, and the 
 
 - numbers split into single digits, so "BNP 2693" is read digit by digit and a threshold rule is learnable
   (multi-digit chunks act as per-row keys and the model memorizes instead);
-- frequent fixed text becomes single tokens, which more than halves sequence length: lines of the JSON blocks
-  (`  "Cardiomegaly": "Negative",`), their number-free prefixes (`      "value": `), and the recurring text between
-  two measurements of the Patient Data block (`,\n      "unit": "bpm"\n    },\n    "temperature": {\n      "value": `,
-  reference ranges included: a recurring array of numbers is a constant, not a measurement). So each measurement is
-  read as its digits after one token that names it. A digit glued to a word (`spo2`, `O2_device`) is part of a name,
-  not a number.
+- frequent fixed LINES become single tokens, which about halves sequence length: lines of the JSON blocks
+  (`  "Cardiomegaly": "Negative",`), the number-free prefixes of lines with numbers (`      "value": `) and
+  impression sentences. Nothing longer than a line is merged: text that spans several Patient Data lines (e.g. from
+  one measurement to the next) fits one generator's field order and missing-field pattern only (a recipe that
+  merged it learned almost nothing from the EHR of an independently written generator, issue 17). So each
+  measurement is read as a naming line, a `"value": ` token and its digits. A digit glued to a word (`spo2`,
+  `O2_device`) is part of a name, not a number.
 """
 
 from __future__ import annotations
@@ -24,32 +25,13 @@ SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_t
 IMAGE_TOKEN = "<image>"
 _DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"(?<![A-Za-z_])\d")  # the start of a number; `spo2` holds a digit but no number
-_MEASUREMENT = re.compile(r"(?<![A-Za-z_\d.])-?\d+(?:\.\d+)?(?![\d.])")
-_NUMBER_ARRAY = re.compile(r"\[[\d.,\s-]*\]")
-
-
-def between_measurements(text: str) -> list[str]:
-    """The text before, between and after the numbers of a text that has any (the tail stops at the image
-    placeholder); numbers inside `[...]` arrays (reference ranges) do not count as measurements."""
-    arrays = [m.span() for m in _NUMBER_ARRAY.finditer(text)]
-    cuts = [m.span() for m in _MEASUREMENT.finditer(text) if not any(a <= m.start() < b for a, b in arrays)]
-    if not cuts:
-        return []
-    pieces, prev = [], 0
-    for start, end in cuts:
-        pieces.append(text[prev:start])
-        prev = end
-    pieces.append(text[prev:].split(IMAGE_TOKEN)[0])
-    return [p for p in pieces if p.strip() and IMAGE_TOKEN not in p]
 
 
 def phrase_candidates(texts: Iterable[str], min_count: int, max_phrases: int) -> list[str]:
-    """Frequent newline-prefixed lines (and the number-free prefixes of lines with numbers), the text between
-    measurements, and impression sentences."""
+    """Frequent newline-prefixed lines (and the number-free prefixes of lines with numbers) and impression
+    sentences; never text across lines of the Patient Data block."""
     counts: Counter[str] = Counter()
-    pieces: Counter[str] = Counter()
     for text in texts:
-        pieces.update(between_measurements(text))
         for line in text.split("\n"):
             m = _NUMBER.search(line)
             piece = line if m is None else line[: m.start()]
@@ -59,12 +41,6 @@ def phrase_candidates(texts: Iterable[str], min_count: int, max_phrases: int) ->
                 for sentence in re.split(r"(?<=\.) ", line[len("Impression: ") :]):
                     if sentence and not _DIGIT.search(sentence):
                         counts[sentence] += 1
-    for piece, c in pieces.items():  # a rare piece (an uncommon tail) still gives its frequent leading lines
-        if c >= min_count:
-            counts[piece] += c
-        else:
-            for cut in (i for i, ch in enumerate(piece) if ch == "\n" and i > 0):
-                counts[piece[:cut]] += c
     for p in [p for p in counts if p.endswith(",") and counts.get(p[:-1], 0) >= min_count]:
         counts[p[:-1]] += counts.pop(p)  # an item of a variable-length list (ICD flags): "is it there" and "is
         # another one coming" are separate predictions, so the comma stays a token of its own
