@@ -154,3 +154,13 @@ def test_styles_differ_from_the_default_and_from_each_other():
 def test_unknown_style_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown synth style 'nope'; known: default, blocks"):
         get_style("nope")
+
+
+def test_synth_command_style_and_its_image_size(tmp_path, capsys):
+    from launcher.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "f"), "--studies", "6", "--style", "faint"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == [96, 96]
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--studies", "6", "--style", "nope"]) == 2
+    assert "unknown synth style 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
