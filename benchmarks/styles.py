@@ -71,7 +71,7 @@ def one_run(style: str, seed: int, work: Path, extra: list[str]) -> dict:
                    *[a for s in sets for a in ("--set", s)]], out / "train.log")
     run([*LAUNCHER, "evaluate", "--checkpoint", str(out / "checkpoints" / "final"), "--data",
          str(data / "curriculum_val.jsonl"), "--data-root", str(data), "--ehr", "both", "--out", str(out / "eval"),
-         "--no-progress"], out / "eval.log")
+         "--no-stage-a-end", "--no-progress"], out / "eval.log")  # the figures are the final model's
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     return {"style": style, "seed": seed, "train_s": train_s, **run_figures(metrics, pixel_labels(style))}
 
