@@ -25,6 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,9 @@ from datasets_io.records import (
     target_a,
     target_b,
 )
+
+if TYPE_CHECKING:  # the styles import this module's Study
+    from datasets_io.synth_styles import Style
 
 # Per-finding (P(positive), P(uncertain)) -- roughly MIMIC-CXR prevalences, common ones raised a bit for learnability.
 PREVALENCE = {
@@ -375,12 +379,16 @@ def study_rows(study: Study) -> list[dict]:
 
 def write_synthetic(
     out: str | Path, n_studies: int, seed: int, image_size: tuple[int, int] = (256, 256), val_fraction: float = 0.1,
-    progress: bool = True, ehr_detail: str = "basic",
+    progress: bool = True, ehr_detail: str = "basic", style: Style | None = None,
 ) -> dict:
     """Write curriculum_{train,val}.jsonl and the JPEGs under `out`. Returns a summary dict.
-    `ehr_detail`: "basic" (the demo's short Patient Data) or "mimic" (MIMIC-build-size blocks, see mimic_detail_ehr)."""
+    `ehr_detail`: "basic" (the demo's short Patient Data) or "mimic" (MIMIC-build-size blocks, see mimic_detail_ehr).
+    `style` (datasets_io/synth_styles.py) swaps in another generator's studies and renderer; None = this module's."""
     out = Path(out)
-    studies = make_studies(n_studies, seed, ehr_detail)
+    if style is not None and ehr_detail != "basic":
+        raise ValueError("ehr_detail applies to the default generator only, not to a --style")
+    studies = style.make_studies(n_studies, seed) if style else make_studies(n_studies, seed, ehr_detail)
+    render = style.render if style else render_xray
     subjects = sorted({s.subject_id for s in studies})
     split_rng = np.random.default_rng([seed, 3])
     n_val = max(1, round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
@@ -393,7 +401,7 @@ def write_synthetic(
         for i, study in enumerate(tqdm(studies, desc="synth studies", unit="study", disable=not progress)):
             path = out / study.image_rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            pixels = render_xray(study.chexpert, h, w, np.random.default_rng([seed, 4, i]))
+            pixels = render(study.chexpert, h, w, np.random.default_rng([seed, 4, i]))
             Image.fromarray(pixels, mode="L").save(path, quality=90)
             split = "val" if study.subject_id in val_subjects else "train"
             for row in study_rows(study):
@@ -405,4 +413,5 @@ def write_synthetic(
     for name in counts:  # atomic: a half-written curriculum never looks complete
         os.replace(out / f"curriculum_{name}.jsonl.tmp", out / f"curriculum_{name}.jsonl")
     return {"studies": len(studies), "patients": len(subjects), "val_patients": len(val_subjects),
-            "rows": counts, "image_size": [h, w], "seed": seed, "ehr_detail": ehr_detail}
+            "rows": counts, "image_size": [h, w], "seed": seed, "ehr_detail": ehr_detail,
+            **({"style": style.name} if style else {})}

@@ -105,3 +105,84 @@ def test_ehr_detail_mimic_is_the_builds_size_with_the_same_studies_and_labels():
         assert abs(m.ehr["Vitals"]["temperature"]["value"] - (b.ehr["Vitals"]["temperature"]["value"] * 9 / 5 + 32)) < 0.06
     with pytest.raises(ValueError, match="ehr_detail"):
         make_studies(2, 0, "full")
+
+
+# --------------------------------------------------------------------------------------------- the other styles
+import pytest  # noqa: E402
+
+from datasets_io.synth_styles import STYLES, get_style  # noqa: E402
+from datasets_io.validate import summarize_files  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(STYLES))
+def test_style_writes_valid_records_in_the_same_layout(tmp_path, name):
+    summary = write_synthetic(tmp_path, 40, seed=1, image_size=(48, 40), progress=False, style=get_style(name))
+    assert summary["style"] == name
+    files = [str(tmp_path / f"curriculum_{s}.jsonl") for s in ("train", "val")]
+    report = summarize_files(files, str(tmp_path), images="decode")
+    assert report["bad_records"] == 0 and report["rows"] == 80 and report["per_stage"] == {"A": 40, "B": 40}
+    for r in read_records(files[0], str(tmp_path))[0]:
+        if r.stage == "B":
+            ehr = ehr_from_prompt(r.prompt)
+            assert list(ehr) == ["Age", "Sex", "Vitals", "Labs", "O2_device", "Chronic_conditions"]
+            assert all(set(v) >= {"value", "unit"} for section in ("Vitals", "Labs") for v in ehr[section].values())
+    with Image.open(tmp_path / read_records(files[0], str(tmp_path))[0][0].image) as im:
+        assert im.size == (40, 48) and im.mode == "L"
+
+
+@pytest.mark.parametrize("name", sorted(STYLES))
+def test_style_labels_are_drawn_in_the_pixels(name):
+    """Toggling one of the style's pixel labels (same random draws otherwise) changes the image; toggling a label the
+    style does not draw changes nothing. So every CheXpert label is a function of the pixels."""
+    style = get_style(name)
+    h, w = style.image_size
+    neg = {label: "Negative" for label in CHEXPERT_LABELS}
+    base = style.render(neg, h, w, np.random.default_rng(7)).astype(float)
+    for label in CHEXPERT_LABELS:
+        img = style.render(neg | {label: "Positive"}, h, w, np.random.default_rng(7)).astype(float)
+        changed = (np.abs(img - base) > 12).mean()
+        if label in style.pixel_labels:
+            assert changed > 0.005, f"{name}: {label} is not visible"
+        else:
+            assert changed == 0, f"{name}: {label} is drawn but never Positive"
+
+
+@pytest.mark.parametrize("name", sorted(STYLES))
+def test_style_icd_flags_are_decided_by_ehr_values(name):
+    style = get_style(name)
+    studies = style.make_studies(300, seed=2)
+    for rule in style.icd_rules:
+        values = [s.ehr[rule.section][rule.field]["value"] for s in studies]
+        flags = [s.icd[rule.flag] for s in studies]
+        assert flags == [rule.decides(v) for v in values]
+        assert 0.1 < np.mean(flags) < 0.45, f"{name}: {rule.flag} prevalence"
+    for s in studies:  # only the pixel labels are ever Positive, and No Finding means none of them is
+        positive = {k for k, v in s.chexpert.items() if v == "Positive"} - {"No Finding"}
+        assert positive <= set(style.pixel_labels)
+        assert (s.chexpert["No Finding"] == "Positive") == (positive <= {"Support Devices"})
+
+
+def test_styles_differ_from_the_default_and_from_each_other():
+    fields = {}
+    for name, style in STYLES.items():
+        ehr = style.make_studies(5, seed=0)[0].ehr
+        fields[name] = frozenset(ehr["Vitals"]) | frozenset(ehr["Labs"])
+    default = make_studies(5, seed=0)[0].ehr
+    fields["default"] = frozenset(default["Vitals"]) | frozenset(default["Labs"])
+    assert len(set(fields.values())) == len(fields)
+    assert len({s.image_size for s in STYLES.values()} | {(256, 256)}) == len(STYLES) + 1
+
+
+def test_unknown_style_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown synth style 'nope'; known: default, blocks"):
+        get_style("nope")
+
+
+def test_synth_command_style_and_its_image_size(tmp_path, capsys):
+    from launcher.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "f"), "--studies", "6", "--style", "faint"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == [96, 96]
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--studies", "6", "--style", "nope"]) == 2
+    assert "unknown synth style 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

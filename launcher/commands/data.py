@@ -1,6 +1,6 @@
 """`launcher data`: make, check and build curriculum data.
 
-    launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544]
+    launcher data synth --out data/synth --studies 1200 --seed 0 [--image-size 3056 2544] [--style blocks]
     launcher data validate data/synth/curriculum_train.jsonl --data-root data/synth [--policy skip]
     launcher data validate data/mimic/curriculum_{train,val}.jsonl --config configs/llava_med_7b.yaml [--set k=v]
         (with a config: the token budget with the model's tokenizer and image-token count)
@@ -34,8 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output directory (the data root)")
     s.add_argument("--studies", type=int, default=1200, help="number of studies (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
-                   help="image height and width (MIMIC size: 3056 2544; default: %(default)s)")
+    s.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="image height and width (MIMIC size: 3056 2544; default: 256 256, or the style's own)")
+    s.add_argument("--style", default="default", metavar="NAME",
+                   help="generator: default (the demo's), blocks, inverted or faint (datasets_io/synth_styles.py)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of PATIENTS in validation")
     s.add_argument("--ehr-detail", choices=["basic", "mimic"], default="basic",
                    help="Patient Data size: basic (the demo's) or mimic (as large as `data build` writes: full lab "
@@ -85,9 +87,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     from datasets_io.synth import write_synthetic
+    from datasets_io.synth_styles import get_style
+    from launcher.errors import LauncherError
 
-    summary = write_synthetic(args.out, args.studies, args.seed, tuple(args.image_size), args.val_fraction,
-                              ehr_detail=args.ehr_detail)
+    try:
+        style = None if args.style == "default" else get_style(args.style)
+    except ValueError as e:
+        raise LauncherError(f"--style: {e}") from None
+    if style is not None and args.ehr_detail != "basic":
+        raise LauncherError("--ehr-detail applies to the default generator only, not to --style")
+    size = tuple(args.image_size) if args.image_size else (style.image_size if style else (256, 256))
+    summary = write_synthetic(args.out, args.studies, args.seed, size, args.val_fraction,
+                              ehr_detail=args.ehr_detail, style=style)
     print(json.dumps(summary, indent=2))
     return 0
 
