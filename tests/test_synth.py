@@ -108,7 +108,6 @@ def test_ehr_detail_mimic_is_the_builds_size_with_the_same_studies_and_labels():
 
 
 # --------------------------------------------------------------------------------------------- the other styles
-import pytest  # noqa: E402
 
 from datasets_io.synth_styles import STYLES, get_style  # noqa: E402
 from datasets_io.validate import summarize_files  # noqa: E402

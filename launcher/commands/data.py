@@ -88,7 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from datasets_io.synth import write_synthetic
     from datasets_io.synth_styles import get_style
-    from launcher.errors import LauncherError
+    from datasets_io.errors import LauncherError
 
     try:
         style = None if args.style == "default" else get_style(args.style)
