@@ -31,6 +31,35 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held together while chosen, so they differ)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_http(url: str, timeout: float) -> None:
+    """Poll `url` until it answers 200, or raise TimeoutError."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
 def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
     """--set overrides for a seconds-long tiny run on the session's synthetic data."""
     base = {

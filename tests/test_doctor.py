@@ -7,28 +7,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_ports, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _doctor(capsys, *args: str) -> tuple[int, dict[str, tuple[str, str]], str]:
@@ -96,7 +85,7 @@ def test_no_config_skips_the_config_lines(capsys, clean_env, tmp_path, monkeypat
 
 
 def test_unreachable_tracking_uri_fails_naming_it(synth_dir, tmp_path, capsys, clean_env):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     uri = f"http://127.0.0.1:{port}"
     rc, rows, out = _doctor(capsys, *_tiny_args(synth_dir, tmp_path / "run", f"mlflow.tracking_uri={uri}"))
     assert rc == 1
@@ -154,18 +143,6 @@ def test_bf16_on_a_cpu_only_machine_fails(synth_dir, tmp_path, capsys, clean_env
     assert rc == 1 and rows["torch"][0] == "fail" and "model.dtype=bf16" in rows["torch"][1]
 
 
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.mark.slow
 def test_started_local_cluster_is_found_through_ray_address(tmp_path):
     """`ray start --head` on free ports, `launcher doctor` in a fresh process with RAY_ADDRESS at its GCS and at its
@@ -175,7 +152,7 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
     if ray.is_initialized():  # no other Ray cluster of this session alive while a head runs
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dash, client, agent, metrics = _free_ports(5)
+    gcs, dash, client, agent, metrics = free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
            "PYTHONPATH": str(REPO)}
@@ -188,7 +165,7 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
          "--num-cpus", "3", "--temp-dir", temp, "--object-store-memory", str(300 * 2**20), "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
         results = {}
         for address in (f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"):
             done = subprocess.run([str(VENV_BIN / "launcher"), "doctor"], env={**env, "RAY_ADDRESS": address},
@@ -212,7 +189,7 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
 
 
 def test_a_stopped_cluster_fails_naming_the_address(capsys, monkeypatch):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
     from launcher.commands.doctor import check_ray
 
@@ -224,7 +201,7 @@ def test_a_gcs_address_where_nothing_listens_fails_fast():
     """ray.init would retry for minutes; the TCP probe answers at once."""
     from launcher.commands.doctor import check_ray
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     start = time.time()
     c = check_ray(f"127.0.0.1:{port}")
     assert c.status == "fail" and f"RAY_ADDRESS=127.0.0.1:{port}" in c.detail and time.time() - start < 10

@@ -17,17 +17,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, free_ports, tiny_overrides, wait_http
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -195,30 +192,6 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
 
 
 # ------------------------------------------------------------------------------------------------ ray job submit
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.mark.slow
 def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
     """`ray start --head --node-ip-address 127.0.0.1` + `ray job submit -- launcher ray ...`, then stop THAT head."""
@@ -227,7 +200,7 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
     if ray.is_initialized():  # no other Ray cluster of this session alive while a head runs
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    gcs, dash, client, agent, metrics, worker_lo = _free_ports(6)
+    gcs, dash, client, agent, metrics, worker_lo = free_ports(6)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: tear down now, not after a 30 s drain
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
@@ -241,7 +214,7 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = tmp_path / "job"
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
         overrides = tiny_overrides(train_data, out, **{"train.max_steps": 2, "ray.num_workers": 1,
                                                        "ray.cpus_per_worker": 1.0, "ray.name": "job"})
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_ports
 from datasets_io.errors import LauncherError
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, assert_no_patient_data, tiny_trained_run
 
@@ -104,22 +104,16 @@ def test_register_errors_are_actionable(tmp_path):
     with pytest.raises(LauncherError, match="not reachable"):
         from training.registry import resolve_registry_uri
 
-        resolve_registry_uri(f"http://127.0.0.1:{_free_port()}")
+        resolve_registry_uri(f"http://127.0.0.1:{free_ports(1)[0]}")
 
 
 # --------------------------------------------------------------------------------------------- slow
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on sqlite + a local artifact store, stopped by PID with SIGTERM. Started when first
     requested and not waited for here, so its ~20 s boot overlaps the sqlite test."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_ports(1)[0]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

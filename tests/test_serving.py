@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from conftest import free_ports
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, tiny_trained_run
 from training.pyfunc import (InputError, ServingLimits, check_image_header, ehr_value, generation_params,
                              image_bytes, json_depth, requests_from_frame)
@@ -235,19 +235,13 @@ def test_register_refuses_unknown_serving_limits(tmp_path):
 SERVER_CONFIG = {"max_rows": 3, "max_image_bytes": 300_000, "allow_local_paths": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(synth_dir, tmp_path_factory):
     """`mlflow models serve` of the registered tiny model, with limits set the way an operator would
     (MLFLOW_PYFUNC_INFERENCE_CONFIG), including allow_local_paths, which the served model must ignore. It forks
     uvicorn workers: started in its own session, stopped by process group."""
     run = tiny_trained_run(synth_dir, tmp_path_factory)
-    port = _free_port()
+    port = free_ports(1)[0]
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVER_CONFIG), "HF_HUB_OFFLINE": "1"}
