@@ -10,6 +10,8 @@
     launcher predict --checkpoint runs/tiny/checkpoints/final --image x.jpg --ehr ehr.json
     launcher export --checkpoint runs/tiny/checkpoints/final --format hf --out exports/tiny-hf
     launcher doctor --config configs/tiny.yaml
+    launcher config show --config configs/tiny.yaml --set train.max_steps=20
+    launcher config schema > config.schema.json
 
 Each command group lives in its own module under `launcher/commands/` with `add_parser(subparsers)`; the heavy
 imports (torch, ray, mlflow) happen inside the command, so `launcher --help` is instant. Errors that users can act
@@ -31,6 +33,7 @@ COMMAND_MODULES = (
     "launcher.commands.model",
     "launcher.commands.export",
     "launcher.commands.doctor",
+    "launcher.commands.config",
 )
 
 
