@@ -96,6 +96,46 @@ def test_lineage_pieces(tmp_path):
         "metrics.checkpoint.val_loss_B": "2.75", "metrics.checkpoint.train_loss": "2.5"}
 
 
+@pytest.mark.parametrize("before", ["unset", "env", "global"])
+def test_registering_leaves_no_tracking_target_behind(before, tmp_path, monkeypatch):
+    """Inside the block the fluent API (and subprocesses) write to the target store; after it, the next fluent run
+    in this process goes where it went before, and the environment is as it was."""
+    import mlflow
+
+    from training.registry import _TrackingTarget
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(k, "")  # recorded, so the teardown puts back what was there (mlflow sets them below)
+        monkeypatch.delenv(k)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    prev, target = f"sqlite:///{tmp_path / 'prev.db'}", f"sqlite:///{tmp_path / 'target.db'}"
+    if before == "env":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", prev)
+    elif before == "global":
+        mlflow.set_tracking_uri(prev)
+
+    def state() -> tuple:
+        return (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+                os.environ.get("MLFLOW_REGISTRY_URI"))
+
+    expected = state()
+    try:
+        with _TrackingTarget(target):
+            assert state() == (target, target, target, target)
+            with mlflow.start_run() as inside:
+                pass
+        assert state() == expected
+        assert mlflow.MlflowClient(target).get_run(inside.info.run_id).info.status == "FINISHED"
+        if before != "unset":  # the next run lands in the previous store (unset: ./mlruns of the cwd, not written)
+            with mlflow.start_run() as after:
+                pass
+            assert mlflow.MlflowClient(prev).get_run(after.info.run_id).info.run_id == after.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
 def test_register_errors_are_actionable(tmp_path):
     from training.registry import register_checkpoint
 
@@ -247,13 +287,17 @@ def test_register_command_against_a_tracking_server(synth_dir, tmp_path_factory,
     run = tiny_trained_run(synth_dir, tmp_path_factory)
     _wait_healthy(mlflow_server)
     uri = mlflow_server["uri"]
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
     assert main(["register", "--checkpoint", str(run / "checkpoints" / "final"), "--name", "cxr-srv",
                  "--alias", "prod", "--tracking-uri", uri]) == 0
+    # the server stays this command's: the next run in this process goes where it went before
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+            os.environ.get("MLFLOW_REGISTRY_URI")) == before
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{\n"):])  # libraries may log to stdout before it
     assert info["version"] == "1" and info["tracking_uri"] == uri and info["alias"] == "prod"
-
-    import mlflow
 
     client = mlflow.MlflowClient(uri)
     assert str(client.get_model_version_by_alias("cxr-srv", "prod").version) == "1"

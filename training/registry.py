@@ -75,8 +75,12 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
 
 
 class _TrackingTarget:
-    """Point the mlflow fluent API (log_model, register_model, load_model) at `uri` for a block, then restore the
-    previous global URIs and their environment variables (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI)."""
+    """Point the mlflow fluent API (start_run, pyfunc.log_model, register_model, pyfunc.load_model: MLflow 3.17 gives
+    them no URI argument) at `uri` for a block, then put the previous target back, with public APIs only.
+
+    mlflow.set_tracking_uri / set_registry_uri keep the global URIs and MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI in
+    step (setting one exports the other), so the environment carries the previous target: on exit the globals are
+    unset (None) and the variables restored, and the next run in this process resolves its store as before."""
 
     _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
@@ -85,22 +89,17 @@ class _TrackingTarget:
 
     def __enter__(self) -> None:
         import mlflow
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        self.prev = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None),
-                     {k: os.environ.get(k) for k in self._ENV})
+        self.prev_env = {k: os.environ.get(k) for k in self._ENV}
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
 
     def __exit__(self, *exc: Any) -> None:
         import mlflow
-        from mlflow.tracking._model_registry import utils as registry_utils
 
-        tracking, registry, env = self.prev
-        mlflow.set_tracking_uri(tracking)
-        registry_utils._registry_uri = registry
-        for k, v in env.items():
+        mlflow.set_tracking_uri(None)  # None = unset (it also drops MLFLOW_TRACKING_URI, restored below)
+        mlflow.set_registry_uri(None)
+        for k, v in self.prev_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -296,6 +295,8 @@ def load_registered_bundle(model_uri: str, tracking_uri: str | None = None) -> t
     import mlflow
 
     uri = resolve_registry_uri(tracking_uri)
+    # Not mlflow.artifacts.download_artifacts(registry_uri=uri): 3.17 resolves a models:/NAME@ALIAS URI through the
+    # global registry URI whatever it is given (ModelsArtifactRepository._get_model_uri_infos).
     with _TrackingTarget(uri):
         try:
             loaded = mlflow.pyfunc.load_model(model_uri)
