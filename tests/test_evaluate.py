@@ -236,16 +236,52 @@ def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
     assert arm["chexpert"]["valid_rate"] == 0.0 and arm["problems"]
 
 
-def test_majority_baseline_fits_on_training_data(synth_dir, train_file):
-    from training.evaluation import References, load_studies, majority_baseline
+# Three training studies: their majority is Edema Positive (2 of 3), Cardiomegaly Uncertain (2 of 3), Pleural Effusion
+# Negative (2 of 3; absent once); Pneumothorax is absent twice and Positive once, so it is left out of the prediction.
+BASELINE_TRAIN = [
+    {"Edema": "Positive", "Cardiomegaly": "Uncertain", "Pleural Effusion": "Negative"},
+    {"Edema": "Positive", "Cardiomegaly": "Uncertain"},
+    {"Edema": "Negative", "Pleural Effusion": "Negative", "Pneumothorax": "Positive"},
+]
+BASELINE_EVAL = [
+    {"Edema": "Positive", "Cardiomegaly": "Positive"},
+    {"Edema": "Negative", "Cardiomegaly": "Uncertain", "Pneumothorax": "Positive"},
+    {"Edema": "Positive", "Pleural Effusion": "Positive"},
+    {},
+]
 
-    refs = References.of(load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir)))
-    section, stats = majority_baseline(refs, train_file, str(synth_dir), n_resamples=50, seed=0)
+
+def test_majority_baseline_fits_on_training_data(tmp_path):
+    from datasets_io.records import target_a
+    from training.evaluation import References, majority_baseline
+
+    train = tmp_path / "train.jsonl"
+    rows = [{"study_id": str(i), "image": f"{i}.jpg", "prompt": PROMPT_A, "mode": "image_only", "stage": "A",
+             "target": target_a("Finding.", labels)} for i, labels in enumerate(BASELINE_TRAIN)]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refs = References(["Finding."] * len(BASELINE_EVAL), BASELINE_EVAL, None)
+    section, stats = majority_baseline(refs, str(train), str(tmp_path), n_resamples=50, seed=0)
     assert section["fit_on"] == "training data"
-    assert section["prediction"].get("Support Devices") in (None, "Negative")  # a minority finding is never predicted
-    assert 0.0 <= section["chexpert"]["u_pos/micro_f1"] <= 1.0 or math.isnan(section["chexpert"]["u_pos/micro_f1"])
-    fallback, _ = majority_baseline(refs, None, None, n_resamples=50, seed=0)
-    assert fallback["fit_on"] == "evaluation data"
+    assert section["prediction"] == {"Edema": "Positive", "Cardiomegaly": "Uncertain", "Pleural Effusion": "Negative"}
+    # u_pos (Uncertain counts as positive): the prediction says Edema and Cardiomegaly in every study.
+    #   study 1: Edema tp, Cardiomegaly tp | 2: Edema fp, Cardiomegaly tp (Uncertain), Pneumothorax fn
+    #   study 3: Edema tp, Cardiomegaly fp, Pleural Effusion fn | 4: Edema fp, Cardiomegaly fp
+    #   micro: tp 4, fp 4, fn 2 -> 2*4 / (2*4 + 4 + 2) = 4/7; macro over the four labels that occur: Edema 2/3,
+    #   Cardiomegaly 2/3, Pneumothorax 0, Pleural Effusion 0 -> 1/3 (labels never positive anywhere are undefined)
+    # u_neg: only Edema is predicted positive: tp 2 (studies 1, 3), fp 2 (2, 4), fn 3 (Cardiomegaly in 1,
+    #   Pneumothorax in 2, Pleural Effusion in 3) -> 2*2 / (2*2 + 2 + 3) = 4/9
+    chexpert = section["chexpert"]
+    assert chexpert["u_pos/micro_f1"] == pytest.approx(4 / 7)
+    assert chexpert["u_pos/macro_f1"] == pytest.approx(1 / 3)
+    assert chexpert["u_neg/micro_f1"] == pytest.approx(4 / 9)
+    assert section["ci"]["chexpert/u_pos/micro_f1"]["estimate"] == pytest.approx(4 / 7)
+    assert stats.indices == [0, 1, 2, 3]
+
+    # No readable training file: fit on the evaluation references, where only Edema has a majority (Positive, 2 of 4).
+    fallback, _ = majority_baseline(refs, str(tmp_path / "missing.jsonl"), None, n_resamples=50, seed=0)
+    assert fallback["fit_on"] == "evaluation data" and fallback["prediction"] == {"Edema": "Positive"}
+    # u_pos: Edema tp in 1, 3, fp in 2, 4; fn: Cardiomegaly in 1, 2, Pneumothorax in 2, Pleural Effusion in 3
+    assert fallback["chexpert"]["u_pos/micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 4))
 
 
 def test_evaluate_needs_exactly_one_model_source():
