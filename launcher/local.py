@@ -10,7 +10,6 @@ the sampler, the tracker, local checkpoints; then runs `training.loop.train`, th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,13 +30,14 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
               show_progress: bool = True) -> dict:
     from datasets_io.image_cache import open_image_cache
     from datasets_io.sampler import BatchLayout, row_table
-    from training.checkpoint import Checkpointer, check_resume, read_state, resolve_resume
+    from training.checkpoint import Checkpointer, read_state, resolve_resume
     from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
     from training.data_checks import log_data_checks
     from training.engines import AccelerateEngine
-    from training.loop import LoopIO, LoopState, check_cursor_unit, train
+    from training.loop import LoopIO, LoopState, train
     from training.model import load_adapter_weights
-    from training.recipe import build_lora_model, finish_run, prepare_run_data, run_tags, validation_source
+    from training.recipe import (build_lora_model, check_resumable, completed_run_summary, finish_run,
+                                 prepare_run_data, run_tags, validation_source)
     from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
 
     t_start = time.perf_counter()
@@ -49,18 +49,13 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root)  # fails loudly before any work
     resumed = read_state(resume_from) if resume_from else None
-    if resumed:
-        check_cursor_unit(resumed, str(resume_from))
 
     prep = prepare_run_data(cfg, world_size=1)
     cfg, data, plan = prep.cfg, prep.data, prep.plan
-    if resumed:
-        check_resume(resumed, prep.resume_key, resume_from)  # a changed plan is refused, naming every changed key
+    if resumed:  # a changed plan is refused, naming every changed key
+        check_resumable(resumed, prep.resume_key, str(resume_from))
         if resumed["global_step"] >= plan.total_steps:
-            print(f"[resume] {resume_from}: the run is already complete ({resumed['global_step']}/"
-                  f"{plan.total_steps} steps); nothing to do")
-            done = out / "run_summary.json"
-            return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
+            return completed_run_summary(out, str(resume_from), resumed["global_step"], plan.total_steps)
     bundle = build_lora_model(cfg, prep.base_path)  # fp32 weights; autocast mixes
 
     tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)

@@ -221,7 +221,7 @@ def prepare_run(cfg: Config) -> DriverSetup:
     from ray.train.torch import TorchTrainer  # noqa: F401 - imported here, on the set-up thread
 
     from training.deepspeed_engine import deepspeed_config, resolve_ds_dtype
-    from training.recipe import prepare_run_data, run_tags
+    from training.recipe import check_resumable, prepare_run_data, run_tags
 
     out = Path(cfg.output.dir)
     world = cfg.ray.num_workers
@@ -243,7 +243,7 @@ def prepare_run(cfg: Config) -> DriverSetup:
 
         latest = latest_checkpoint(out / "checkpoints")
         saved = read_state(latest) if latest else None
-        check_resumable(prep.cfg, saved, prep.resume_key, world)
+        check_resumable(saved, prep.resume_key, run_where(cfg))
         if saved and saved["global_step"] >= prep.plan.total_steps:
             complete_at = saved["global_step"]
     return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0, complete_at)
@@ -287,13 +287,12 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             raise
     prep, tracker = setup.prep, setup.tracker
     if setup.complete_at is not None:  # neither trained, saved nor registered again
-        print(f"[ray] run {cfg.ray.storage_path}/{cfg.ray.name} is already complete ({setup.complete_at}/"
-              f"{prep.plan.total_steps} steps); nothing to do", flush=True)
+        from training.recipe import completed_run_summary
+
         tracker.close("FINISHED")
         if started_here:
             ray.shutdown()
-        done = out / "run_summary.json"
-        return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
+        return completed_run_summary(out, run_where(cfg), setup.complete_at, prep.plan.total_steps)
     data, counts, base_path, plan = prep.data, prep.counts, prep.base_path, prep.plan
     dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
     driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
@@ -382,6 +381,10 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
 
 
 # ------------------------------------------------------------------------------------------------ worker side
+def run_where(cfg: Config) -> str:
+    return f"run {cfg.ray.storage_path}/{cfg.ray.name}"
+
+
 def echo_metrics(metrics: dict[str, float], step: int) -> None:
     """Rank 0's training lines in the job log (`ray job logs` shows progress)."""
     if "train/loss" in metrics:
@@ -451,7 +454,9 @@ def train_worker(config: dict) -> None:
     held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
     ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
     saved = read_state(ckpt_dir) if ckpt_dir else None
-    check_resumable(cfg, saved, config["resume_key"], world)
+    from training.recipe import check_resumable
+
+    check_resumable(saved, config["resume_key"], run_where(cfg))
     resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
                     if saved else None)
     step0, cursor0 = (saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})
@@ -571,23 +576,3 @@ def train_worker(config: dict) -> None:
         "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
         "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
                                  if state.first_step_done_at else None)}, indent=2))
-
-
-def check_resumable(cfg: Config, saved: dict | None, key: dict, world: int) -> None:
-    """A checkpoint continues only under the same plan (training.checkpoint.resume_key) and worker count. The data
-    order would continue on any worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned
-    per rank: refused, not silently restarted."""
-    from training.checkpoint import check_resume
-    from training.loop import check_cursor_unit
-
-    if not saved:
-        return
-    where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
-    check_cursor_unit(saved, where)
-    if saved.get("world_size", world) != world:
-        raise LauncherError(
-            f"{where} was saved by {saved['world_size']} workers, this run has {world}: the data order would "
-            "continue (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank and cannot be "
-            f"reloaded on another count. Resume with --num-workers {saved['world_size']}, or start a new ray.name "
-            "from the adapter bundle.")
-    check_resume(saved, key, where)

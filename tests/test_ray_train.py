@@ -95,7 +95,7 @@ def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
 
 def test_resume_on_another_worker_count_is_refused_with_the_reason(train_data, tmp_path):
     from datasets_io.errors import LauncherError
-    from launcher.ray_train import check_resumable
+    from training.recipe import check_resumable
     from training.checkpoint import resume_key
     from training.curriculum import make_plan
 
@@ -104,14 +104,16 @@ def test_resume_on_another_worker_count_is_refused_with_the_reason(train_data, t
                      world_size=2, stage_split=0.35, warmup_steps=2, min_lr_ratio=0.1)
     key = resume_key(cfg, plan, 2, "abc")
     saved = {"resume_key": key, "world_size": 2, "cursor_unit": "global_positions"}
-    check_resumable(cfg, saved, key, 2)  # same plan, same workers: fine
-    check_resumable(cfg, None, key, 4)  # nothing to resume
+    where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
+    on4 = {**key, "world_size": 4}
+    check_resumable(saved, key, where)  # same plan, same workers: fine
+    check_resumable(None, on4, where)  # nothing to resume
     with pytest.raises(LauncherError, match="saved by 2 workers, this run has 4: .*optimizer state is partitioned"):
-        check_resumable(cfg, saved, key, 4)  # the same global batch on 4 workers: the plan matches, the state not
+        check_resumable(saved, on4, where)  # the same global batch on 4 workers: the plan matches, the state not
     with pytest.raises(LauncherError, match="counts micro-batches of one rank"):  # a checkpoint from before
-        check_resumable(cfg, {**saved, "cursor_unit": None}, key, 2)
+        check_resumable({**saved, "cursor_unit": None}, key, where)
     with pytest.raises(LauncherError, match="the run's plan changed") as e:
-        check_resumable(cfg, saved, {**key, "total_steps": 11}, 2)
+        check_resumable(saved, {**key, "total_steps": 11}, where)
     assert "total_steps: checkpoint 10, now 11" in str(e.value)
 
 

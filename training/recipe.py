@@ -128,6 +128,35 @@ def prepare_run_data(cfg: Config, world_size: int) -> RunPrep:
     return RunPrep(cfg, data, counts, base_path, plan, world_size, key)
 
 
+def check_resumable(saved: dict | None, key: dict, where: str) -> None:
+    """A checkpoint continues only with the cursor unit, the worker count and the plan (`key`, from
+    training.checkpoint.resume_key) it was saved under. Both runtimes call it. The data order would continue on any
+    worker count (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank: refused with that
+    reason, not silently restarted."""
+    from training.checkpoint import check_resume
+    from training.loop import check_cursor_unit
+
+    if not saved:
+        return
+    check_cursor_unit(saved, where)
+    world = key["world_size"]
+    if saved.get("world_size", world) != world:
+        raise LauncherError(
+            f"{where} was saved by {saved['world_size']} workers, this run has {world}: the data order would "
+            "continue (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank and cannot be "
+            f"reloaded on another count. Resume with --num-workers {saved['world_size']}, or start a new ray.name "
+            "from the adapter bundle.")
+    check_resume(saved, key, where)
+
+
+def completed_run_summary(out: Path, where: str, step: int, total: int) -> dict:
+    """Resuming a run whose checkpoint already ends the plan: say so and return its summary; nothing is trained,
+    saved or registered again (both runtimes)."""
+    print(f"[resume] {where}: the run is already complete ({step}/{total} steps); nothing to do", flush=True)
+    done = out / "run_summary.json"
+    return {**(json.loads(done.read_text()) if done.is_file() else {}), "already_complete": True}
+
+
 def run_tags(prep: RunPrep, runtime: str, **extra: str) -> dict[str, str]:
     """The MLflow tags every run gets (plus the runtime's own)."""
     p = prep.plan
