@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="data.max_seq_len: the packed row's token budget")
     ap.add_argument("--ehr-detail", type=float, default=6.0, help="median lab-history draws per kept EHR block")
     ap.add_argument("--ehr-dropout", type=float, default=0.15, help="curriculum.ehr_dropout (llava_med_7b.yaml)")
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating which layout goes first")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating which layout goes first (0: padding efficiency only)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         run(args, Path(d))
@@ -123,9 +123,18 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     for packing in (False, True):
         pre.packing = packing
         layouts[packing] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
-    model = bundle.model.train()
+    if args.rounds:
+        step_times(bundle.model.train(), layouts, args.rounds)
+    print(f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
+          f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on")
+    print(f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
+          f"{padding_efficiency(lengths, padded_cost):.2f} padded")
+
+
+def step_times(model, layouts: dict[bool, list[dict]], rounds: int) -> None:
+    """Forward + backward of each micro-batch in both layouts, alternating which goes first; prints the medians."""
     times: dict[bool, list[float]] = {False: [], True: []}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for packing in ((False, True) if r % 2 == 0 else (True, False)):
             times[packing] += [step_seconds(model, b) for b in layouts[packing]]
     t_pad, t_pack = statistics.median(times[False]), statistics.median(times[True])
@@ -134,10 +143,6 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
           f"padded {t_pad * 1000:.0f} ms [{spread[False][0]:.0f}-{spread[False][1]:.0f}], "
           f"packed {t_pack * 1000:.0f} ms [{spread[True][0]:.0f}-{spread[True][1]:.0f}]; "
           f"packed/padded step time: {t_pack / t_pad:.2f}x")
-    print(f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
-          f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on")
-    print(f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
-          f"{padding_efficiency(lengths, padded_cost):.2f} padded")
 
 
 if __name__ == "__main__":
