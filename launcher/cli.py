@@ -15,7 +15,7 @@
 
 Each command group lives in its own module under `launcher/commands/` with `add_parser(subparsers)`; the heavy
 imports (torch, ray, mlflow) happen inside the command, so `launcher --help` is instant. Errors that users can act
-on (LauncherError, ConfigError, RecordError) print one clear message and exit 2, never a bare traceback.
+on (LauncherError, a ConfigError among them; RecordError) print one clear message and exit 2, never a bare traceback.
 """
 
 from __future__ import annotations
@@ -56,12 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from datasets_io.records import RecordError
-    from datasets_io.config import ConfigError
     from datasets_io.errors import LauncherError
 
     try:
         return int(args.func(args) or 0)
-    except (LauncherError, ConfigError, RecordError) as e:
+    except (LauncherError, RecordError) as e:
         print(f"launcher {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

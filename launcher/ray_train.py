@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets_io.config import Config, ConfigError, from_dict, image_cache_dir, to_dict
+from datasets_io.config import Config, ConfigError, from_dict, image_cache_dir
 from datasets_io.errors import LauncherError
 from training.curriculum import grad_accum_for, with_derived_grad_accum
 
@@ -70,7 +70,7 @@ def resolve_for_cluster(cfg: Config, num_workers: int | None = None, use_gpu: bo
     explicit MLflow tracking URI (a sqlite path relative to the driver's cwd would be another file on a worker)."""
     from training.tracking import resolve_tracking_uri
 
-    d = copy.deepcopy(to_dict(cfg))
+    d = copy.deepcopy(cfg.model_dump())
     if num_workers is not None:
         d["ray"]["num_workers"] = num_workers
     if use_gpu is not None:
@@ -90,20 +90,12 @@ def resolve_for_cluster(cfg: Config, num_workers: int | None = None, use_gpu: bo
 
 
 def check_supported(cfg: Config) -> None:
-    problems = []
-    if cfg.ray.cpus_per_worker <= 0:
-        problems.append(f"ray.cpus_per_worker: must be > 0, got {cfg.ray.cpus_per_worker}")
-    if cfg.ray.max_failures < 0:
-        problems.append(f"ray.max_failures: must be >= 0, got {cfg.ray.max_failures}")
-    if cfg.ray.num_to_keep < 1:
-        problems.append(f"ray.num_to_keep: must be >= 1, got {cfg.ray.num_to_keep}")
+    """The checks that need the worker count (the static ones ran at load, datasets_io/config.py)."""
     t = cfg.train
     try:
         grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.ray.num_workers)
     except ValueError as e:
-        problems.append(str(e))
-    if problems:
-        raise ConfigError(problems, "config (ray)")
+        raise ConfigError([str(e)], "config (ray)") from None
 
 
 def _storage_fs(path: str):
@@ -312,7 +304,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
         ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
         rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
         loop_config = {
-            "cfg": to_dict(cfg), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
+            "cfg": cfg.model_dump(), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
             "val": data.val, "base_model": base_path, "debug": debug,
             "rows": rows, "counts": counts, "resume_key": prep.resume_key,
             "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},

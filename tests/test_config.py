@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from datasets_io.config import ConfigError, from_dict, load_config, to_dict
+from datasets_io.config import ConfigError, from_dict, load_config
+from datasets_io.errors import LauncherError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("icd_map"))  # ICD maps: test_mimic_build
@@ -13,7 +14,7 @@ SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.star
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
-    assert from_dict(to_dict(cfg)) == cfg  # survives the trip to a Ray worker as plain data
+    assert from_dict(cfg.model_dump()) == cfg  # survives the trip to a Ray worker as plain data
 
 
 def test_seed_settings_in_llava_med_config():
@@ -22,6 +23,13 @@ def test_seed_settings_in_llava_med_config():
     assert (cfg.train.lr, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.epochs) == (2e-4, 4, 4, 3)
     assert (cfg.train.warmup_steps, cfg.curriculum.stage_split) == (100, 0.35)
     assert cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing and cfg.model.tiny.image_size == 336
+
+
+def test_an_int_given_for_a_float_is_stored_as_a_float():
+    # `epochs: 3` in the YAML: saved configs, MLflow params and resume keys hold 3.0 as they always have
+    cfg = load_config(REPO / "configs" / "llava_med_7b.yaml")
+    assert type(cfg.train.epochs) is float and type(cfg.ray.cpus_per_worker) is float
+    assert repr(cfg.model_dump()["train"]["epochs"]) == "3.0"
 
 
 def test_overrides_parse_yaml_scalars():
@@ -34,17 +42,54 @@ def test_overrides_parse_yaml_scalars():
 def test_all_problems_reported_at_once_with_key_names():
     with pytest.raises(ConfigError) as e:
         load_config(REPO / "configs" / "tiny.yaml", ["train.max_stepz=3", "train.lr=fast", "data.overlong=maybe",
-                                                      "model.tiny.image_size=true"])
+                                                      "model.tiny.image_size=true", "curriculum.stage_split=1.5"])
     msg = str(e.value)
-    assert len(e.value.problems) == 4
-    assert "train.max_stepz: unknown key" in msg and "train.lr: expected float" in msg
-    assert "data.overlong: expected one of 'shorten_ehr', 'error'" in msg and "model.tiny.image_size: expected int" in msg
+    assert isinstance(e.value, LauncherError) and msg.startswith(f"{REPO / 'configs' / 'tiny.yaml'}: 5 problem(s):")
+    assert sorted(e.value.problems) == [
+        "curriculum.stage_split: must be <= 1, got 1.5",
+        "data.overlong: expected 'shorten_ehr' or 'error', got 'maybe'",
+        "model.tiny.image_size: expected a valid integer, got True",
+        "train.lr: expected a valid number, got 'fast'",
+        "train.max_stepz: unknown key (known: epochs, eval_every, global_batch_size, grad_accum, keep_last, "
+        "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, num_workers, packing, projector_lr, "
+        "record_data_order, save_every, seed, val_batches, warmup_steps, weight_decay)",
+    ]
 
 
-def test_range_checks():
-    with pytest.raises(ConfigError, match="stage_split: must be in"):
-        load_config(None, ["curriculum.stage_split=1.5"])
-    with pytest.raises(ConfigError, match="not a multiple of patch_size"):
-        load_config(None, ["model.tiny.image_size=100", "model.tiny.patch_size=32"])
-    with pytest.raises(ConfigError, match="config file not found"):
+@pytest.mark.parametrize("overrides, problem", [
+    (["curriculum.stage_split=-0.1"], "curriculum.stage_split: must be >= 0, got -0.1"),
+    (["curriculum.replay_fraction=1"], "curriculum.replay_fraction: must be < 1, got 1"),
+    (["train.lr=0"], "train.lr: must be > 0, got 0"),
+    (["train.keep_last=0"], "train.keep_last: must be >= 1, got 0"),
+    (["train.max_steps=0", "train.epochs=0"], "train.epochs: must be > 0 when train.max_steps is 0, got 0.0"),
+    (["train.micro_batch_size=4", "train.global_batch_size=6"],
+     "train.global_batch_size: 6 is not a multiple of train.micro_batch_size 4"),
+    (["data.max_seq_len=8"], "data.max_seq_len: must be >= 16, got 8"),
+    (["model.tiny.image_size=100"], "model.tiny.patch_size: image_size 100 is not a multiple of patch_size 32"),
+    (["model.tiny.text_kv_heads=4"], "model.tiny.text_kv_heads: text_heads 6 is not a multiple of text_kv_heads 4"),
+    (["model.tiny.patch_size=0"], "model.tiny.patch_size: must be >= 1, got 0"),
+    (["ray.num_workers=0"], "ray.num_workers: must be >= 1, got 0"),
+    (["ray.cpus_per_worker=0"], "ray.cpus_per_worker: must be > 0, got 0"),
+    (["ray.max_failures=-1"], "ray.max_failures: must be >= 0, got -1"),
+    (["ray.num_to_keep=0"], "ray.num_to_keep: must be >= 1, got 0"),
+    (["data=3"], "data: expected a valid dictionary or instance of DataConfig, got 3"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
+    (["lora.target_modules=q_proj"], "lora.target_modules: expected a valid list, got 'q_proj'"),
+    (["nope=1"], "nope: unknown key (known: curriculum, data, deepspeed, lora, mlflow, model, output, ray, train)"),
+    (["train.lr"], "--set 'train.lr': expected key=value"),
+])
+def test_each_check_names_its_dotted_key(overrides, problem):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert e.value.problems == [problem] and str(e.value).startswith("defaults: 1 problem(s):")
+
+
+def test_the_config_file_is_named():
+    with pytest.raises(ConfigError, match="(?s)nope.yaml: 1 problem.*config file not found"):
         load_config("nope.yaml")
+
+
+def test_a_file_that_is_not_a_mapping(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="(?s)list.yaml: 1 problem.*expected a mapping of sections, got list"):
+        load_config(tmp_path / "list.yaml", ["train.lr=1"])

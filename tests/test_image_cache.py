@@ -343,7 +343,7 @@ def test_the_config_key_resolves_auto_off_and_a_path_and_refuses_a_uri(tmp_path)
     assert image_cache_dir(load_config(tiny, [out, "data.image_cache=/mnt/shared/cache"])) == "/mnt/shared/cache"
     with pytest.raises(ConfigError, match="data.image_cache: must be a filesystem path"):
         load_config(tiny, [out, "data.image_cache=s3://bucket/cache"])
-    with pytest.raises(ConfigError, match="data.image_cache: expected str"):
+    with pytest.raises(ConfigError, match="data.image_cache: expected a valid string, got 3"):
         load_config(tiny, [out, "data.image_cache=3"])
 
 

@@ -12,7 +12,6 @@ from the same counts (a Ray Dataset shard has no length, so counts are taken up 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ def with_derived_grad_accum(cfg, world_size: int):
     plan and the DeepSpeed JSON all read it from there)."""
     t = cfg.train
     accum = grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, world_size)
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
+    return cfg.model_copy(update={"train": t.model_copy(update={"grad_accum": accum})})
 
 
 def plan_steps(cfg, n_rows_a: int, n_rows_b: int, world_size: int = 1) -> StepPlan:

@@ -168,7 +168,6 @@ def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
 
 def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     """What a tiny base is built from: its tokenizer is trained on the corpus, its weights drawn from the config."""
-    import dataclasses
     import hashlib
 
     h = hashlib.blake2b(digest_size=12)
@@ -176,7 +175,7 @@ def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
         h.update(t.encode())
         h.update(b"\x00")
     return {"corpus_texts": len(train_texts), "corpus_hash": h.hexdigest(),
-            "model.tiny": dataclasses.asdict(cfg.model.tiny), "train.seed": cfg.train.seed}
+            "model.tiny": cfg.model.tiny.model_dump(), "train.seed": cfg.train.seed}
 
 
 def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> None:

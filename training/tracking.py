@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from datasets_io.config import Config, to_dict
+from datasets_io.config import Config
 from datasets_io.errors import LauncherError
 
 
@@ -165,4 +165,4 @@ class ResumeSafeTracker:
 
 
 def config_params(cfg: Config) -> dict[str, Any]:
-    return flatten(to_dict(cfg))
+    return flatten(cfg.model_dump())

@@ -6,10 +6,11 @@
 
 `show` loads the file as `launcher local` / `launcher ray` do (overrides applied, every key, type and range checked;
 a problem exits 2 naming its dotted key) and prints the whole tree, defaults included. `schema` prints a JSON schema
-(draft 2020-12) of the tree in datasets_io/config.py, each field's docstring as its description and unknown keys
-rejected. An editor with a YAML language server validates and completes a config that starts with
-`# yaml-language-server: $schema=config.schema.json`. The schema checks keys and types; the range and cross-field
-checks (stage_split in [0, 1], image_size a multiple of patch_size, ...) run at load, so `show` is the full check.
+(draft 2020-12) of the pydantic models in datasets_io/config.py, each field's description and bounds with it and
+unknown keys rejected. An editor with a YAML language server validates and completes a config that starts with
+`# yaml-language-server: $schema=config.schema.json`. The schema checks keys, types and bounds (stage_split in
+[0, 1], ...); the cross-field checks (image_size a multiple of patch_size, ...) are validators that run at load, so
+`show` is the full check.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from datasets_io.config import load_config, to_dict
+    from datasets_io.config import load_config
 
-    resolved = to_dict(load_config(args.config, args.overrides))
+    resolved = load_config(args.config, args.overrides).model_dump()
     if args.format == "json":
         print(json.dumps(resolved, indent=2))
     else:
@@ -56,21 +57,7 @@ def run_schema(args: argparse.Namespace) -> int:
 
 
 def config_json_schema() -> dict[str, Any]:
-    """The JSON schema of `Config`, built by pydantic from the dataclasses themselves, so it cannot drift from them.
-
-    pydantic reads a plain dataclass under the config of its parent, so one config on a subclass of the root reaches
-    every section: `use_attribute_docstrings` turns each field's docstring into its description, `extra="forbid"`
-    writes `additionalProperties: false` (an unknown key is an error at load too).
-    """
-    import dataclasses
-
-    import pydantic
-
+    """pydantic's JSON schema of `Config`, the model that validates at load, so the two cannot drift."""
     from datasets_io.config import Config
 
-    @pydantic.with_config(pydantic.ConfigDict(title="Config", use_attribute_docstrings=True, extra="forbid"))
-    @dataclasses.dataclass
-    class RunConfig(Config):
-        """A run config of the launcher: `launcher local|ray --config FILE` (datasets_io/config.py)."""
-
-    return {"$schema": JSON_SCHEMA_DIALECT, **pydantic.TypeAdapter(RunConfig).json_schema()}
+    return {"$schema": JSON_SCHEMA_DIALECT, **Config.model_json_schema()}
