@@ -28,7 +28,7 @@ CHILD = """
 import os, sys, json
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, {repo!r})
-from training.convert_llava_med import convert
+from training.convert_llava_med.convert import convert
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, MistralForCausalLM, AutoTokenizer
 if {run!r}:
     convert({src!r}, {tower!r}, {out!r}, log=lambda line: print(line, file=sys.stderr))

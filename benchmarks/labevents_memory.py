@@ -4,7 +4,7 @@
     python benchmarks/labevents_memory.py --sizes 1e6,2e6,4e6 --compare-naive
 
 Writes raw-format labevents.csv.gz files (datasets_io.mimic_fixture.write_labevents) of each size, then scans each
-in a fresh process with datasets_io.mimic_build.nearest_labs: the same streaming filter + per-(study, lab)
+in a fresh process with datasets_io.mimic_build.ehr.nearest_labs: the same streaming filter + per-(study, lab)
 reduction the build runs on the real tens-of-GB file, for 3,000 studies of 1,000 patients. Each child reports its
 resident set before the scan (imports and the study arrays), its peak (VmHWM), the peak of Arrow's buffers, and
 the largest resident set in each quarter of the scan (a flat profile within one file, not only across files).
@@ -51,7 +51,7 @@ def studies():
 
 def panel_itemids():
     from datasets_io import mimic_fixture as fx
-    from datasets_io.mimic_build import LAB_PANEL
+    from datasets_io.mimic_build.ehr import LAB_PANEL
 
     names = {(label.lower(), fluid.lower()): i
              for i, (labels, fluid) in enumerate(LAB_PANEL.values()) for label in labels}
@@ -65,7 +65,7 @@ def child(path: str, mode: str) -> None:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from datasets_io.mimic_build import nearest_labs
+    from datasets_io.mimic_build.ehr import nearest_labs
 
     _, study_subject, study_time = studies()
     items, n_items = panel_itemids()

@@ -208,7 +208,7 @@ def draw_ehr_and_icd(labels: dict[str, str], patient: dict, rng: np.random.Gener
     return ehr, icd
 
 
-# Normal ranges of the MIMIC build's lab panel (datasets_io.mimic_build.LAB_PANEL): name -> (unit, lo, hi, digits).
+# Normal ranges of the MIMIC build's lab panel (mimic_build.ehr.LAB_PANEL): name -> (unit, lo, hi, digits).
 # The values that carry the ICD signal (NT-proBNP, WBC, Creatinine, Lactate) come from the basic draw.
 MIMIC_LABS: dict[str, tuple[str, float, float, int]] = {
     "NT-proBNP": ("pg/mL", 0.0, 300.0, 0), "Troponin T": ("ng/mL", 0.0, 0.01, 2), "Creatinine": ("mg/dL", 0.5, 1.2, 1),
@@ -217,7 +217,7 @@ MIMIC_LABS: dict[str, tuple[str, float, float, int]] = {
     "Platelets": ("K/uL", 150.0, 440.0, 0), "Lactate": ("mmol/L", 0.5, 2.0, 1), "CRP": ("mg/L", 0.0, 5.0, 1),
     "pH": ("units", 7.35, 7.45, 2), "pO2": ("mm Hg", 85.0, 105.0, 0), "pCO2": ("mm Hg", 35.0, 45.0, 0),
 }
-MIMIC_VITALS: dict[str, tuple[str, float, float]] = {  # MIMIC-IV-ED vitalsign conventions (mimic_build.VITALS)
+MIMIC_VITALS: dict[str, tuple[str, float, float]] = {  # MIMIC-IV-ED vitalsign conventions (mimic_build.ehr.VITALS)
     "temperature": ("degF", 97.0, 99.5), "heart_rate": ("bpm", 60, 100), "resp_rate": ("breaths/min", 12, 20),
     "o2_sat": ("%", 94, 100), "sbp": ("mmHg", 100, 140), "dbp": ("mmHg", 60, 90),
 }

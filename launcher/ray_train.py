@@ -241,6 +241,16 @@ def prepare_run(cfg: Config) -> DriverSetup:
     return DriverSetup(prep, dtype, ds_config, tracker, reopened, time.perf_counter() - t0, complete_at)
 
 
+@dataclass
+class DriverClock:
+    """The driver's start-up times: perf_counter for durations, wall clock to set beside the workers' reports."""
+
+    start: float
+    start_wall: float
+    ray_init_s: float = 0.0
+    fit_wall: float = 0.0
+
+
 def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
             debug: dict | None = None) -> dict:
     """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
@@ -248,9 +258,7 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
     `debug` (tests and benchmarks): {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after
     training. Fault injection is not here: tests register a step hook (training.loop.STEP_HOOKS), shipped to the
     workers with the test's other hooks."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    t_start, t_start_wall = time.perf_counter(), time.time()  # imports are part of the start-up
+    clock = DriverClock(time.perf_counter(), time.time())  # imports are part of the start-up
     import ray
 
     cfg = resolve_for_cluster(cfg, num_workers, use_gpu)
@@ -259,117 +267,155 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
     debug = dict(debug or {})
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = cfg.ray.num_workers
+    setup, started_here = prepare_beside_cluster_start(cfg, clock)
+    if setup.complete_at is not None:  # neither trained, saved nor registered again
+        from training.recipe import completed_run_summary
 
-    # The driver's set-up is single-threaded Python; starting (or joining) the cluster is mostly other processes
-    # starting. Side by side they take ~the longer of the two instead of the sum.
-    status, started_here = "FAILED", False
+        setup.tracker.close("FINISHED")
+        if started_here:
+            ray.shutdown()
+        return completed_run_summary(out, run_where(cfg), setup.complete_at, setup.prep.plan.total_steps)
+
+    status = "FAILED"
+    try:
+        trainer = make_trainer(cfg, setup, debug)
+        plan = setup.prep.plan
+        print(f"[ray] {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
+              f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, ZeRO-{cfg.deepspeed.zero_stage} {setup.dtype}, "
+              f"steps={plan.total_steps} (stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}), "
+              f"samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/{cfg.ray.name}"
+              f"{' (resuming)' if setup.reopened else ''}, MLflow run {setup.tracker.run_id}", flush=True)
+        clock.fit_wall = time.time()
+        result = fit(trainer, cfg, started_here)
+        summary = finish_ray_run(cfg, setup, result, clock)
+        status = "FINISHED"
+    finally:
+        if status != "FINISHED":
+            setup.tracker.close(status)
+        if started_here:
+            ray.shutdown()
+    return summary
+
+
+def prepare_beside_cluster_start(cfg: Config, clock: DriverClock) -> tuple[DriverSetup, bool]:
+    """(`prepare_run`'s set-up, whether the cluster was started here). The driver's set-up is single-threaded
+    Python; starting (or joining) the cluster is mostly other processes starting. Side by side they take ~the
+    longer of the two instead of the sum. On a failure of either, the other's work is undone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    started_here = False
     with ThreadPoolExecutor(1, thread_name_prefix="driver-setup") as pool:
         pending = pool.submit(prepare_run, cfg)
         try:
             t_ray = time.perf_counter()
             started_here = connect_ray(cfg)
-            ray_init_s = time.perf_counter() - t_ray
-            setup = pending.result()  # re-raises the set-up's error (bad data, unreachable tracking server)
+            clock.ray_init_s = time.perf_counter() - t_ray
+            return pending.result(), started_here  # re-raises the set-up's error (bad data, unreachable tracking)
         except BaseException:
             if pending.exception() is None:  # the cluster failed, the set-up did not: close its MLflow run
                 pending.result().tracker.close("FAILED")
             if started_here:
                 ray.shutdown()
             raise
-    prep, tracker = setup.prep, setup.tracker
-    if setup.complete_at is not None:  # neither trained, saved nor registered again
-        from training.recipe import completed_run_summary
 
-        tracker.close("FINISHED")
-        if started_here:
-            ray.shutdown()
-        return completed_run_summary(out, run_where(cfg), setup.complete_at, prep.plan.total_steps)
-    data, counts, base_path, plan = prep.data, prep.counts, prep.base_path, prep.plan
-    dtype, ds_config, reopened = setup.dtype, setup.ds_config, setup.reopened
-    driver_phases = {"setup": setup.seconds, "ray_init": ray_init_s}  # side by side: their wall time is "driver"
 
+def make_trainer(cfg: Config, setup: DriverSetup, debug: dict) -> Any:
+    """The TorchTrainer of `train_worker`, with everything a worker needs as plain data (the rows `ray.put` once:
+    every worker's decode tasks read them)."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from datasets_io.sampler import row_table
+    from training import data as data_module
+    from training import loop as loop_module
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
+    data, prep = setup.prep.data, setup.prep
+    rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
+    loop_config = {
+        "cfg": cfg.model_dump(), "plan": prep.plan.__dict__, "deepspeed": setup.ds_config,
+        "mlflow_run_id": setup.tracker.run_id, "val": data.val, "base_model": prep.base_path, "debug": debug,
+        "rows": rows, "counts": prep.counts, "resume_key": prep.resume_key,
+        "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
+        "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
+                       for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
+    }
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
+    )
+
+
+def fit(trainer: Any, cfg: Config, started_here: bool) -> Any:
+    """trainer.fit(); a run that failed past ray.max_failures is a LauncherError saying where the logs are."""
+    import ray.train
+
+    # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
+    # process (~3 CPU-s of imports) starting next to the worker's. fit() passes this to the Train controller.
+    watcher_off = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if started_here else {}
     try:
-        import ray.data
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        with env_defaults(watcher_off):
+            return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise LauncherError(
+            f"Ray training failed ({cfg.ray.max_failures} restart(s) allowed by ray.max_failures): {e}\n"
+            f"Worker logs: the job's logs (`ray job logs`), or /tmp/ray/session_latest/logs on the nodes. "
+            f"Fix the cause and run the same command again to resume from the latest checkpoint."
+        ) from None
 
-        from datasets_io.sampler import row_table
-        from training import data as data_module
-        from training import loop as loop_module
-        from training.checkpoint import read_state
-        from training.loop import LoopState
-        from training.recipe import finish_run
 
-        ray.data.DataContext.get_current().enable_progress_bars = False  # progress bars flood job logs
-        rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
-        loop_config = {
-            "cfg": cfg.model_dump(), "plan": plan.__dict__, "deepspeed": ds_config, "mlflow_run_id": tracker.run_id,
-            "val": data.val, "base_model": base_path, "debug": debug,
-            "rows": rows, "counts": counts, "resume_key": prep.resume_key,
-            "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
-            "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
-                           for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
-        }
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path,
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
-        )
-        print(f"[ray] {world} workers x {cfg.ray.cpus_per_worker} CPU{' + 1 GPU' if cfg.ray.use_gpu else ''}, "
-              f"ZeRO-{cfg.deepspeed.zero_stage} {dtype}, steps={plan.total_steps} (stage A {plan.stage_a_steps}, "
-              f"stage B {plan.stage_b_steps}), samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/"
-              f"{cfg.ray.name}{' (resuming)' if reopened else ''}, MLflow run {tracker.run_id}", flush=True)
-        t_fit_wall = time.time()
-        # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
-        # process (~3 CPU-s of imports) starting next to the worker's. fit() passes this to the Train controller.
-        watcher_off = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if started_here else {}
-        try:
-            with env_defaults(watcher_off):
-                result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise LauncherError(
-                f"Ray training failed ({cfg.ray.max_failures} restart(s) allowed by ray.max_failures): {e}\n"
-                f"Worker logs: the job's logs (`ray job logs`), or /tmp/ray/session_latest/logs on the nodes. "
-                f"Fix the cause and run the same command again to resume from the latest checkpoint."
-            ) from None
-        if result.checkpoint is None:
-            raise LauncherError("Ray training finished without reporting a checkpoint")
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = LoopState.from_json(read_state(ckpt_dir))
-        name = Path(result.checkpoint.path).name  # a bundle's own state was written before it got its name
-        state.checkpoints.setdefault(name, str(out / "checkpoints" / name))
-        rank0 = out / RANKS_DIR / "rank0.json"  # on the driver's disk when rank 0 ran on this node
-        report0 = json.loads(rank0.read_text()) if rank0.is_file() else {}
-        first_step = report0.get("first_step_wall_time")
-        fresh = first_step is not None and first_step > t_start_wall  # not a previous run's report
-        startup = {  # where the time to the first step went (rank 0), in seconds
-            "driver": round(t_fit_wall - t_start_wall, 1),  # to trainer.fit(): the two below side by side, + datasets
-            **{f"driver_{k}": round(v, 1) for k, v in driver_phases.items()},
-            "ray_train_start": round(report0["entry_wall_time"] - t_fit_wall, 1),  # controller, workers, gloo
-            **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
-            "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
-        } if fresh else None
-        tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
-                          **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
-        with result.checkpoint.as_directory() as ckpt_dir:
-            summary = finish_run(
-                out, state, prep, tracker, ckpt_dir, "FINISHED",
-                runtime="ray", num_workers=world, zero_stage=cfg.deepspeed.zero_stage, dtype=dtype,
-                ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
-                cursor=state.cursor, wall_time_s=round(time.perf_counter() - t_start, 1),
-                time_to_first_step_s=round(first_step - t_start_wall, 1) if fresh else None, startup_s=startup)
-        status = "FINISHED"
-    finally:
-        if status != "FINISHED":
-            tracker.close(status)
-        if started_here:
-            ray.shutdown()
-    return summary
+def finish_ray_run(cfg: Config, setup: DriverSetup, result: Any, clock: DriverClock) -> dict:
+    """The latest reported checkpoint's state, its MLflow tags, and the recipe's finish (run summary, final bundle,
+    register-at-end); returns the run summary."""
+    from training.checkpoint import read_state
+    from training.loop import LoopState
+    from training.recipe import finish_run
+
+    out = Path(cfg.output.dir)
+    if result.checkpoint is None:
+        raise LauncherError("Ray training finished without reporting a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = LoopState.from_json(read_state(ckpt_dir))
+    name = Path(result.checkpoint.path).name  # a bundle's own state was written before it got its name
+    state.checkpoints.setdefault(name, str(out / "checkpoints" / name))
+    startup, first_step_s = startup_breakdown(out, clock, {"setup": setup.seconds, "ray_init": clock.ray_init_s})
+    setup.tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
+                            **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
+    with result.checkpoint.as_directory() as ckpt_dir:
+        return finish_run(
+            out, state, setup.prep, setup.tracker, ckpt_dir, "FINISHED",
+            runtime="ray", num_workers=cfg.ray.num_workers, zero_stage=cfg.deepspeed.zero_stage, dtype=setup.dtype,
+            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
+            cursor=state.cursor, wall_time_s=round(time.perf_counter() - clock.start, 1),
+            time_to_first_step_s=first_step_s, startup_s=startup)
+
+
+def startup_breakdown(out: Path, clock: DriverClock,
+                      driver_phases: dict[str, float]) -> tuple[dict[str, float] | None, float | None]:
+    """(where the time to rank 0's first step went, in seconds; the time to that step) from rank 0's report. Both
+    None when that report is not on this node or is a previous run's (this run trained no step)."""
+    rank0 = out / RANKS_DIR / "rank0.json"  # on the driver's disk when rank 0 ran on this node
+    report0 = json.loads(rank0.read_text()) if rank0.is_file() else {}
+    first_step = report0.get("first_step_wall_time")
+    if first_step is None or first_step <= clock.start_wall:  # not a fresh report of this run
+        return None, None
+    startup = {
+        "driver": round(clock.fit_wall - clock.start_wall, 1),  # to fit(): the two below side by side, + datasets
+        **{f"driver_{k}": round(v, 1) for k, v in driver_phases.items()},
+        "ray_train_start": round(report0["entry_wall_time"] - clock.fit_wall, 1),  # controller, workers, gloo
+        **{f"worker_{k}": v for k, v in report0["setup_phases"].items()},
+        "first_step": round(first_step - report0["entry_wall_time"] - report0["setup_s"], 1),
+    }
+    return startup, round(first_step - clock.start_wall, 1)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -420,6 +466,21 @@ def _items(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     return [(r["prompt"], r["target"], r["image"], r["where"]) for r in rows]
 
 
+@dataclass
+class WorkerRun:
+    """What each step of a worker reads: the driver's hand-over (`config`), the typed config, the plan, this rank."""
+
+    config: dict
+    cfg: Config
+    plan: Any  # training.curriculum.StepPlan
+    rank: int
+    world: int
+
+    @property
+    def ranks_dir(self) -> Path:
+        return Path(self.cfg.output.dir) / RANKS_DIR
+
+
 def train_worker(config: dict) -> None:
     """Per-worker entry (every rank): config in, model + DeepSpeed engine + this rank's data built, THE loop run,
     checkpoints reported. A restarted worker group lands here again and resumes from `ray.train.get_checkpoint()`."""
@@ -427,63 +488,139 @@ def train_worker(config: dict) -> None:
     laps = Laps()
     import ray.train
 
-    from datasets_io.ray_datasets import stage_batches, stage_dataset, worker_items
-    from datasets_io.sampler import BatchLayout
     from training import data as data_module
     from training import loop as loop_module
-    from training.checkpoint import read_state
-    from training.curriculum import StepPlan, stage_at
+    from training.curriculum import StepPlan
 
     cfg = from_dict(config["cfg"], "config (worker)")  # the typed config, rebuilt on the worker's first line
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    debug, plan, ds_config = config.get("debug") or {}, StepPlan(**config["plan"]), config["deepspeed"]
-    mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
+    w = WorkerRun(config, cfg, StepPlan(**config["plan"]), ctx.get_world_rank(), ctx.get_world_size())
     loop_module.STEP_HOOKS[:] = config["test_hooks"]["step"]  # empty in production (see training/loop.py)
     data_module.DECODE_HOOKS[:] = config["test_hooks"]["decode"]
-
-    checkpoint = ray.train.get_checkpoint()  # the latest reported one: set after a restart or a re-run
-    held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
-    ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
-    saved = read_state(ckpt_dir) if ckpt_dir else None
-    from training.recipe import check_resumable
-
-    check_resumable(saved, config["resume_key"], run_where(cfg))
+    held, ckpt_dir, saved = open_latest_checkpoint(w)
     resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
                     if saved else None)
-    step0, cursor0 = (saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})
 
     # Data first, before the heavy imports: this rank's samples of the stage it starts in stream (decode, tokenize in
     # Ray Data tasks) while this process imports torch/DeepSpeed and builds the model.
-    pre = make_preprocessor(cfg, config["base_model"])
-    spec = data_module.sampler_spec(cfg, config["counts"])
-    layout = BatchLayout(mb, ga, world)
-    stage_steps = {"A": plan.stage_a_steps, "B": plan.stage_b_steps}
-
-    def batches(stage: str, cursor: int):
-        items = worker_items(spec, layout, rank, stage, cursor, stage_steps[stage])
-        return stage_batches(stage_dataset(items, config["rows"], stage, pre), pre, mb)
-
-    primed: dict[tuple[str, int], Any] = {}
-    if step0 < plan.total_steps:
-        first = stage_at(step0, plan)
-        primed[(first, cursor0[first])] = PrimedIterator(batches(first, cursor0[first]))
-
+    data = RankData(w, resumed_from)
+    data.prime(*((saved["global_step"], saved["cursor"]) if saved else (0, {"A": 0, "B": 0})))
     laps.mark("data")
     import peft  # noqa: F401 - training.model imports peft and the modeling classes lazily; here they count as imports
-    import torch
-    from ray.train import Checkpoint, CheckpointConsistencyMode
+    import torch  # noqa: F401
     from transformers import LlavaForConditionalGeneration  # noqa: F401
 
-    from training.checkpoint import Checkpointer
-    from training.data import DataOrderLog, to_torch
-    from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
-    from training.loop import LoopIO, LoopState, train
-    from training.model import resolve_base_path
-    from training.recipe import build_lora_model, validation_source
-    from training.tracking import MlflowTracker, NullTracker, ResumeSafeTracker
+    from training.data import to_torch
+    from training.loop import LoopState, train
 
+    bundle, engine = build_worker_engine(w, laps)
     state = LoopState.from_json(saved) if saved else LoopState()
+    if saved:
+        engine.load_training_state(ckpt_dir, saved["engine"])
+        held.close()
+        say(f"[resume] rank {w.rank}: step {state.global_step}/{w.plan.total_steps}, stage {saved['stage']}, "
+            f"cursor {state.cursor}")
+    setup_s = time.perf_counter() - t0
+
+    w.ranks_dir.mkdir(parents=True, exist_ok=True)
+    io = worker_loop_io(w, engine, bundle, data, state)
+    say(f"[ray] rank {w.rank}/{w.world}: set up in {setup_s:.1f}s ("
+        + ", ".join(f"{k} {v:.1f}s" for k, v in laps.phases.items())
+        + f"; DeepSpeed ZeRO-{w.config['deepspeed']['zero_optimization']['stage']}{', resumed' if saved else ''})")
+    if state.global_step >= w.plan.total_steps:
+        say(f"[ray] rank {w.rank}: the run is already complete ({state.global_step} steps); nothing to train")
+    else:
+        state = train(io, state)
+
+    probe = (config.get("debug") or {}).get("logits_probe")
+    if probe:  # eval logits of a fixed batch, to compare with the saved bundle (tests)
+        write_logits_probe(engine, to_torch(data.pre.batch(_items(config["probe_rows"]))), probe)
+    (w.ranks_dir / f"rank{w.rank}.json").write_text(json.dumps({
+        "rank": w.rank, "world_size": w.world, "global_step": state.global_step, "cursor": state.cursor,
+        "stage_switch_step": state.stage_switch_step, "first_step_of_stage": data.first_step_of_stage,
+        "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
+        "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
+        "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
+                                 if state.first_step_done_at else None)}, indent=2))
+
+
+def open_latest_checkpoint(w: WorkerRun) -> tuple[contextlib.ExitStack, Path | None, dict | None]:
+    """(what holds the checkpoint's local copy, its directory, its trainer state) of the latest reported checkpoint:
+    set after a restart or a re-run. A resume the run's plan no longer matches is refused here."""
+    import ray.train
+
+    from training.checkpoint import read_state
+    from training.recipe import check_resumable
+
+    checkpoint = ray.train.get_checkpoint()
+    held = contextlib.ExitStack()  # remote storage: downloaded once, deleted once the engine has loaded it
+    ckpt_dir = Path(held.enter_context(checkpoint.as_directory())) if checkpoint else None
+    saved = read_state(ckpt_dir) if ckpt_dir else None
+    check_resumable(saved, w.config["resume_key"], run_where(w.cfg))
+    return held, ckpt_dir, saved
+
+
+class RankData:
+    """This rank's samples: per stage, a Ray Dataset of its positions from a cursor on (the sampler's draws, decoded
+    and tokenized in Ray Data tasks: datasets_io/ray_datasets.py). Where the rank enters each stage is logged to
+    <output.dir>/ray_ranks/rank<R>.events.jsonl."""
+
+    def __init__(self, w: WorkerRun, resumed_from: dict | None):
+        from datasets_io.sampler import BatchLayout
+        from training import data as data_module
+
+        self.w, self.resumed_from = w, resumed_from
+        self.pre = make_preprocessor(w.cfg, w.config["base_model"])
+        self.spec = data_module.sampler_spec(w.cfg, w.config["counts"])
+        self.layout = BatchLayout(w.cfg.train.micro_batch_size, w.cfg.train.grad_accum, w.world)
+        self.stage_steps = {"A": w.plan.stage_a_steps, "B": w.plan.stage_b_steps}
+        self.primed: dict[tuple[str, int], Any] = {}
+        self.first_step_of_stage: dict[str, int] = {}  # where this rank entered each stage, in this attempt
+
+    def batches(self, stage: str, cursor: int) -> Any:
+        """This rank's micro-batches of `stage` from global position `cursor` to the stage's end."""
+        from datasets_io.ray_datasets import stage_batches, stage_dataset, worker_items
+
+        items = worker_items(self.spec, self.layout, self.w.rank, stage, cursor, self.stage_steps[stage])
+        return stage_batches(stage_dataset(items, self.w.config["rows"], stage, self.pre), self.pre,
+                             self.w.cfg.train.micro_batch_size)
+
+    def prime(self, step0: int, cursor0: dict[str, int]) -> None:
+        """Start the stage the run resumes in on a background thread (nothing when the run is complete)."""
+        from training.curriculum import stage_at
+
+        if step0 < self.w.plan.total_steps:
+            first = stage_at(step0, self.w.plan)
+            self.primed[(first, cursor0[first])] = PrimedIterator(self.batches(first, cursor0[first]))
+
+    def source(self, state: Any) -> Any:
+        """THE loop's `source(stage, cursor)`: this rank's batches as tensors (the primed ones when they match)."""
+        from training.data import to_torch
+
+        plan, rank = self.w.plan, self.w.rank
+
+        def stage_source(stage: str, cursor: int):
+            step = (plan.stage_a_steps if stage == "B" else 0) + cursor // plan.samples_per_step
+            self.first_step_of_stage[stage] = step
+            with open(self.w.ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
+                f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step,
+                                    "cursor": dict(state.cursor), "resumed_from": self.resumed_from}) + "\n")
+            rows = self.primed.pop((stage, cursor), None) or self.batches(stage, cursor)
+            return (to_torch(b) for b in rows)
+
+        return stage_source
+
+
+def build_worker_engine(w: WorkerRun, laps: Laps) -> tuple[Any, Any]:
+    """(the LoRA model bundle, its DeepSpeedEngine): built inside ZeRO-3's init context when stage 3, so the base is
+    loaded already partitioned across ranks. The phases go to `laps`: imports, model, deepspeed."""
+    import torch
+
+    from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
+    from training.model import resolve_base_path
+    from training.recipe import build_lora_model
+
+    cfg, ds_config = w.cfg, w.config["deepspeed"]
     if not cfg.ray.use_gpu:
         prepare_deepspeed_cpu()
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
@@ -495,28 +632,42 @@ def train_worker(config: dict) -> None:
     laps.mark("model")
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
     laps.mark("deepspeed")
-    if saved:
-        engine.load_training_state(ckpt_dir, saved["engine"])
-        held.close()
-        say(f"[resume] rank {rank}: step {state.global_step}/{plan.total_steps}, stage {saved['stage']}, "
-            f"cursor {state.cursor}")
-    setup_s = time.perf_counter() - t0
+    return bundle, engine
 
-    first_step_of_stage: dict[str, int] = {}
-    out = Path(cfg.output.dir)
-    ranks_dir = out / RANKS_DIR
-    ranks_dir.mkdir(parents=True, exist_ok=True)
 
-    def source(stage: str, cursor: int):
-        step = (plan.stage_a_steps if stage == "B" else 0) + cursor // plan.samples_per_step
-        first_step_of_stage[stage] = step  # where this rank entered the stage, in this attempt
-        with open(ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
-            f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step, "cursor": dict(state.cursor),
-                                "resumed_from": resumed_from}) + "\n")
-        rows = primed.pop((stage, cursor), None) or batches(stage, cursor)
-        return (to_torch(b) for b in rows)
+def worker_loop_io(w: WorkerRun, engine: Any, bundle: Any, data: RankData, state: Any) -> Any:
+    """THE loop's inputs on this rank: the engine, this rank's data and validation slice, the checkpointer
+    (reported to Ray Train), MLflow on rank 0 (the null tracker elsewhere) and, when asked, the data-order log."""
+    from training.checkpoint import Checkpointer
+    from training.data import DataOrderLog
+    from training.loop import LoopIO
+    from training.recipe import validation_source
+    from training.tracking import MlflowTracker, NullTracker, ResumeSafeTracker
 
-    def on_checkpoint(path: Path, loop_state: LoopState) -> None:
+    cfg, config, out = w.cfg, w.config, Path(w.cfg.output.dir)
+    tracker = (ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
+                                 close_run=False)  # the driver owns the run's status
+               if w.rank == 0 else NullTracker())
+    order_log = (DataOrderLog(out / "data_order.jsonl", w.rank, w.world, state.global_step)
+                 if cfg.train.record_data_order else None)  # every rank: the gather is a collective
+    return LoopIO(engine=engine, plan=w.plan, source=data.source(state), tracker=tracker,
+                  val_source=validation_source(data.pre, config["val"], cfg, w.rank, w.world),
+                  checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
+                  grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+                  save_every=cfg.train.save_every, world_size=w.world, show_progress=False,
+                  on_checkpoint=checkpoint_reporter(engine, w.rank),
+                  log_checkpoint_artifacts=cfg.mlflow.log_checkpoints, on_step_data=order_log, rank=w.rank,
+                  extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
+                               "runtime": "ray", "world_size": w.world, "resume_key": config["resume_key"]})
+
+
+def checkpoint_reporter(engine: Any, rank: int) -> Any:
+    """THE loop's `on_checkpoint`: every rank reports the checkpoint to Ray Train (a barrier), then waits until the
+    controller has committed it."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConsistencyMode
+
+    def on_checkpoint(path: Path, loop_state: Any) -> None:
         engine.barrier()  # the writer has renamed <name>.tmp -> <name>
         mine = path if rank == 0 else None
         staged = path.with_name(path.name + ".tmp")
@@ -532,39 +683,14 @@ def train_worker(config: dict) -> None:
         # checkpoint the loop has passed is the one a restart resumes from, not the one before.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
-    tracker = (ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
-                                 close_run=False)  # the driver owns the run's status
-               if rank == 0 else NullTracker())
-    order_log = (DataOrderLog(out / "data_order.jsonl", rank, world, state.global_step)
-                 if cfg.train.record_data_order else None)  # every rank: the gather is a collective
-    io = LoopIO(engine=engine, plan=plan, source=source, tracker=tracker,
-                val_source=validation_source(pre, config["val"], cfg, rank, world),
-                checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
-                grad_accum=ga, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
-                save_every=cfg.train.save_every, world_size=world, show_progress=False, on_checkpoint=on_checkpoint,
-                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints, on_step_data=order_log, rank=rank,
-                extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
-                             "runtime": "ray", "world_size": world, "resume_key": config["resume_key"]})
-    say(f"[ray] rank {rank}/{world}: set up in {setup_s:.1f}s ("
-        + ", ".join(f"{k} {v:.1f}s" for k, v in laps.phases.items())
-        + f"; DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']}{', resumed' if saved else ''})")
-    if state.global_step >= plan.total_steps:
-        say(f"[ray] rank {rank}: the run is already complete ({state.global_step} steps); nothing to train")
-    else:
-        state = train(io, state)
+    return on_checkpoint
 
-    if debug.get("logits_probe"):  # eval logits of a fixed batch, to compare with the saved bundle (tests)
-        batch = to_torch(pre.batch(_items(config["probe_rows"])))
-        logits = engine.logits(batch)  # every rank: the forward is collective under ZeRO-3
-        if engine.is_writer:
-            from safetensors.torch import save_file
 
-            save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}},
-                      debug["logits_probe"])
-    (ranks_dir / f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "world_size": world, "global_step": state.global_step, "cursor": state.cursor,
-        "stage_switch_step": state.stage_switch_step, "first_step_of_stage": first_step_of_stage,
-        "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
-        "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
-        "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
-                                 if state.first_step_done_at else None)}, indent=2))
+def write_logits_probe(engine: Any, batch: dict, path: str) -> None:
+    """Eval logits of a fixed batch (tests compare them with the saved bundle's). Every rank runs the forward (it is
+    collective under ZeRO-3); the writer saves logits and batch as safetensors."""
+    logits = engine.logits(batch)
+    if engine.is_writer:
+        from safetensors.torch import save_file
+
+        save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, path)

@@ -299,7 +299,7 @@ def test_processor_chat_template_matches_llava_mistral_instruct(converted):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoProcessor
 
-    from training.convert_llava_med import original_llava_prompt
+    from training.convert_llava_med.verify import original_llava_prompt
 
     out = converted[2]
     processor = AutoProcessor.from_pretrained(out)
@@ -334,7 +334,7 @@ def test_processor_chat_template_matches_llava_mistral_instruct(converted):
 def test_verify_fails_loudly_on_a_wrong_conversion(converted, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from training.convert_llava_med import verify_conversion
+    from training.convert_llava_med.verify import verify_conversion
 
     src, tower, out, *_ = converted
     broken = tmp_path / "broken"
@@ -349,7 +349,7 @@ def test_verify_fails_loudly_on_a_wrong_conversion(converted, tmp_path):
 
 
 def test_bin_weights_need_allow_pickle(tmp_path):
-    from training.convert_llava_med import convert
+    from training.convert_llava_med.convert import convert
 
     src, tower, out = tmp_path / "src", tmp_path / "tower", tmp_path / "out"
     write_llava_med_checkpoint(src, fmt="bin", n_shards=2)
@@ -368,7 +368,7 @@ def test_bin_weights_need_allow_pickle(tmp_path):
 def test_openai_clip_dir_and_tower_weights_inside_the_source(tmp_path, unfreeze):
     """The real tower download is a full CLIPModel (vision_model.* + the text half). A LLaVA checkpoint may also carry
     model.vision_tower.vision_tower.vision_model.*: LLaVA uses them only with unfreeze_mm_vision_tower=true."""
-    from training.convert_llava_med import convert
+    from training.convert_llava_med.convert import convert
 
     src, tower, out = tmp_path / "src", tmp_path / "tower", tmp_path / "out"
     clip = write_vision_tower(tower, full_clip=True, seed=1)
@@ -387,7 +387,7 @@ def test_openai_clip_dir_and_tower_weights_inside_the_source(tmp_path, unfreeze)
 
 
 def test_bf16_source_stays_bf16_and_tower_is_cast(tmp_path):
-    from training.convert_llava_med import convert
+    from training.convert_llava_med.convert import convert
 
     src, tower, out = tmp_path / "src", tmp_path / "tower", tmp_path / "out"
     source = write_llava_med_checkpoint(src, dtype=torch.bfloat16, n_shards=3)
@@ -401,7 +401,7 @@ def test_bf16_source_stays_bf16_and_tower_is_cast(tmp_path):
 
 
 def test_unsupported_or_inconsistent_sources_are_refused(tmp_path):
-    from training.convert_llava_med import convert
+    from training.convert_llava_med.convert import convert
 
     tower = tmp_path / "tower"
     write_vision_tower(tower)
@@ -424,7 +424,7 @@ def test_unsupported_or_inconsistent_sources_are_refused(tmp_path):
 def test_streaming_writer_round_trips_through_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from training.convert_llava_med import SafetensorsFile, StreamingSafetensorsWriter
+    from training.convert_llava_med.safetensors_stream import SafetensorsFile, StreamingSafetensorsWriter
 
     a = torch.randn(5, 3).to(torch.bfloat16)
     b, c = torch.arange(6, dtype=torch.int64).reshape(2, 3), torch.randn(4)

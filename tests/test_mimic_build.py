@@ -19,16 +19,12 @@ from PIL import Image
 
 from datasets_io import mimic_fixture as fx
 from datasets_io.jsonl import read_records
-from datasets_io.mimic_build import (
-    NearestBefore,
-    add_build_arguments,
-    build,
-    extract_impression,
-    load_icd_map,
-    nearest_labs,
-    options_from_args,
-    run_build,
-)
+from datasets_io.mimic_build.build import build
+from datasets_io.mimic_build.ehr import nearest_labs
+from datasets_io.mimic_build.icd_map import load_icd_map
+from datasets_io.mimic_build.report_sections import extract_impression
+from datasets_io.mimic_build.time_alignment import NearestBefore
+from launcher.commands.data import add_build_arguments, options_from_args, run_build
 from datasets_io.records import CHEXPERT_LABELS, ICD_FLAGS, ehr_from_prompt, parse_target
 from datasets_io.errors import LauncherError
 

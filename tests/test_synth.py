@@ -87,7 +87,7 @@ def test_ehr_block_has_the_seed_fields(synth_dir):
 
 
 def test_ehr_detail_mimic_is_the_builds_size_with_the_same_studies_and_labels():
-    from datasets_io.mimic_build import LAB_PANEL, VITALS
+    from datasets_io.mimic_build.ehr import LAB_PANEL, VITALS
     from datasets_io.records import prompt_b
 
     basic, mimic = make_studies(40, 0), make_studies(40, 0, "mimic")

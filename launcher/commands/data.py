@@ -23,6 +23,7 @@ from datasets_io.errors import LauncherError
 if TYPE_CHECKING:
     from datasets_io.images import ImageSpec
     from datasets_io.config import Config
+    from datasets_io.mimic_build.options import BuildOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,13 +77,65 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="decoding processes (default: the CPU count, %(default)s)")
     pr.set_defaults(func=run_prepare)
 
-    try:
-        from datasets_io.mimic_build import add_build_arguments, run_build
-    except ModuleNotFoundError:
-        return
     b = dsub.add_parser("build", help="build the curriculum from raw MIMIC-CXR-JPG + MIMIC-IV")
     add_build_arguments(b)
     b.set_defaults(func=run_build)
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `launcher data build` (the work is in datasets_io/mimic_build/)."""
+    from datasets_io.mimic_build.options import DEFAULT_ICD_MAP  # light: no numpy, pyarrow or yaml
+
+    parser.add_argument("--cxr-jpg", required=True, metavar="DIR",
+                        help="MIMIC-CXR-JPG 2.x folder (mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz, files/)")
+    parser.add_argument("--reports", required=True, metavar="DIR",
+                        help="MIMIC-CXR folder with files/pXX/p<subject>/s<study>.txt")
+    parser.add_argument("--mimic-iv", required=True, metavar="DIR", help="MIMIC-IV folder with hosp/*.csv.gz")
+    parser.add_argument("--mimic-iv-ed", metavar="DIR", help="MIMIC-IV-ED folder with ed/vitalsign.csv.gz (vitals)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output data root (use as --data-root)")
+    parser.add_argument("--subjects", metavar="LIST", help="subject folders to keep, e.g. p10 or p10,p11 (default all)")
+    parser.add_argument("--views", default="PA,AP", help="ViewPosition preference, most preferred first")
+    parser.add_argument("--max-studies", type=int, default=0, metavar="N", help="stop after N kept studies (0 = all)")
+    parser.add_argument("--icd-map", default=str(DEFAULT_ICD_MAP), metavar="YAML",
+                        help="versioned ICD flag map (default: %(default)s; the original project's eight flags: "
+                        "configs/icd_map_seed.yaml)")
+    parser.add_argument("--unmentioned", choices=("omit", "negative"), default="omit",
+                        help="CheXpert blank (not mentioned): omit from the block, or render Negative")
+    parser.add_argument("--no-admission", choices=("stage-a-only", "icd-none"), default="stage-a-only",
+                        help="a study inside no admission: no Stage B row, or Stage B with ICD findings None")
+    parser.add_argument("--admission-start", choices=("admittime", "edregtime"), default="admittime",
+                        help="admission window start: admittime, or the ED registration before it")
+    parser.add_argument("--lab-window-hours", type=float, default=24.0)
+    parser.add_argument("--vital-window-hours", type=float, default=24.0)
+    parser.add_argument("--image-mode", choices=("symlink", "copy"), default="symlink")
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    """The parsed arguments as BuildOptions, checked."""
+    from datasets_io.mimic_build.options import BuildOptions, parse_subject_selectors
+
+    views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+    if not views:
+        raise LauncherError("--views: give at least one ViewPosition, e.g. PA,AP")
+    if args.max_studies < 0 or args.lab_window_hours <= 0 or args.vital_window_hours <= 0:
+        raise LauncherError("--max-studies must be >= 0 and the window hours > 0")
+    return BuildOptions(
+        cxr_jpg=args.cxr_jpg, reports=args.reports, mimic_iv=args.mimic_iv, out=args.out,
+        mimic_iv_ed=args.mimic_iv_ed, subjects=parse_subject_selectors(args.subjects), views=views,
+        max_studies=args.max_studies, icd_map=args.icd_map, unmentioned=args.unmentioned,
+        no_admission=args.no_admission, admission_start=args.admission_start,
+        lab_window_hours=args.lab_window_hours, vital_window_hours=args.vital_window_hours,
+        image_mode=args.image_mode,
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from datasets_io.mimic_build.build import build, summary
+
+    report = build(options_from_args(args))
+    print(summary(report))
+    print(f"  report: {Path(args.out) / 'build_report.json'}")
+    return 0
 
 
 def run_synth(args: argparse.Namespace) -> int:

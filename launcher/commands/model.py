@@ -6,7 +6,7 @@
 convert-llava-med turns the original LLaVA-Med v1.5 Mistral-7B download (the LLaVA repository's `llava_mistral`
 format, which transformers cannot load) into a `LlavaForConditionalGeneration` directory that
 `model.name_or_path` can point at. --verify then runs the original layout and the converted model on one image and
-prompt and fails unless their logits agree to --tolerance. The work is in training/convert_llava_med.py.
+prompt and fails unless their logits agree to --tolerance. The work is in training/convert_llava_med/.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_convert_llava_med(args: argparse.Namespace) -> int:
-    from training.convert_llava_med import convert  # torch + transformers: only when the command runs
+    from training.convert_llava_med.convert import convert  # torch + transformers: only when the command runs
 
     result = convert(
         args.src,
