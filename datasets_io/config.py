@@ -163,7 +163,8 @@ class OutputConfig:
 @dataclass
 class MlflowConfig:
     tracking_uri: str = ""
-    """Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db with artifacts in <output.dir>/mlartifacts."""
+    """Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db. A sqlite store keeps its artifacts in
+    mlartifacts/ next to the db."""
     experiment: str = "radiology-report"
     run_name: str = ""
     log_checkpoints: bool = False

@@ -140,10 +140,10 @@ def pinned_tracker(cfg: Config, tags: dict[str, str]) -> tuple[Any, bool]:
 
     marker = read_run_marker(cfg)
     if marker and marker.get("mlflow_run_id"):
-        tracker = MlflowTracker(cfg, run_id=marker["mlflow_run_id"])
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        tracker = MlflowTracker.from_config(cfg, run_id=marker["mlflow_run_id"])
+        tracker.reopen()
         return tracker, True
-    tracker = MlflowTracker(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
+    tracker = MlflowTracker.from_config(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
     tracker.log_params(config_params(cfg))
     tracker.set_tags(tags)
     write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
@@ -540,7 +540,7 @@ def train_worker(config: dict) -> None:
         # checkpoint the loop has passed is the one a restart resumes from, not the one before.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
-    tracker = (ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
+    tracker = (ResumeSafeTracker(MlflowTracker.from_config(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
                                  close_run=False)  # the driver owns the run's status
                if rank == 0 else NullTracker())
     order_log = (DataOrderLog(out / "data_order.jsonl", rank, world, state.global_step)

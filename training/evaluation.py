@@ -605,9 +605,10 @@ def load_main_model(opts: EvalOptions, device: str) -> LoadedModel:
     if opts.checkpoint:
         return load_checkpoint_model("model", opts.checkpoint, device)
     from datasets_io.config import load_config
-    from training.registry import load_registered_bundle, resolve_registry_uri
+    from training.registry import load_registered_bundle
+    from training.tracking import resolve_store
 
-    uri = resolve_registry_uri(opts.tracking_uri)
+    uri = resolve_store(opts.tracking_uri)
     bundle, info = load_registered_bundle(opts.model_uri, uri)
     bundle.model.to(device)
     cfg_file = Path(info["adapter_dir"]) / "config.yaml"  # the training config travels in the adapter bundle
@@ -741,38 +742,19 @@ def eval_params(result: dict) -> dict[str, str]:
 
 def log_to_mlflow(result: dict, model: LoadedModel, out_dir: Path, plots: list[Path], opts: EvalOptions) -> str:
     """One run in the experiment: params (settings), metrics (numbers), report.md / metrics.json / plots."""
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
-
-    from training.registry import ensure_experiment, resolve_registry_uri
+    from datasets_io.config import MlflowConfig
+    from training import tracking
 
     cfg = model.config
-    uri = model.tracking_uri or resolve_registry_uri(opts.tracking_uri, cfg)
-    experiment = cfg.mlflow.experiment if cfg else "radiology-report"
-    client = mlflow.MlflowClient(uri)
-    exp_id = ensure_experiment(client, experiment, uri)
+    uri = model.tracking_uri or tracking.resolve_store(opts.tracking_uri, cfg)
     name = "eval-" + (Path(opts.checkpoint).name if opts.checkpoint else opts.model_uri.split("/", 1)[-1])
-    run = client.create_run(exp_id, run_name=name, tags={"kind": "evaluation"})
-    run_id = run.info.run_id
-    status = "FAILED"
-    try:
-        tags = {"eval.studies_sha256": result["evaluation"]["studies_sha256"]}
-        if model.training_run_id:
-            tags["training_run_id"] = model.training_run_id
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in eval_params(result).items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        ts = int(time.time() * 1000)
-        metrics = [Metric(k[:250], v, ts, 0) for k, v in flat_metrics(result).items()]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i : i + 1000])
-        client.log_artifact(run_id, str(out_dir / "report.md"), "evaluation")
-        client.log_artifact(run_id, str(out_dir / "metrics.json"), "evaluation")
-        for p in plots:
-            client.log_artifact(run_id, str(p), "evaluation/plots")
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status=status)
-    return run_id
+    tags = {"kind": "evaluation", "eval.studies_sha256": result["evaluation"]["studies_sha256"]}
+    if model.training_run_id:
+        tags["training_run_id"] = model.training_run_id
+    files = [(out_dir / "report.md", "evaluation"), (out_dir / "metrics.json", "evaluation"),
+             *[(p, "evaluation/plots") for p in plots]]
+    return tracking.log_run(uri, (cfg.mlflow if cfg else MlflowConfig()).experiment, name, tags=tags,
+                            params=eval_params(result), metrics=flat_metrics(result), files=files)
 
 
 # --------------------------------------------------------------------------------------------- plots
