@@ -215,6 +215,24 @@ def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path
     assert section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]["n"] == 5
 
 
+def test_predictions_pair_each_text_with_its_own_study(synth_dir, tmp_path):
+    """An EHR arm covers only the studies with a Stage B row: its i-th text belongs to its i-th covered study, not to
+    the i-th study of the file."""
+    from training.evaluation.generation import ArmOutput
+    from training.evaluation.report import write_predictions
+    from training.evaluation.studies import arm_indices, load_studies
+
+    studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)), str(synth_dir))
+    outputs = {"model": {arm: ArmOutput(arm, [f"text of {studies[i].study_id}" for i in arm_indices(arm, studies)],
+                                        indices=arm_indices(arm, studies)) for arm in ("ehr_on", "stage_a")}}
+    write_predictions(tmp_path / "predictions.jsonl", studies, outputs)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["ehr_on"] * 5 + ["stage_a"] * 7
+    assert all(r["generated"] == f"text of {r['study_id']}" for r in rows)
+    targets = {s.study_id: s.target for s in studies}
+    assert all(r["target"] == targets[r["study_id"]] for r in rows)
+
+
 def test_undefined_comparison_is_written_as_undefined(synth_dir, tmp_path):
     from training.evaluation.generation import ArmOutput
     from training.evaluation.options import EvalOptions

@@ -37,11 +37,13 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_predictions(path: Path, studies: Sequence[Study], outputs: dict[str, dict[str, ArmOutput]]) -> None:
-    """Per study, model and arm: the generated text and its parse. Holds patient data: written only on request."""
+    """Per study, model and arm: the generated text and its parse. Holds patient data: written only on request.
+    An arm's texts are for the studies at its `indices` (the EHR arms skip studies without a Stage B row)."""
     with path.open("w") as f:
         for model, arms in outputs.items():
             for arm, out in arms.items():
-                for s, text, p in zip(studies, out.texts, out.parsed):
+                for i, text, p in zip(out.indices, out.texts, out.parsed, strict=True):
+                    s = studies[i]
                     f.write(json.dumps({"study_id": s.study_id, "model": model, "arm": arm, "generated": text,
                                         "target": s.target, "valid": p.valid, "problems": p.problems}) + "\n")
 
