@@ -62,14 +62,17 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     first.close("KILLED")
     assert first.tracking_uri == f"sqlite:///{Path(cfg.output.dir).resolve()}/mlflow.db"
 
+    client = _client(first.tracking_uri)
+    again = MlflowTracker.from_config(cfg, run_id=first.run_id)
+    again.reopen()  # a relaunched Ray run: the same run, RUNNING again
+    assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "RUNNING"
+
     echoed = []
-    resumed = ResumeSafeTracker(MlflowTracker.from_config(cfg, run_id=first.run_id),
-                                echo=lambda m, step: echoed.append(step))
+    resumed = ResumeSafeTracker(again, echo=lambda m, step: echoed.append(step))
     for step in range(3, 7):  # the steps after the checkpoint at 3 are trained again
         resumed.log_metrics({"train/loss": 9.0, "val/loss": 2.0}, step=step)
     resumed.close()
 
-    client = _client(first.tracking_uri)
     history = {m.step: m.value for m in client.get_metric_history(first.run_id, "train/loss")}
     assert sorted(history) == [0, 1, 2, 3, 4, 5, 6] and history[4] == pytest.approx(0.2) and history[5] == 9.0
     assert [m.step for m in client.get_metric_history(first.run_id, "val/loss")] == [3, 4, 5, 6]  # a new key: all
