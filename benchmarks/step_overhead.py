@@ -62,7 +62,7 @@ def project_loop(cfg, model, tokenizer, batch, steps: int, out: Path) -> tuple[f
     engine = AccelerateEngine(model, cfg.train, "cpu")
     plan = plan_steps(cfg, 100, 100)
     plan = type(plan)(steps, steps // 3, 0, plan.min_lr_ratio, plan.samples_per_step)
-    tracker = MlflowTracker(cfg)
+    tracker = MlflowTracker.from_config(cfg)
     ckpt = TimedCheckpointer(out / "ckpt", cfg, tokenizer, 1)
     io = LoopIO(engine=engine, plan=plan, source=lambda stage, start: itertools.repeat(batch), val_source=lambda s: [],
                 tracker=tracker, checkpointer=ckpt, grad_accum=1, log_every=10, show_progress=True)

@@ -187,8 +187,8 @@ class OutputConfig(Section):
 
 
 class MlflowConfig(Section):
-    tracking_uri: str = Field("", description="Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db "
-                              "with artifacts in <output.dir>/mlartifacts.")
+    tracking_uri: str = Field("", description="Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db. "
+                              "A sqlite store keeps its artifacts in mlartifacts/ next to the db.")
     experiment: str = "radiology-report"
     run_name: str = ""
     log_checkpoints: bool = Field(False, description="Log checkpoint directories as artifacts (otherwise their paths "

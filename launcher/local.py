@@ -58,7 +58,7 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
             return completed_run_summary(out, str(resume_from), resumed["global_step"], plan.total_steps)
     bundle = build_lora_model(cfg, prep.base_path)  # fp32 weights; autocast mixes
 
-    tracker = MlflowTracker(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
+    tracker = MlflowTracker.from_config(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
     if resumed:  # the steps between the checkpoint and the stop are trained again: never logged twice
         tracker = ResumeSafeTracker(tracker)
     else:

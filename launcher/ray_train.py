@@ -132,10 +132,10 @@ def pinned_tracker(cfg: Config, tags: dict[str, str]) -> tuple[Any, bool]:
 
     marker = read_run_marker(cfg)
     if marker and marker.get("mlflow_run_id"):
-        tracker = MlflowTracker(cfg, run_id=marker["mlflow_run_id"])
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        tracker = MlflowTracker.from_config(cfg, run_id=marker["mlflow_run_id"])
+        tracker.reopen()
         return tracker, True
-    tracker = MlflowTracker(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
+    tracker = MlflowTracker.from_config(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
     tracker.log_params(config_params(cfg))
     tracker.set_tags(tags)
     write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
@@ -645,7 +645,7 @@ def worker_loop_io(w: WorkerRun, engine: Any, bundle: Any, data: RankData, state
     from training.tracking import MlflowTracker, NullTracker, ResumeSafeTracker
 
     cfg, config, out = w.cfg, w.config, Path(w.cfg.output.dir)
-    tracker = (ResumeSafeTracker(MlflowTracker(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
+    tracker = (ResumeSafeTracker(MlflowTracker.from_config(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
                                  close_run=False)  # the driver owns the run's status
                if w.rank == 0 else NullTracker())
     order_log = (DataOrderLog(out / "data_order.jsonl", w.rank, w.world, state.global_step)

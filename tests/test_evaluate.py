@@ -88,7 +88,7 @@ def train_file(synth_dir) -> str:
 
 
 def test_studies_are_paired_and_arms_share_image_and_target(synth_dir, train_file):
-    from training.evaluation import arms_for, load_studies
+    from training.evaluation.studies import arms_for, load_studies
 
     studies = load_studies(train_file, str(synth_dir), limit=5)
     assert len(studies) == 5 and len({s.study_id for s in studies}) == 5
@@ -105,7 +105,7 @@ def test_studies_are_paired_and_arms_share_image_and_target(synth_dir, train_fil
 
 
 def test_bad_inputs_are_user_errors(synth_dir, tmp_path):
-    from training.evaluation import load_studies
+    from training.evaluation.studies import load_studies
 
     with pytest.raises(LauncherError, match="not found"):
         load_studies(str(tmp_path / "nope.jsonl"), str(synth_dir))
@@ -117,7 +117,7 @@ def test_bad_inputs_are_user_errors(synth_dir, tmp_path):
 
 def _arms_from_targets(studies, drop_icd_in_off: bool):
     """Outputs of an oracle: ehr_on copies the target; ehr_off the same without ICD flags (what EHR would add)."""
-    from training.evaluation import ArmOutput
+    from training.evaluation.generation import ArmOutput
 
     on = [s.target for s in studies]
     off = []
@@ -130,7 +130,9 @@ def _arms_from_targets(studies, drop_icd_in_off: bool):
 
 
 def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
-    from training.evaluation import EvalOptions, References, load_studies, score_model
+    from training.evaluation.options import EvalOptions
+    from training.evaluation.scoring import References, score_model
+    from training.evaluation.studies import load_studies
 
     studies = load_studies(train_file, str(synth_dir), limit=40)
     refs = References.of(studies)
@@ -174,7 +176,7 @@ def variant_file(synth_dir: Path, out: Path, *, no_icd: bool = False, drop_stage
 
 
 def test_limit_is_a_seeded_random_sample_in_file_order(synth_dir, train_file):
-    from training.evaluation import load_studies
+    from training.evaluation.studies import load_studies
 
     every = [s.study_id for s in load_studies(train_file, str(synth_dir))]
     picks = {seed: [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=seed)]
@@ -187,8 +189,10 @@ def test_limit_is_a_seeded_random_sample_in_file_order(synth_dir, train_file):
 
 
 def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path):
-    from training.evaluation import (ArmOutput, EvalOptions, arm_coverage, arm_indices, arms_for, load_studies,
-                                     score_model)
+    from training.evaluation.generation import ArmOutput
+    from training.evaluation.options import EvalOptions
+    from training.evaluation.scoring import score_model
+    from training.evaluation.studies import arm_coverage, arm_indices, arms_for, load_studies
 
     data = variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)
     studies = load_studies(str(data), str(synth_dir))
@@ -211,21 +215,46 @@ def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path
     assert section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]["n"] == 5
 
 
+def test_predictions_pair_each_text_with_its_own_study(synth_dir, tmp_path):
+    """An EHR arm covers only the studies with a Stage B row: its i-th text belongs to its i-th covered study, not to
+    the i-th study of the file."""
+    from training.evaluation.generation import ArmOutput
+    from training.evaluation.report import write_predictions
+    from training.evaluation.studies import arm_indices, load_studies
+
+    studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)), str(synth_dir))
+    outputs = {"model": {arm: ArmOutput(arm, [f"text of {studies[i].study_id}" for i in arm_indices(arm, studies)],
+                                        indices=arm_indices(arm, studies)) for arm in ("ehr_on", "stage_a")}}
+    write_predictions(tmp_path / "predictions.jsonl", studies, outputs)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["ehr_on"] * 5 + ["stage_a"] * 7
+    assert all(r["generated"] == f"text of {r['study_id']}" for r in rows)
+    targets = {s.study_id: s.target for s in studies}
+    assert all(r["target"] == targets[r["study_id"]] for r in rows)
+
+
 def test_undefined_comparison_is_written_as_undefined(synth_dir, tmp_path):
-    from training.evaluation import ArmOutput, EvalOptions, _json_safe, load_studies, score_model
+    from training.evaluation.generation import ArmOutput
+    from training.evaluation.options import EvalOptions
+    from training.evaluation.report import json_safe
+    from training.evaluation.scoring import score_model
+    from training.evaluation.studies import load_studies
 
     studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True)), str(synth_dir))
     outputs = {arm: ArmOutput(arm, [s.target for s in studies]) for arm in ("ehr_on", "ehr_off")}
     section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     icd = section["ab"]["ehr_on-ehr_off"]["icd/micro_f1"]  # no ICD positive anywhere: F1 undefined on both sides
     assert "undefined" in icd and math.isnan(icd["diff"]) and math.isnan(icd["p_value"]) and math.isnan(icd["p_holm"])
-    assert json.loads(json.dumps(_json_safe(icd)))["p_value"] is None
+    assert json.loads(json.dumps(json_safe(icd)))["p_value"] is None
     rouge = section["ab"]["ehr_on-ehr_off"]["text/rouge_l"]
     assert "undefined" not in rouge and rouge["p_value"] == 1.0 and rouge["p_holm"] == 1.0
 
 
 def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
-    from training.evaluation import ArmOutput, EvalOptions, load_studies, score_model
+    from training.evaluation.generation import ArmOutput
+    from training.evaluation.options import EvalOptions
+    from training.evaluation.scoring import score_model
+    from training.evaluation.studies import load_studies
 
     studies = load_studies(train_file, str(synth_dir), limit=8)
     junk = ["", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
@@ -253,7 +282,7 @@ BASELINE_EVAL = [
 
 def test_majority_baseline_fits_on_training_data(tmp_path):
     from datasets_io.records import target_a
-    from training.evaluation import References, majority_baseline
+    from training.evaluation.scoring import References, majority_baseline
 
     train = tmp_path / "train.jsonl"
     rows = [{"study_id": str(i), "image": f"{i}.jpg", "prompt": PROMPT_A, "mode": "image_only", "stage": "A",
@@ -399,8 +428,9 @@ def test_one_generation_budget_for_every_arm(trained, synth_dir):
     """Without --max-new-tokens every arm gets max_seq_len minus the longest prompt of *any* arm (the EHR-on one),
     not its own: the image-only and EHR-off arms would otherwise get more room than EHR-on."""
     from datasets_io.tokens import encode_prompt
-    from training.evaluation import (EvalOptions, arms_for, load_checkpoint_model, load_studies,
-                                     shared_max_new_tokens)
+    from training.evaluation.generation import load_checkpoint_model, shared_max_new_tokens
+    from training.evaluation.options import EvalOptions
+    from training.evaluation.studies import arms_for, load_studies
 
     model = load_checkpoint_model("model", str(trained / "checkpoints" / "final"), "cpu")
     studies = load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir))

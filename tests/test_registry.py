@@ -102,7 +102,7 @@ def test_registering_leaves_no_tracking_target_behind(before, tmp_path, monkeypa
     in this process goes where it went before, and the environment is as it was."""
     import mlflow
 
-    from training.registry import _TrackingTarget
+    from training.tracking import TrackingTarget
 
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.setenv(k, "")  # recorded, so the teardown puts back what was there (mlflow sets them below)
@@ -121,7 +121,7 @@ def test_registering_leaves_no_tracking_target_behind(before, tmp_path, monkeypa
 
     expected = state()
     try:
-        with _TrackingTarget(target):
+        with TrackingTarget(target):
             assert state() == (target, target, target, target)
             with mlflow.start_run() as inside:
                 pass
@@ -142,9 +142,9 @@ def test_register_errors_are_actionable(tmp_path):
     with pytest.raises(LauncherError, match="not an adapter bundle"):
         register_checkpoint(tmp_path, "m")
     with pytest.raises(LauncherError, match="not reachable"):
-        from training.registry import resolve_registry_uri
+        from training.tracking import resolve_store
 
-        resolve_registry_uri(f"http://127.0.0.1:{free_ports(1)[0]}")
+        resolve_store(f"http://127.0.0.1:{free_ports(1)[0]}")
 
 
 # --------------------------------------------------------------------------------------------- slow

@@ -1,4 +1,5 @@
 """The MLflow Model Registry: an adapter bundle logged as a pyfunc model, registered as a version with lineage tags.
+This module decides what a version holds; training/tracking.py (the MLflow module) writes and reads it.
 
     launcher register --checkpoint runs/tiny/checkpoints/final --name cxr-report-generator --alias candidate
     launcher local --config configs/tiny.yaml --set mlflow.register_at_end=true      (the same, at the end of training)
@@ -25,16 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from datasets_io.errors import LauncherError
+from training import tracking
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("datasets_io", "training", "launcher")
@@ -43,67 +43,6 @@ TRAINING_STATE_FILES = {"optimizer.safetensors", "rng_state.safetensors"}
 # What the pyfunc needs at load and predict time, pinned to what is installed here.
 PIP_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pillow",
                 "numpy", "pandas", "pyyaml", "tqdm", "pyarrow")
-
-
-# --------------------------------------------------------------------------------------------- tracking plumbing
-def resolve_registry_uri(tracking_uri: str | None, cfg: Any = None) -> str:
-    """--tracking-uri, else the checkpoint config's store (mlflow.tracking_uri, $MLFLOW_TRACKING_URI, the run's
-    sqlite db), else $MLFLOW_TRACKING_URI. Servers are checked for /health first."""
-    from training.tracking import check_reachable, resolve_tracking_uri
-
-    uri = tracking_uri or (resolve_tracking_uri(cfg) if cfg is not None else os.environ.get("MLFLOW_TRACKING_URI"))
-    if not uri:
-        raise LauncherError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
-
-
-def sqlite_artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store live in `mlartifacts/` next to the db (the plain file store is refused)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-
-
-def ensure_experiment(client: Any, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=sqlite_artifact_location(uri))
-
-
-class _TrackingTarget:
-    """Point the mlflow fluent API (start_run, pyfunc.log_model, register_model, pyfunc.load_model: MLflow 3.17 gives
-    them no URI argument) at `uri` for a block, then put the previous target back, with public APIs only.
-
-    mlflow.set_tracking_uri / set_registry_uri keep the global URIs and MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI in
-    step (setting one exports the other), so the environment carries the previous target: on exit the globals are
-    unset (None) and the variables restored, and the next run in this process resolves its store as before."""
-
-    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        import mlflow
-
-        self.prev_env = {k: os.environ.get(k) for k in self._ENV}
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-
-    def __exit__(self, *exc: Any) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(None)  # None = unset (it also drops MLFLOW_TRACKING_URI, restored below)
-        mlflow.set_registry_uri(None)
-        for k, v in self.prev_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------------- lineage
@@ -202,18 +141,6 @@ def stage_code(dst: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- register
-def _finished_run_in_store(client: Any, run_id: str | None) -> str | None:
-    """The training run, when it is in this store and over: the model is logged into it (resuming it briefly).
-    A RUNNING run is left alone (training may still be writing to it; ending it would mark it FINISHED)."""
-    if not run_id:
-        return None
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001 -- MlflowException(RESOURCE_DOES_NOT_EXIST) on another store
-        return None
-    return run_id if run.info.status != "RUNNING" else None
-
-
 def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = None, cfg: Any = None,
                         run_id: str | None = None, tracking_uri: str | None = None,
                         serving_limits: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -222,25 +149,11 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
 
     Returns {name, version, alias, model_uri ("models:/NAME/VERSION"), logged_model_uri, run_id, tracking_uri}.
     """
-    import mlflow
-
     import training.pyfunc as pyfunc_module
-    from datasets_io.config import load_config
     from training.checkpoint import read_state
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = Path(ckpt_dir).resolve()
-    if not (ckpt / "adapter_config.json").is_file():
-        raise LauncherError(f"--checkpoint {ckpt_dir}: not an adapter bundle (no adapter_config.json)")
-    if not name:
-        raise LauncherError("a registered model name is required (--name)")
-    unknown = set(serving_limits or {}) - set(pyfunc_module.ServingLimits().as_model_config())
-    if unknown:
-        raise LauncherError(f"serving_limits: unknown keys {sorted(unknown)} (see training.pyfunc.ServingLimits)")
-    if cfg is None:
-        if not (ckpt / "config.yaml").is_file():
-            raise LauncherError(f"--checkpoint {ckpt_dir}: no config.yaml (the resolved run config) in the bundle")
-        cfg = load_config(ckpt / "config.yaml")
+    cfg = _checked_bundle(ckpt, ckpt_dir, name, serving_limits, cfg)
     state = read_state(ckpt)
     base = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
     base_is_dir = Path(base).is_dir()
@@ -248,61 +161,61 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
         raise LauncherError(f"base model {base!r} of {ckpt} is not a directory on this machine (nor a hub id): "
                             "register where the base model is, or point adapter_config.json at it")
 
-    uri = resolve_registry_uri(tracking_uri, cfg)
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    run_id = _finished_run_in_store(client, run_id or state.get("mlflow_run_id"))
-    exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
+    uri = tracking.resolve_store(tracking_uri, cfg)
     tags = lineage_tags(ckpt, cfg, state, base)
-
     # Every limit is written out: MLflow lets a load (or MLFLOW_PYFUNC_INFERENCE_CONFIG) override only logged keys.
     limits = pyfunc_module.ServingLimits.from_model_config(serving_limits or {})
     model_config: dict[str, Any] = {"batch_size": 8, **limits.as_model_config()}
-    with tempfile.TemporaryDirectory(prefix="cxr-register-") as tmp, _TrackingTarget(uri):
+    with tempfile.TemporaryDirectory(prefix="cxr-register-") as tmp:
         artifacts = {"adapter": str(stage_bundle(ckpt, Path(tmp) / "adapter"))}
         if base_is_dir:
             artifacts["base_model"] = str(Path(base).resolve())
         else:
             model_config["base_model"] = base
-        code_paths = stage_code(Path(tmp) / "code")
-        run_kwargs = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": f"register-{ckpt.name}"}
-        with mlflow.start_run(**run_kwargs) as run:
-            if not run_id:
-                mlflow.set_tags({"kind": "registration", "checkpoint": str(ckpt),
-                                 **({"training_run_id": tags["training_run_id"]} if "training_run_id" in tags else {})})
-            with warnings.catch_warnings():
-                # An input example would make MLflow run generation at log time; the signature says enough.
-                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME_IN_RUN,
-                    python_model=pyfunc_module.__file__,  # models from code: no pickled object in the model
-                    artifacts=artifacts,
-                    code_paths=code_paths,
-                    pip_requirements=pip_requirements(),
-                    signature=pyfunc_module.signature(),
-                    model_config=model_config,
-                    tags={k: v for k, v in tags.items() if not k.startswith("metrics.")},
-                )
-            version = mlflow.register_model(info.model_uri, name, tags=tags)
-        if alias:
-            client.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": str(version.version), "alias": alias or None,
-            "model_uri": f"models:/{name}/{version.version}", "logged_model_uri": info.model_uri,
-            "run_id": run.info.run_id, "tracking_uri": uri}
+        training_run = {"training_run_id": tags["training_run_id"]} if "training_run_id" in tags else {}
+        pyfunc_model = {  # mlflow.pyfunc.log_model's arguments
+            "name": MODEL_NAME_IN_RUN,
+            "python_model": pyfunc_module.__file__,  # models from code: no pickled object in the model
+            "artifacts": artifacts,
+            "code_paths": stage_code(Path(tmp) / "code"),
+            "pip_requirements": pip_requirements(),
+            "signature": pyfunc_module.signature(),
+            "model_config": model_config,
+            "tags": {k: v for k, v in tags.items() if not k.startswith("metrics.")},
+        }
+        logged = tracking.log_registered_model(
+            uri, cfg.mlflow.experiment, name, pyfunc_model, alias=alias, run_id=run_id or state.get("mlflow_run_id"),
+            new_run_name=f"register-{ckpt.name}",
+            new_run_tags={"kind": "registration", "checkpoint": str(ckpt), **training_run}, version_tags=tags)
+    return {"name": name, "version": logged["version"], "alias": alias or None,
+            "model_uri": f"models:/{name}/{logged['version']}", "logged_model_uri": logged["logged_model_uri"],
+            "run_id": logged["run_id"], "tracking_uri": uri}
+
+
+def _checked_bundle(ckpt: Path, ckpt_dir: str | Path, name: str, serving_limits: dict[str, Any] | None,
+                    cfg: Any) -> Any:
+    """Refuse what cannot be registered, naming it; returns the run config (the bundle's config.yaml by default)."""
+    from datasets_io.config import load_config
+    from training.pyfunc import ServingLimits
+
+    if not (ckpt / "adapter_config.json").is_file():
+        raise LauncherError(f"--checkpoint {ckpt_dir}: not an adapter bundle (no adapter_config.json)")
+    if not name:
+        raise LauncherError("a registered model name is required (--name)")
+    unknown = set(serving_limits or {}) - set(ServingLimits().as_model_config())
+    if unknown:
+        raise LauncherError(f"serving_limits: unknown keys {sorted(unknown)} (see training.pyfunc.ServingLimits)")
+    if cfg is not None:
+        return cfg
+    if not (ckpt / "config.yaml").is_file():
+        raise LauncherError(f"--checkpoint {ckpt_dir}: no config.yaml (the resolved run config) in the bundle")
+    return load_config(ckpt / "config.yaml")
 
 
 def load_registered_bundle(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, dict]:
     """(ModelBundle, info) of a registered pyfunc model, through mlflow.pyfunc.load_model (the serving path)."""
-    import mlflow
-
-    uri = resolve_registry_uri(tracking_uri)
-    # Not mlflow.artifacts.download_artifacts(registry_uri=uri): 3.17 resolves a models:/NAME@ALIAS URI through the
-    # global registry URI whatever it is given (ModelsArtifactRepository._get_model_uri_infos).
-    with _TrackingTarget(uri):
-        try:
-            loaded = mlflow.pyfunc.load_model(model_uri)
-        except Exception as e:  # noqa: BLE001 -- MlflowException / OSError: say what and where
-            raise LauncherError(f"cannot load {model_uri} from {uri}: {e.__class__.__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    uri = tracking.resolve_store(tracking_uri)
+    loaded = tracking.load_pyfunc_model(model_uri, uri)
     python_model = loaded.unwrap_python_model()
     if not hasattr(python_model, "bundle"):
         raise LauncherError(f"{model_uri} is not a report-generator model (training.pyfunc.ReportGenerator)")

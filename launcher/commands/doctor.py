@@ -205,32 +205,28 @@ def check_deepspeed(offload_optimizer: bool) -> Check:
 def check_mlflow(cfg: Any) -> Check:
     """The tracking URI the config resolves to: a server must answer /health and list registered models; a sqlite
     store's directory must be writable (the file is created on first use, not here)."""
-    import mlflow
-
     from datasets_io.errors import LauncherError
-    from training.tracking import check_reachable, resolve_tracking_uri
+    from training.tracking import check_reachable, mlflow_version, registered_model_count, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(cfg)
+    version, uri = mlflow_version(), resolve_tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_file():
             parent = _nearest_existing(db.parent)
             if not os.access(parent, os.W_OK):
-                return Check("mlflow", "fail", f"{mlflow.__version__}; {uri}: {parent} is not writable",
+                return Check("mlflow", "fail", f"{version}; {uri}: {parent} is not writable",
                              "point output.dir or mlflow.tracking_uri at a writable place")
-            return Check("mlflow", "ok", f"{mlflow.__version__}; {uri} (created at the first run)")
+            return Check("mlflow", "ok", f"{version}; {uri} (created at the first run)")
     try:
         check_reachable(uri)
     except LauncherError as e:
-        return Check("mlflow", "fail", f"{mlflow.__version__}; tracking URI {uri} is not reachable",
-                     str(e).split(". ", 1)[-1])
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
+        return Check("mlflow", "fail", f"{version}; tracking URI {uri} is not reachable", str(e).split(". ", 1)[-1])
     try:
-        n = len(client.search_registered_models(max_results=100))
+        n = registered_model_count(uri, limit=100)
     except Exception as e:  # noqa: BLE001 -- MlflowException / RestException: the registry is what matters
-        return Check("mlflow", "fail", f"{mlflow.__version__}; {uri} tracks but its model registry fails: "
+        return Check("mlflow", "fail", f"{version}; {uri} tracks but its model registry fails: "
                                        f"{e.__class__.__name__}", "use a database-backed store (sqlite, postgres)")
-    return Check("mlflow", "ok", f"{mlflow.__version__}; {uri} reachable, registry: {n}{'+' if n == 100 else ''} "
+    return Check("mlflow", "ok", f"{version}; {uri} reachable, registry: {n}{'+' if n == 100 else ''} "
                                  "registered model(s)")
 
 

@@ -175,22 +175,19 @@ def predict_one(args: argparse.Namespace, image: bytes, ehr: dict | None) -> dic
         import base64
 
         import pandas as pd
-        from mlflow.exceptions import MlflowException
 
-        from training.registry import load_registered_bundle
-
-        from datasets_io.errors import LauncherError
         from training.devices import resolve_device
+        from training.registry import load_registered_bundle
+        from training.tracking import pyfunc_predict
 
         bundle, info = load_registered_bundle(args.model, args.tracking_uri)
         bundle.model.to(resolve_device(args.device))
         # The file is read here and sent as bytes, as a REST client would: the served model reads no paths.
         frame = pd.DataFrame({"image": [base64.b64encode(image).decode()],
                               "ehr": [json.dumps(ehr) if ehr is not None else None]})
-        try:
-            row = info["pyfunc"].predict(frame, params={"max_new_tokens": args.max_new_tokens or 0}).iloc[0]
-        except MlflowException as e:  # the model's bounds (training.pyfunc.ServingLimits): a user error
-            raise LauncherError(f"--image {args.image} / --ehr: {e.message}") from None
+        # The model's bounds (training.pyfunc.ServingLimits) refusing the request: a user error naming the inputs.
+        row = pyfunc_predict(info["pyfunc"], frame, {"max_new_tokens": args.max_new_tokens or 0},
+                             f"--image {args.image} / --ehr").iloc[0]
         decode = lambda v: json.loads(v) if isinstance(v, str) else None  # noqa: E731
         return {"report": row["report"], "valid": bool(row["valid"]), "problems": json.loads(row["problems"]),
                 "impression": row["impression"], "chexpert": decode(row["chexpert"]), "icd": decode(row["icd"])}
