@@ -37,8 +37,9 @@ print(json.dumps({{"peak_rss_bytes": hwm * 1024}}))
 """
 
 
-def write_original_checkpoint(src: Path, tower: Path, *, layers: int, hidden: int, intermediate: int, vocab: int,
-                              shards: int) -> list[int]:
+def write_original_checkpoint(
+    src: Path, tower: Path, *, layers: int, hidden: int, intermediate: int, vocab: int, shards: int
+) -> list[int]:
     """Random bf16 weights under the llava_mistral key names, sharded like the release; returns the shard sizes."""
     import torch
     from safetensors.torch import save_file
@@ -90,7 +91,8 @@ def write_original_checkpoint(src: Path, tower: Path, *, layers: int, hidden: in
             flush()
     flush()
     (src / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config = {
         "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
@@ -108,8 +110,16 @@ def write_original_checkpoint(src: Path, tower: Path, *, layers: int, hidden: in
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(src)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=mm_hidden, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=2, image_size=56, patch_size=14)).save_pretrained(tower)
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=mm_hidden,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        )
+    ).save_pretrained(tower)
     return sizes
 
 
@@ -144,8 +154,15 @@ def main() -> None:
     try:
         src, tower, out = work / "src", work / "tower", work / "out"
         t0 = time.perf_counter()
-        sizes = write_original_checkpoint(src, tower, layers=args.layers, hidden=args.hidden,
-                                          intermediate=args.intermediate, vocab=args.vocab, shards=args.shards)
+        sizes = write_original_checkpoint(
+            src,
+            tower,
+            layers=args.layers,
+            hidden=args.hidden,
+            intermediate=args.intermediate,
+            vocab=args.vocab,
+            shards=args.shards,
+        )
         write_s = time.perf_counter() - t0
         floor, _ = child_peak(src, tower, out, run=False)
         peak, convert_s = child_peak(src, tower, out, run=True)
@@ -169,12 +186,16 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"original-layout checkpoint: {result['shards']} shards, {result['checkpoint_mb']} MB "
-          f"(largest shard {result['largest_shard_mb']} MB, largest tensor {result['largest_tensor_mb']} MB)")
+    print(
+        f"original-layout checkpoint: {result['shards']} shards, {result['checkpoint_mb']} MB "
+        f"(largest shard {result['largest_shard_mb']} MB, largest tensor {result['largest_tensor_mb']} MB)"
+    )
     print(f"peak RSS, imports only:   {result['import_floor_rss_mb']:8.1f} MB")
     print(f"peak RSS, conversion:     {result['peak_rss_mb']:8.1f} MB  ({result['convert_s']} s, child process)")
-    print(f"conversion above imports: {result['peak_minus_floor_mb']:8.1f} MB = "
-          f"{result['peak_minus_floor_over_largest_shard']} x the largest shard")
+    print(
+        f"conversion above imports: {result['peak_minus_floor_mb']:8.1f} MB = "
+        f"{result['peak_minus_floor_over_largest_shard']} x the largest shard"
+    )
 
 
 if __name__ == "__main__":

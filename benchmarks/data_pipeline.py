@@ -53,7 +53,13 @@ def one_round(paths: list[str], blobs: list[bytes], spec: ImageSpec, cache_dir: 
             t0 = time.thread_time()
             fn(i)
             took[name].append(time.thread_time() - t0)
-    assert cache.stats() == {"hits": len(paths), "misses": len(paths), "rebuilt": 0, "write_errors": 0, "read_errors": 0}
+    assert cache.stats() == {
+        "hits": len(paths),
+        "misses": len(paths),
+        "rebuilt": 0,
+        "write_errors": 0,
+        "read_errors": 0,
+    }
     return took
 
 
@@ -71,8 +77,10 @@ def main() -> None:
         rounds = [one_round(paths, blobs, spec, Path(d, "image_cache")) for _ in range(args.repeats)]
     # per image, its fastest round (a round the scheduler or another process slowed is dropped); rate over images
     rate = {k: len(paths) / sum(min(r[k][i] for r in rounds) for i in range(len(paths))) for k in rounds[0]}
-    print(f"images: {len(paths)} x 3056x2544 JPEG -> (3, {args.size}, {args.size}) float32, 1 core, CPU time, "
-          f"best of {args.repeats} per image")
+    print(
+        f"images: {len(paths)} x 3056x2544 JPEG -> (3, {args.size}, {args.size}) float32, 1 core, CPU time, "
+        f"best of {args.repeats} per image"
+    )
     print(f"naive (full decode, RGB, resize):         {rate['naive']:7.1f} samples/s/core")
     print(f"draft-mode path:                          {rate['draft']:7.1f} samples/s/core")
     print(f"reduced-DCT decode alone (the limit):     {rate['limit']:7.1f} samples/s/core")

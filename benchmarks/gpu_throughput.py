@@ -39,16 +39,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
-    "7b": {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=336, patch_size=14),
-           "text": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=32000),
-           "config": "llava_med_7b.yaml"},
-    "small": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                             image_size=224, patch_size=16),
-              "text": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16,
-                           num_key_value_heads=4, vocab_size=32000),
-              "config": "llava_med_7b.yaml"},
+    "7b": {
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
+        "config": "llava_med_7b.yaml",
+    },
+    "small": {
+        "vision": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        ),
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        "config": "llava_med_7b.yaml",
+    },
     "tiny": {"config": "tiny.yaml", "sets": ["model.train_vision_tower=false", "model.train_token_embeddings=false"]},
 }
 
@@ -67,15 +95,25 @@ def build_base(shape: str, cfg, texts: list[str], out: Path, device: str, dtype)
         return build_tiny_base(cfg, texts, out)
     s = SHAPES[shape]
     tok = train_tokenizer(texts, 4096)
-    text = MistralConfig(**{**s["text"], "vocab_size": max(s["text"]["vocab_size"], len(tok))},
-                         max_position_embeddings=32768, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, sliding_window=None)
+    text = MistralConfig(
+        **{**s["text"], "vocab_size": max(s["text"]["vocab_size"], len(tok))},
+        max_position_embeddings=32768,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
     vision = CLIPVisionConfig(**s["vision"], num_channels=3, projection_dim=768)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         projector_hidden_act="gelu")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the training dtype, on the device: seconds, not minutes, for 7B
@@ -87,7 +125,8 @@ def build_base(shape: str, cfg, texts: list[str], out: Path, device: str, dtype)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "image_spec.json").write_text(
-        __import__("json").dumps({"size": vision.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}))
+        __import__("json").dumps({"size": vision.image_size, "mean": CLIP_MEAN, "std": CLIP_STD})
+    )
     del model
     return out
 
@@ -95,9 +134,15 @@ def build_base(shape: str, cfg, texts: list[str], out: Path, device: str, dtype)
 def projection_dims(t) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer in one Mistral decoder layer (grouped-query attention: K and V are narrower)."""
     kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
-    return {"q_proj": (t.hidden_size, t.hidden_size), "k_proj": (t.hidden_size, kv), "v_proj": (t.hidden_size, kv),
-            "o_proj": (t.hidden_size, t.hidden_size), "gate_proj": (t.hidden_size, t.intermediate_size),
-            "up_proj": (t.hidden_size, t.intermediate_size), "down_proj": (t.intermediate_size, t.hidden_size)}
+    return {
+        "q_proj": (t.hidden_size, t.hidden_size),
+        "k_proj": (t.hidden_size, kv),
+        "v_proj": (t.hidden_size, kv),
+        "o_proj": (t.hidden_size, t.hidden_size),
+        "gate_proj": (t.hidden_size, t.intermediate_size),
+        "up_proj": (t.hidden_size, t.intermediate_size),
+        "down_proj": (t.intermediate_size, t.hidden_size),
+    }
 
 
 def flops_per_sample(cfg, model_config, tokens: float, tokens_sq: float, labels: float) -> float:
@@ -106,11 +151,14 @@ def flops_per_sample(cfg, model_config, tokens: float, tokens_sq: float, labels:
     t, v = model_config.text_config, model_config.vision_config
     dims = projection_dims(t)
     n_lm = t.num_hidden_layers * sum(i * o for i, o in dims.values())
-    n_lora = t.num_hidden_layers * cfg.lora.r * sum(i + o for name, (i, o) in dims.items()
-                                                    if name in cfg.lora.target_modules)
+    n_lora = (
+        t.num_hidden_layers
+        * cfg.lora.r
+        * sum(i + o for name, (i, o) in dims.items() if name in cfg.lora.target_modules)
+    )
     n_proj = v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size  # trained, on the image tokens only
     p = (v.image_size // v.patch_size) ** 2 + 1  # CLIP positions (patches + CLS)
-    n_vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    n_vision = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     lm = (4 * n_lm + 6 * n_lora) * tokens + 6 * t.num_hidden_layers * t.hidden_size * tokens_sq
     head_flops = 4 * t.hidden_size * t.vocab_size * labels  # frozen LM head at the label positions
     vision = 2 * n_vision * p + 4 * v.num_hidden_layers * v.hidden_size * p * p + 6 * n_proj * (p - 1)
@@ -122,13 +170,21 @@ def sample_lengths(cfg, data, tokenizer, image_token_id: int, n_image: int, n: i
     from datasets_io.tokens import build_sample
     from training.data import StageStream, StreamSpec
 
-    stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, cfg.curriculum.replay_fraction,
-                                                          cfg.curriculum.ehr_dropout))
+    stream = StageStream(
+        "B", data.train["B"], StreamSpec(cfg.train.seed, cfg.curriculum.replay_fraction, cfg.curriculum.ehr_dropout)
+    )
     lengths, labels = [], []
     for pos in range(n):
         prompt, target, _, _ = stream.item(pos)
-        tok = build_sample(tokenizer, prompt, target, image_token_id=image_token_id, num_image_tokens=n_image,
-                           max_len=cfg.data.max_seq_len, overlong="shorten_ehr")
+        tok = build_sample(
+            tokenizer,
+            prompt,
+            target,
+            image_token_id=image_token_id,
+            num_image_tokens=n_image,
+            max_len=cfg.data.max_seq_len,
+            overlong="shorten_ehr",
+        )
         lengths.append(len(tok.input_ids))
         labels.append(sum(x != -100 for x in tok.labels))
     return lengths, labels
@@ -137,8 +193,7 @@ def sample_lengths(cfg, data, tokenizer, image_token_id: int, n_image: int, n: i
 def measured_sps(summary: dict, skip: int = 2) -> list[float]:
     from mlflow import MlflowClient
 
-    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"],
-                                                                       "train/samples_per_s")
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "train/samples_per_s")
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
     return values[skip:] or values
 
@@ -150,15 +205,32 @@ def run(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
-    sets = [f"data.root={tmp}/data", "data.synth_if_missing=true", "data.synth_studies=120",
-            f"data.max_seq_len={args.seq}", "curriculum.stage_split=0.0", "curriculum.ehr_dropout=0.15",
-            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.grad_accum=1",
-            "train.warmup_steps=1", "train.log_every=1", "train.val_batches=0", "train.eval_every=0",
-            "train.save_every=0", f"model.dtype={args.dtype}", f"model.attn_implementation={args.attn}",
-            f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
-            f"train.packing={str(args.packing).lower()}", "mlflow.register_at_end=false",
-            f"ray.use_gpu={str(args.device == 'cuda').lower()}", "ray.num_workers=1",
-            f"ray.cpus_per_worker={args.cpus_per_worker}", f"ray.storage_path={tmp}/ray", "ray.max_failures=0"]
+    sets = [
+        f"data.root={tmp}/data",
+        "data.synth_if_missing=true",
+        "data.synth_studies=120",
+        f"data.max_seq_len={args.seq}",
+        "curriculum.stage_split=0.0",
+        "curriculum.ehr_dropout=0.15",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.batch}",
+        "train.grad_accum=1",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.val_batches=0",
+        "train.eval_every=0",
+        "train.save_every=0",
+        f"model.dtype={args.dtype}",
+        f"model.attn_implementation={args.attn}",
+        f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
+        f"train.packing={str(args.packing).lower()}",
+        "mlflow.register_at_end=false",
+        f"ray.use_gpu={str(args.device == 'cuda').lower()}",
+        "ray.num_workers=1",
+        f"ray.cpus_per_worker={args.cpus_per_worker}",
+        f"ray.storage_path={tmp}/ray",
+        "ray.max_failures=0",
+    ]
     cfg_file = REPO / "configs" / SHAPES[args.shape]["config"]
     sets += SHAPES[args.shape].get("sets", [])  # tiny: LoRA + projector only, as the 7B trains (the FLOP formula's)
     cfg = load_config(cfg_file, sets + [f"output.dir={tmp}/base"])
@@ -177,8 +249,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     model_config = LlavaConfig.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
-    lengths, labels = sample_lengths(cfg, data, tok, model_config.image_token_index, num_image_tokens(model_config),
-                             args.steps * args.batch)
+    lengths, labels = sample_lengths(
+        cfg, data, tok, model_config.image_token_index, num_image_tokens(model_config), args.steps * args.batch
+    )
     mean_s = statistics.fmean(lengths)
     mean_s2 = statistics.fmean(x * x for x in lengths)
     flops = flops_per_sample(cfg, model_config, mean_s, mean_s2, statistics.fmean(labels))
@@ -192,13 +265,22 @@ def run(args: argparse.Namespace, tmp: Path) -> list[dict]:
             from launcher.ray_train import run_ray
 
             stage = runtime.removeprefix("ray-zero")
-            run_cfg = load_config(cfg_file, sets + [f"output.dir={out}", f"deepspeed.zero_stage={stage}",
-                                                    f"ray.name=gpu-throughput-{runtime}"])
+            run_cfg = load_config(
+                cfg_file,
+                sets + [f"output.dir={out}", f"deepspeed.zero_stage={stage}", f"ray.name=gpu-throughput-{runtime}"],
+            )
             summary = run_ray(run_cfg, num_workers=1, use_gpu=args.device == "cuda")
         sps = statistics.median(measured_sps(summary))
-        rows.append({"runtime": runtime, "samples_per_s": sps, "tokens_per_s": sps * mean_s,
-                     "mfu": sps * flops / (args.peak_tflops * 1e12), "tflop_per_sample": flops / 1e12,
-                     "mean_tokens": mean_s})
+        rows.append(
+            {
+                "runtime": runtime,
+                "samples_per_s": sps,
+                "tokens_per_s": sps * mean_s,
+                "mfu": sps * flops / (args.peak_tflops * 1e12),
+                "tflop_per_sample": flops / 1e12,
+                "mean_tokens": mean_s,
+            }
+        )
     return rows
 
 
@@ -220,10 +302,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         rows = run(args, Path(d))
-    flags = (f"attn={args.attn} grad_ckpt={args.grad_ckpt} packing={args.packing} liger={args.liger} "
-             f"dtype={args.dtype} batch={args.batch} seq={args.seq}")
-    print(f"\nshape {args.shape} on {args.device} ({flags}); {rows[0]['tflop_per_sample']:.3f} TFLOP per sample "
-          f"(model FLOPs, formula in the docstring), {rows[0]['mean_tokens']:.0f} real tokens per sample")
+    flags = (
+        f"attn={args.attn} grad_ckpt={args.grad_ckpt} packing={args.packing} liger={args.liger} "
+        f"dtype={args.dtype} batch={args.batch} seq={args.seq}"
+    )
+    print(
+        f"\nshape {args.shape} on {args.device} ({flags}); {rows[0]['tflop_per_sample']:.3f} TFLOP per sample "
+        f"(model FLOPs, formula in the docstring), {rows[0]['mean_tokens']:.0f} real tokens per sample"
+    )
     print(f"| runtime | samples/s | tokens/s | MFU (peak {args.peak_tflops:g} TFLOP/s) |")
     print("|---|---|---|---|")
     for r in rows:

@@ -53,10 +53,14 @@ def panel_itemids():
     from datasets_io import mimic_fixture as fx
     from datasets_io.mimic_build.ehr import LAB_PANEL
 
-    names = {(label.lower(), fluid.lower()): i
-             for i, (labels, fluid) in enumerate(LAB_PANEL.values()) for label in labels}
-    items = {itemid: names[(label.lower(), fluid.lower())] for itemid, label, fluid, _ in fx.D_LABITEMS
-             if (label.lower(), fluid.lower()) in names}
+    names = {
+        (label.lower(), fluid.lower()): i for i, (labels, fluid) in enumerate(LAB_PANEL.values()) for label in labels
+    }
+    items = {
+        itemid: names[(label.lower(), fluid.lower())]
+        for itemid, label, fluid, _ in fx.D_LABITEMS
+        if (label.lower(), fluid.lower()) in names
+    }
     return items, len(LAB_PANEL)
 
 
@@ -91,14 +95,29 @@ def child(path: str, mode: str) -> None:
     sampler.join()
     quarters = [max(q) if len(q) else float("nan") for q in np.array_split(np.array(samples or [before]), 4)]
     arrow_peak = pa.default_memory_pool().max_memory() / 2**20  # peak of Arrow buffers (CSV blocks, batches)
-    print(json.dumps({"before_mb": before, "peak_mb": rss_mb("VmHWM"), "arrow_peak_mb": arrow_peak,
-                      "rss_by_quarter_mb": [float(q) for q in quarters],
-                      "seconds": seconds, "found": found, **stats}))
+    print(
+        json.dumps(
+            {
+                "before_mb": before,
+                "peak_mb": rss_mb("VmHWM"),
+                "arrow_peak_mb": arrow_peak,
+                "rss_by_quarter_mb": [float(q) for q in quarters],
+                "seconds": seconds,
+                "found": found,
+                **stats,
+            }
+        )
+    )
 
 
 def measure(path: Path, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(path), "--mode", mode], check=True,
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(path), "--mode", mode],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -134,24 +153,32 @@ def main() -> int:
             results.append(row)
             path.unlink()
 
-    print(f"\nlabevents scan, {N_SUBJECTS * STUDIES_PER_SUBJECT:,} studies of {N_SUBJECTS:,} patients, "
-          f"{len(items)} panel itemids, 24 h window")
-    print(f"{'rows':>10} {'gzip MiB':>9} {'RSS before':>11} {'peak RSS':>9} {'peak - before':>14} {'Arrow peak':>11} "
-          f"{'RSS max per quarter of the scan':>32} {'rows kept':>10} {'seconds':>8}"
-          + ("   naive read_csv peak" if args.compare_naive else ""))
+    print(
+        f"\nlabevents scan, {N_SUBJECTS * STUDIES_PER_SUBJECT:,} studies of {N_SUBJECTS:,} patients, "
+        f"{len(items)} panel itemids, 24 h window"
+    )
+    print(
+        f"{'rows':>10} {'gzip MiB':>9} {'RSS before':>11} {'peak RSS':>9} {'peak - before':>14} {'Arrow peak':>11} "
+        f"{'RSS max per quarter of the scan':>32} {'rows kept':>10} {'seconds':>8}"
+        + ("   naive read_csv peak" if args.compare_naive else "")
+    )
     for r in results:
         s = r["stream"]
         quarters = " ".join(f"{q:>5.0f}" for q in s["rss_by_quarter_mb"]) + " M"
-        line = (f"{r['rows']:>10,} {r['gzip_mb']:>9.0f} {s['before_mb']:>9.0f} M {s['peak_mb']:>7.0f} M "
-                f"{s['peak_mb'] - s['before_mb']:>12.0f} M {s['arrow_peak_mb']:>9.0f} M {quarters:>32} "
-                f"{s['rows_kept']:>10,} {s['seconds']:>8.1f}")
+        line = (
+            f"{r['rows']:>10,} {r['gzip_mb']:>9.0f} {s['before_mb']:>9.0f} M {s['peak_mb']:>7.0f} M "
+            f"{s['peak_mb'] - s['before_mb']:>12.0f} M {s['arrow_peak_mb']:>9.0f} M {quarters:>32} "
+            f"{s['rows_kept']:>10,} {s['seconds']:>8.1f}"
+        )
         if "naive" in r:
             line += f"   {r['naive']['peak_mb']:>8.0f} M"
         print(line)
     first, last = results[0]["stream"], results[-1]["stream"]
     growth = (last["peak_mb"] - last["before_mb"]) - (first["peak_mb"] - first["before_mb"])
-    print(f"\npeak growth from {results[0]['rows']:,} to {results[-1]['rows']:,} rows: {growth:+.0f} MiB "
-          f"({results[-1]['rows'] / results[0]['rows']:.0f}x the rows)")
+    print(
+        f"\npeak growth from {results[0]['rows']:,} to {results[-1]['rows']:,} rows: {growth:+.0f} MiB "
+        f"({results[-1]['rows'] / results[0]['rows']:.0f}x the rows)"
+    )
     return 0
 
 

@@ -34,9 +34,19 @@ from training.data import Preprocessor, StageStream, StreamSpec, to_torch
 from training.model import build_model, label_loss
 
 REPO = Path(__file__).resolve().parents[1]
-PANEL = {"Sodium": (135, 145), "Potassium": (3.5, 5.1), "Chloride": (98, 107), "Bicarbonate": (22, 29),
-         "BUN": (7, 20), "Creatinine": (0.6, 1.3), "Glucose": (70, 140), "Hemoglobin": (11, 16),
-         "Hematocrit": (34, 47), "Platelets": (150, 400), "WBC": (4, 11)}
+PANEL = {
+    "Sodium": (135, 145),
+    "Potassium": (3.5, 5.1),
+    "Chloride": (98, 107),
+    "Bicarbonate": (22, 29),
+    "BUN": (7, 20),
+    "Creatinine": (0.6, 1.3),
+    "Glucose": (70, 140),
+    "Hemoglobin": (11, 16),
+    "Hematocrit": (34, 47),
+    "Platelets": (150, 400),
+    "WBC": (4, 11),
+}
 
 
 def lab_history(rng: np.random.Generator, draws: int) -> list[dict]:
@@ -89,35 +99,56 @@ def step_seconds(model, batch: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=12, help="micro-batches measured")
-    ap.add_argument("--batch", type=int, default=16, help="samples per micro-batch (tiny.yaml's micro_batch_size); "
-                    "with SDPA rows the efficiency grows with it: the README lists 4, 8 and 16")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="samples per micro-batch (tiny.yaml's micro_batch_size); "
+        "with SDPA rows the efficiency grows with it: the README lists 4, 8 and 16",
+    )
     ap.add_argument("--budget", type=int, default=2048, help="data.max_seq_len: the packed row's token budget")
     ap.add_argument("--ehr-detail", type=float, default=6.0, help="median lab-history draws per kept EHR block")
     ap.add_argument("--ehr-dropout", type=float, default=0.15, help="curriculum.ehr_dropout (llava_med_7b.yaml)")
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating which layout goes first (0: padding efficiency only)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timing rounds, alternating which layout goes first (0: padding efficiency only)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         run(args, Path(d))
 
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.root={tmp}/data", f"output.dir={tmp}/run",
-                                                        "data.synth_studies=80", f"data.max_seq_len={args.budget}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"data.root={tmp}/data", f"output.dir={tmp}/run", "data.synth_studies=80", f"data.max_seq_len={args.budget}"],
+    )
     ensure_data(cfg)
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       args.budget, "shorten_ehr", cfg.data.root)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        args.budget,
+        "shorten_ehr",
+        cfg.data.root,
+    )
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=args.ehr_dropout))
     samples = stage_b_samples(pre, stream, args.batches * args.batch, args.ehr_detail, args.budget)
     lengths = [len(t.input_ids) for _, t in samples]
-    micro = [samples[k * args.batch:(k + 1) * args.batch] for k in range(args.batches)]
+    micro = [samples[k * args.batch : (k + 1) * args.batch] for k in range(args.batches)]
     real = sum(lengths)
     padded_cost = sum(len(m) * max(len(t.input_ids) for _, t in m) for m in micro)
     packed_rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id) for m in micro]
     packed_cost = sum(p.input_ids.size for p in packed_rows)
-    print(f"tokens per sample: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} "
-          f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}")
+    print(
+        f"tokens per sample: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} "
+        f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}"
+    )
     print(f"packed rows per micro-batch: {[p.input_ids.shape[0] for p in packed_rows]}")
 
     layouts = {}
@@ -126,24 +157,30 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         layouts[packing] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
     if args.rounds:
         step_times(bundle.model.train(), layouts, args.rounds)
-    print(f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
-          f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on")
-    print(f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
-          f"{padding_efficiency(lengths, padded_cost):.2f} padded")
+    print(
+        f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
+        f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on"
+    )
+    print(
+        f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
+        f"{padding_efficiency(lengths, padded_cost):.2f} padded"
+    )
 
 
 def step_times(model, layouts: dict[bool, list[dict]], rounds: int) -> None:
     """Forward + backward of each micro-batch in both layouts, alternating which goes first; prints the medians."""
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds):
-        for packing in ((False, True) if r % 2 == 0 else (True, False)):
+        for packing in (False, True) if r % 2 == 0 else (True, False):
             times[packing] += [step_seconds(model, b) for b in layouts[packing]]
     t_pad, t_pack = statistics.median(times[False]), statistics.median(times[True])
     spread = {k: (min(v) * 1000, max(v) * 1000) for k, v in times.items()}
-    print(f"step (forward+backward, one micro-batch, CPU, median of {len(times[False])}): "
-          f"padded {t_pad * 1000:.0f} ms [{spread[False][0]:.0f}-{spread[False][1]:.0f}], "
-          f"packed {t_pack * 1000:.0f} ms [{spread[True][0]:.0f}-{spread[True][1]:.0f}]; "
-          f"packed/padded step time: {t_pack / t_pad:.2f}x")
+    print(
+        f"step (forward+backward, one micro-batch, CPU, median of {len(times[False])}): "
+        f"padded {t_pad * 1000:.0f} ms [{spread[False][0]:.0f}-{spread[False][1]:.0f}], "
+        f"packed {t_pack * 1000:.0f} ms [{spread[True][0]:.0f}-{spread[True][1]:.0f}]; "
+        f"packed/padded step time: {t_pack / t_pad:.2f}x"
+    )
 
 
 if __name__ == "__main__":

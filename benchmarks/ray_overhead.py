@@ -51,11 +51,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def overrides(data: Path, out: Path, args: argparse.Namespace, **extra) -> list[str]:
     sets = {
-        "data.root": str(data), "data.synth_if_missing": "false", "output.dir": str(out),
-        "train.max_steps": args.steps, "train.micro_batch_size": args.micro_batch, "train.grad_accum": 1,
-        "train.warmup_steps": 3, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0,
-        "train.val_batches": 0, "deepspeed.zero_stage": args.zero_stage, "ray.num_workers": 1,
-        "ray.cpus_per_worker": float(args.threads), "ray.name": "bench", **extra,
+        "data.root": str(data),
+        "data.synth_if_missing": "false",
+        "output.dir": str(out),
+        "train.max_steps": args.steps,
+        "train.micro_batch_size": args.micro_batch,
+        "train.grad_accum": 1,
+        "train.warmup_steps": 3,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+        "train.val_batches": 0,
+        "deepspeed.zero_stage": args.zero_stage,
+        "ray.num_workers": 1,
+        "ray.cpus_per_worker": float(args.threads),
+        "ray.name": "bench",
+        **extra,
     }
     return [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
 
@@ -130,13 +141,28 @@ def process_name(info: dict) -> str:
     return script or Path(cmd[0]).name
 
 
-def run_cli(runtime: str, data: Path, work: Path, args, sampler: CpuSampler | None = None,
-            env_extra: dict | None = None, name: str | None = None, sets: dict | None = None) -> tuple[dict, float]:
+def run_cli(
+    runtime: str,
+    data: Path,
+    work: Path,
+    args,
+    sampler: CpuSampler | None = None,
+    env_extra: dict | None = None,
+    name: str | None = None,
+    sets: dict | None = None,
+) -> tuple[dict, float]:
     """`launcher <runtime> --config configs/tiny.yaml --set ...` in a fresh process, as a user runs it (its imports,
     and for Ray the local cluster it starts, are part of the time). Returns (run summary, start wall time)."""
     out = work / (name or runtime)
-    cmd = [sys.executable, "-m", "launcher.cli", runtime, "--config", str(REPO / "configs" / "tiny.yaml"),
-           *overrides(data, out, args, **(sets or {}))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        runtime,
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *overrides(data, out, args, **(sets or {})),
+    ]
     env = {**os.environ, **(env_extra or {})}
     if runtime == "local":
         cmd += ["--device", "cpu", "--no-progress"]
@@ -163,8 +189,10 @@ def run_ray_side(data: Path, work: Path, args) -> dict:
     sampler = CpuSampler()
     summary, t0 = run_cli("ray", data, work, args, sampler)
     m = step_metrics(summary, t0, args.micro_batch)
-    m["startup"] = {"process_start": round(m["first_step_s"] - summary["time_to_first_step_s"], 1),
-                    **(summary.get("startup_s") or {})}
+    m["startup"] = {
+        "process_start": round(m["first_step_s"] - summary["time_to_first_step_s"], 1),
+        **(summary.get("startup_s") or {}),
+    }
     m["cpu"] = sampler.used_until(t0 + m["first_step_s"])
     return m
 
@@ -175,12 +203,25 @@ def run_ray_on_running_cluster(data: Path, work: Path, args) -> dict:
     import ray
 
     temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", _temp_dir=temp)  # the dashboard serves Ray Train's state queries
+    ray.init(
+        address="local",
+        num_cpus=args.threads + 2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp,
+    )  # the dashboard serves Ray Train's state queries
     try:
         address = ray.get_runtime_context().gcs_address
-        summary, t0 = run_cli("ray", data, work, args, env_extra={"RAY_ADDRESS": address}, name="ray_running",
-                              sets={"model.name_or_path": str(work / "ray" / "base_model")})
+        summary, t0 = run_cli(
+            "ray",
+            data,
+            work,
+            args,
+            env_extra={"RAY_ADDRESS": address},
+            name="ray_running",
+            sets={"model.name_or_path": str(work / "ray" / "base_model")},
+        )
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -248,8 +289,17 @@ def run_bare_ray_train(data: Path, work: Path, args, tag: str = "bare") -> float
     (work / tag).mkdir()
     script, stamp, log = work / tag / "bare_ray_train.py", work / tag / "first_step.txt", work / f"{tag}.log"
     script.write_text(BARE_RAY_TRAIN)
-    cmd = [sys.executable, str(script), str(rows), str(cfg.model.tiny.image_size), str(cfg.data.max_seq_len),
-           str(args.micro_batch), "1", str(float(args.threads)), str(stamp)]
+    cmd = [
+        sys.executable,
+        str(script),
+        str(rows),
+        str(cfg.model.tiny.image_size),
+        str(cfg.data.max_seq_len),
+        str(args.micro_batch),
+        "1",
+        str(float(args.threads)),
+        str(stamp),
+    ]
     t0 = time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=work, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -264,8 +314,12 @@ def first_step_pairs(data: Path, work: Path, args, ray_first_step: float) -> lis
     pairs = [(ray_first_step, run_bare_ray_train(data, work, args))]
     for i in range(1, args.startup_rounds):
         summary, t0 = run_cli("ray", data, work, args, name=f"ray_round{i}")
-        pairs.append((step_metrics(summary, t0, args.micro_batch)["first_step_s"],
-                      run_bare_ray_train(data, work, args, tag=f"bare_round{i}")))
+        pairs.append(
+            (
+                step_metrics(summary, t0, args.micro_batch)["first_step_s"],
+                run_bare_ray_train(data, work, args, tag=f"bare_round{i}"),
+            )
+        )
     return pairs
 
 
@@ -275,21 +329,34 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="default: configs/tiny.yaml's")
     p.add_argument("--studies", type=int, default=200)
     p.add_argument("--zero-stage", type=int, default=2, choices=[2, 3])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on both sides (= ray.cpus_per_worker); more threads than idle cores makes "
-                        "OpenMP spin: on a busy 2-core machine 2 threads run ~7x slower than 1")
-    p.add_argument("--skip-running-cluster", action="store_true",
-                   help="skip the run that joins an already running cluster (faster; the ratio does not use it)")
-    p.add_argument("--startup-rounds", type=int, default=1,
-                   help="pairs of (launcher ray, bare Ray Train) first-step runs; the last line is their median ratio")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on both sides (= ray.cpus_per_worker); more threads than idle cores makes "
+        "OpenMP spin: on a busy 2-core machine 2 threads run ~7x slower than 1",
+    )
+    p.add_argument(
+        "--skip-running-cluster",
+        action="store_true",
+        help="skip the run that joins an already running cluster (faster; the ratio does not use it)",
+    )
+    p.add_argument(
+        "--startup-rounds",
+        type=int,
+        default=1,
+        help="pairs of (launcher ray, bare Ray Train) first-step runs; the last line is their median ratio",
+    )
     args = p.parse_args()
     from datasets_io.synth import write_synthetic
 
     work = Path(tempfile.mkdtemp(prefix="ray_overhead_"))
     data = work / "data"
     write_synthetic(data, args.studies, seed=0, image_size=(256, 256), progress=False)
-    print(f"[bench] {args.steps} steps, micro-batch {args.micro_batch}, {args.threads} torch thread(s), "
-          f"{os.cpu_count()} CPUs, work dir {work}")
+    print(
+        f"[bench] {args.steps} steps, micro-batch {args.micro_batch}, {args.threads} torch thread(s), "
+        f"{os.cpu_count()} CPUs, work dir {work}"
+    )
     try:
         local = run_local_side(data, work, args)
         ray_m = run_ray_side(data, work, args)
@@ -300,26 +367,36 @@ def main() -> None:
     print("\n                          local        ray (1 worker, DeepSpeed ZeRO-%d)   ratio" % args.zero_stage)
     for stage in ("A", "B"):
         lo, ra = local[stage], ray_m[stage]
-        print(f"step time, stage {stage} (s)   {lo:8.3f}     {ra:8.3f}                            {ra / lo:5.2f}x"
-              f"   (target <= 1.15x)")
-    print(f"time to first step (s)     {local['first_step_s']:8.1f}     {ray_m['first_step_s']:8.1f} "
-          f"(cluster start included)   {ray_m['first_step_s'] / local['first_step_s']:5.2f}x")
+        print(
+            f"step time, stage {stage} (s)   {lo:8.3f}     {ra:8.3f}                            {ra / lo:5.2f}x"
+            f"   (target <= 1.15x)"
+        )
+    print(
+        f"time to first step (s)     {local['first_step_s']:8.1f}     {ray_m['first_step_s']:8.1f} "
+        f"(cluster start included)   {ray_m['first_step_s'] / local['first_step_s']:5.2f}x"
+    )
     if running:
         print(f"                                        {running['first_step_s']:8.1f} (on a running cluster)")
     print(f"                                        {pairs[0][1]:8.1f} (bare Ray Train: own cluster, trivial model)")
     for label, m in (("own cluster", ray_m), ("running cluster", running)):
         if m is None:
             continue
-        print(f"Ray time to first step by phase, {label} (s): "
-              + ", ".join(f"{k} {v}" for k, v in m["startup"].items()))
+        print(
+            f"Ray time to first step by phase, {label} (s): " + ", ".join(f"{k} {v}" for k, v in m["startup"].items())
+        )
     cpu, cores = ray_m["cpu"], os.cpu_count() or 1
     total = sum(cpu.values())
-    print(f"CPU-seconds used machine-wide until Ray's first step: {total:.1f} on {cores} cores "
-          f"(busy {total / (cores * ray_m['first_step_s']):.0%} of the time; {total / cores:.1f} s if perfectly "
-          f"parallel); by process:\n  " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+    print(
+        f"CPU-seconds used machine-wide until Ray's first step: {total:.1f} on {cores} cores "
+        f"(busy {total / (cores * ray_m['first_step_s']):.0%} of the time; {total / cores:.1f} s if perfectly "
+        f"parallel); by process:\n  " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+    )
     ratios = [r / b for r, b in pairs]
-    print("first step, launcher ray / bare Ray Train, per round (s): "
-          + ", ".join(f"{r:.1f} / {b:.1f} = {r / b:.2f}x" for r, b in pairs) + "   (target <= 1.3x)")
+    print(
+        "first step, launcher ray / bare Ray Train, per round (s): "
+        + ", ".join(f"{r:.1f} / {b:.1f} = {r / b:.2f}x" for r, b in pairs)
+        + "   (target <= 1.3x)"
+    )
     print(f"first step vs bare Ray Train: {statistics.median(ratios):.2f}x")
 
 

@@ -64,8 +64,17 @@ def project_loop(cfg, model, tokenizer, batch, steps: int, out: Path) -> tuple[f
     plan = type(plan)(steps, steps // 3, 0, plan.min_lr_ratio, plan.samples_per_step)
     tracker = MlflowTracker.from_config(cfg)
     ckpt = TimedCheckpointer(out / "ckpt", cfg, tokenizer, 1)
-    io = LoopIO(engine=engine, plan=plan, source=lambda stage, start: itertools.repeat(batch), val_source=lambda s: [],
-                tracker=tracker, checkpointer=ckpt, grad_accum=1, log_every=10, show_progress=True)
+    io = LoopIO(
+        engine=engine,
+        plan=plan,
+        source=lambda stage, start: itertools.repeat(batch),
+        val_source=lambda s: [],
+        tracker=tracker,
+        checkpointer=ckpt,
+        grad_accum=1,
+        log_every=10,
+        show_progress=True,
+    )
     t0 = time.perf_counter()
     train(io, stop_after=steps - 1)
     dt = time.perf_counter() - t0
@@ -82,21 +91,35 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.root={d}/data", f"output.dir={d}/run",
-                                                             "data.synth_studies=80", f"train.micro_batch_size={args.batch}"])
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml",
+            [
+                f"data.root={d}/data",
+                f"output.dir={d}/run",
+                "data.synth_studies=80",
+                f"train.micro_batch_size={args.batch}",
+            ],
+        )
         from launcher.local import ensure_data
 
         ensure_data(cfg)
         data = load_run_data(cfg)
         bundle = build_model(cfg, corpus_texts(data))
-        pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                           cfg.data.max_seq_len, "shorten_ehr", cfg.data.root)
+        pre = Preprocessor(
+            bundle.tokenizer,
+            bundle.image_spec,
+            bundle.image_token_id,
+            bundle.num_image_tokens,
+            cfg.data.max_seq_len,
+            "shorten_ehr",
+            cfg.data.root,
+        )
         stream = StageStream("B", data.train["B"], StreamSpec(0))
         batch = to_torch(pre.batch([stream.item(i) for i in range(cfg.train.micro_batch_size)]))
         hand, ours, ckpt_times = [], [], []
         bundle.model.train()  # both sides train in train mode
         for r in range(args.rounds):  # interleaved rounds, alternating which side goes first: noise hits both alike
-            for side in (("hand", "ours") if r % 2 == 0 else ("ours", "hand")):
+            for side in ("hand", "ours") if r % 2 == 0 else ("ours", "hand"):
                 if side == "hand":
                     hand.append(hand_loop(bundle.model, batch, args.steps, cfg.train.lr))
                 else:
@@ -104,11 +127,15 @@ def main() -> None:
                     ours.append(step_s)
                     ckpt_times.append(ckpt_s)
     h, o = min(hand), min(ours)
-    print(f"\nbatch {cfg.train.micro_batch_size} x {batch['input_ids'].shape[1]} tokens, tiny model, CPU, "
-          f"best of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"\nbatch {cfg.train.micro_batch_size} x {batch['input_ids'].shape[1]} tokens, tiny model, CPU, "
+        f"best of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"hand-written loop: {h * 1000:7.1f} ms/step")
-    print(f"launcher loop:     {o * 1000:7.1f} ms/step (+ 2 checkpoint writes, stage_A_end and at the stop: "
-          f"{min(ckpt_times) * 1000:.0f} ms in all, not step cost)")
+    print(
+        f"launcher loop:     {o * 1000:7.1f} ms/step (+ 2 checkpoint writes, stage_A_end and at the stop: "
+        f"{min(ckpt_times) * 1000:.0f} ms in all, not step cost)"
+    )
     print(f"ratio: {o / h:.3f}x (target <= 1.05x)")
 
 

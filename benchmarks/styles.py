@@ -64,14 +64,41 @@ def one_run(style: str, seed: int, work: Path, extra: list[str]) -> dict:
     data, out = work / "data" / style, work / f"{style}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     if not (data / "curriculum_train.jsonl").is_file():
-        run([*LAUNCHER, "data", "synth", "--out", str(data), "--studies", "1200", "--seed", "0", "--style", style],
-            work / f"synth-{style}.log")
+        run(
+            [*LAUNCHER, "data", "synth", "--out", str(data), "--studies", "1200", "--seed", "0", "--style", style],
+            work / f"synth-{style}.log",
+        )
     sets = [f"data.root={data}", f"output.dir={out}", f"train.seed={seed}", *extra]
-    train_s = run([*LAUNCHER, "local", "--config", "configs/tiny.yaml", "--no-progress",
-                   *[a for s in sets for a in ("--set", s)]], out / "train.log")
-    run([*LAUNCHER, "evaluate", "--checkpoint", str(out / "checkpoints" / "final"), "--data",
-         str(data / "curriculum_val.jsonl"), "--data-root", str(data), "--ehr", "both", "--out", str(out / "eval"),
-         "--no-stage-a-end", "--no-progress"], out / "eval.log")  # the figures are the final model's
+    train_s = run(
+        [
+            *LAUNCHER,
+            "local",
+            "--config",
+            "configs/tiny.yaml",
+            "--no-progress",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        out / "train.log",
+    )
+    run(
+        [
+            *LAUNCHER,
+            "evaluate",
+            "--checkpoint",
+            str(out / "checkpoints" / "final"),
+            "--data",
+            str(data / "curriculum_val.jsonl"),
+            "--data-root",
+            str(data),
+            "--ehr",
+            "both",
+            "--out",
+            str(out / "eval"),
+            "--no-stage-a-end",
+            "--no-progress",
+        ],
+        out / "eval.log",
+    )  # the figures are the final model's
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     return {"style": style, "seed": seed, "train_s": train_s, **run_figures(metrics, pixel_labels(style))}
 
@@ -96,8 +123,14 @@ def main() -> None:
     ap.add_argument("--styles", nargs="+", default=["default", *STYLES], choices=["default", *STYLES])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "styles")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config overrides for every run (e.g. train.max_steps=300)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for every run (e.g. train.max_steps=300)",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []

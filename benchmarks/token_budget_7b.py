@@ -35,8 +35,12 @@ class PretokenCounter:
     def __init__(self):
         from tokenizers import pre_tokenizers
 
-        self.pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        self.pre = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": [1] * len(self.pre.pre_tokenize_str(text))}

@@ -51,8 +51,12 @@ class StageBDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         pixels, tok = self.pre.sample(*self.stream.item(i))
-        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": tok.labels,
-                "pixel_values": pixels}
+        return {
+            "input_ids": tok.input_ids,
+            "attention_mask": tok.attention_mask,
+            "labels": tok.labels,
+            "pixel_values": pixels,
+        }
 
 
 def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
@@ -62,8 +66,15 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
     data = load_run_data(cfg)
     torch.manual_seed(cfg.train.seed)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        cfg.data.max_seq_len,
+        cfg.data.overlong,
+        cfg.data.root,
+    )
     stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, ehr_dropout=cfg.curriculum.ehr_dropout))
     mb = cfg.train.micro_batch_size
     ends: dict[int, float] = {}
@@ -73,16 +84,33 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
             ends[state.global_step] = time.time()
 
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=mb, max_steps=steps, learning_rate=cfg.train.lr,
-        weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
-        lr_scheduler_type="cosine", optim="adamw_torch", logging_steps=cfg.train.log_every, save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
-        seed=cfg.train.seed, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=mb,
+        max_steps=steps,
+        learning_rate=cfg.train.lr,
+        weight_decay=0.0,
+        max_grad_norm=cfg.train.max_grad_norm,
+        warmup_steps=cfg.train.warmup_steps,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch",
+        logging_steps=cfg.train.log_every,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=cfg.train.seed,
+        disable_tqdm=True,
     )
-    collator = DataCollatorForSeq2Seq(bundle.tokenizer, padding="longest", label_pad_token_id=-100,
-                                      return_tensors="pt")
-    trainer = Trainer(model=bundle.model, args=args, train_dataset=StageBDataset(pre, stream, steps * mb),
-                      data_collator=collator, callbacks=[StepEnds()])
+    collator = DataCollatorForSeq2Seq(bundle.tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+    trainer = Trainer(
+        model=bundle.model,
+        args=args,
+        train_dataset=StageBDataset(pre, stream, steps * mb),
+        data_collator=collator,
+        callbacks=[StepEnds()],
+    )
     trainer.train()
     trainer.save_model(str(out / "final"))
     return ends[WINDOW[1]] - ends[WINDOW[0]], time.time() - ends[1]
@@ -109,20 +137,33 @@ def main() -> None:
         ap.error(f"--steps must be >= {WINDOW[1]}")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        common = [f"data.root={d}/data", "data.synth_studies=80", f"train.max_steps={args.steps}",
-                  f"train.micro_batch_size={args.batch}", "curriculum.stage_split=0.0", "train.val_batches=0",
-                  "train.eval_every=0", "train.save_every=0", "train.warmup_steps=2", "train.log_every=10"]
+        common = [
+            f"data.root={d}/data",
+            "data.synth_studies=80",
+            f"train.max_steps={args.steps}",
+            f"train.micro_batch_size={args.batch}",
+            "curriculum.stage_split=0.0",
+            "train.val_batches=0",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "train.warmup_steps=2",
+            "train.log_every=10",
+        ]
         base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
         ensure_data(base)
         build_model(base, corpus_texts(load_run_data(base)))  # the tiny base model every run loads
         base_model = [f"model.name_or_path={d}/base/base_model"]
         sides = {
             "trainer": lambda r: trainer_run(base, args.steps, d / f"trainer{r}"),
-            "launcher": lambda r: launcher_run(load_config(
-                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/launcher{r}"])),
-            "launcher+packing": lambda r: launcher_run(load_config(
-                REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/packed{r}",
-                                                                       "train.packing=true"])),
+            "launcher": lambda r: launcher_run(
+                load_config(REPO / "configs" / "tiny.yaml", common + base_model + [f"output.dir={d}/launcher{r}"])
+            ),
+            "launcher+packing": lambda r: launcher_run(
+                load_config(
+                    REPO / "configs" / "tiny.yaml",
+                    common + base_model + [f"output.dir={d}/packed{r}", "train.packing=true"],
+                )
+            ),
         }
         seconds: dict[str, list[float]] = {k: [] for k in sides}
         tails: dict[str, list[float]] = {k: [] for k in sides}
@@ -132,16 +173,23 @@ def main() -> None:
                 steady, tail = sides[name](r)
                 seconds[name].append(steady)
                 tails[name].append(tail)
-                print(f"round {r} {name}: steps {WINDOW[0] + 1}-{WINDOW[1]} {steady:.1f} s; end of step 1 to "
-                      f"end of run {tail:.1f} s", flush=True)
+                print(
+                    f"round {r} {name}: steps {WINDOW[0] + 1}-{WINDOW[1]} {steady:.1f} s; end of step 1 to "
+                    f"end of run {tail:.1f} s",
+                    flush=True,
+                )
     n = (WINDOW[1] - WINDOW[0]) * args.batch
     sps = {k: n / np.asarray(v) for k, v in seconds.items()}
     for k, v in sps.items():
-        print(f"{k:17s} {statistics.median(v):6.2f} samples/s (rounds: {', '.join(f'{x:.2f}' for x in v)}); "
-              f"end of step 1 to end of run: {', '.join(f'{x:.1f}' for x in tails[k])} s")
+        print(
+            f"{k:17s} {statistics.median(v):6.2f} samples/s (rounds: {', '.join(f'{x:.2f}' for x in v)}); "
+            f"end of step 1 to end of run: {', '.join(f'{x:.1f}' for x in tails[k])} s"
+        )
     for how, pick in (("medians", statistics.median), ("best rounds", max)):
-        print(f"{how}: launcher/Trainer {pick(sps['launcher']) / pick(sps['trainer']):.2f}x, "
-              f"launcher+packing/Trainer {pick(sps['launcher+packing']) / pick(sps['trainer']):.2f}x")
+        print(
+            f"{how}: launcher/Trainer {pick(sps['launcher']) / pick(sps['trainer']):.2f}x, "
+            f"launcher+packing/Trainer {pick(sps['launcher+packing']) / pick(sps['trainer']):.2f}x"
+        )
     print(f"launcher/Trainer: {max(sps['launcher']) / max(sps['trainer']):.2f}x")
 
 

@@ -42,29 +42,49 @@ class DataConfig(Section):
     """Where the curriculum lives and how its records are read."""
 
     root: str = Field("data/synth", description="Directory (or URI) that image paths in the JSONL are relative to.")
-    train_file: str = Field("curriculum_train.jsonl", description="Training JSONL; a relative path is taken under "
-                            "`root`.")
-    val_file: str = Field("curriculum_val.jsonl", description="Validation JSONL; a relative path is taken under "
-                          "`root`.")
-    synth_if_missing: bool = Field(False, description="Generate the synthetic curriculum into `root` when the train "
-                                   "file is absent (the demo default).")
-    synth_studies: int = Field(1200, description="Number of synthetic studies (each gives a Stage A and a Stage B "
-                               "row).")
+    train_file: str = Field(
+        "curriculum_train.jsonl", description="Training JSONL; a relative path is taken under `root`."
+    )
+    val_file: str = Field(
+        "curriculum_val.jsonl", description="Validation JSONL; a relative path is taken under `root`."
+    )
+    synth_if_missing: bool = Field(
+        False,
+        description="Generate the synthetic curriculum into `root` when the train file is absent (the demo default).",
+    )
+    synth_studies: int = Field(
+        1200, description="Number of synthetic studies (each gives a Stage A and a Stage B row)."
+    )
     synth_seed: int = Field(0, description="Seed of the synthetic generator.")
-    bad_records: Literal["error", "skip"] = Field("error", description=(
-        "What a bad record does: stop with file:line (error) or count and skip it (skip). Includes records over the "
-        "token budget, found before the first step (datasets_io.token_budget)."))
+    bad_records: Literal["error", "skip"] = Field(
+        "error",
+        description=(
+            "What a bad record does: stop with file:line (error) or count and skip it (skip). Includes records over the "
+            "token budget, found before the first step (datasets_io.token_budget)."
+        ),
+    )
     max_seq_len: int = Field(512, ge=16, description="Longest token sequence (prompt + image tokens + target + EOS).")
-    overlong: Literal["shorten_ehr", "error"] = Field("shorten_ehr", description=(
-        "A sample over max_seq_len: `shorten_ehr` shortens its Patient Data block (farthest measurements first, then "
-        "low-priority fields; counted, datasets_io.ehr_fit), `error` makes it a bad record. The target is never cut: "
-        "a sample that does not fit even with the block emptied is a bad record under either value."))
-    allow_subject_overlap: bool = Field(False, description="Accept patients shared by the training and "
-                                        "validation/test files (leakage; an MLflow tag records it).")
-    image_cache: str = Field("auto", description=(
-        'Directory of decoded images (each JPEG decoded once per run, see datasets_io/image_cache.py): "auto" = '
-        '<output.dir>/image_cache, "" = off, else a path; on a cluster a shared filesystem every node mounts. '
-        "Not a URI."))
+    overlong: Literal["shorten_ehr", "error"] = Field(
+        "shorten_ehr",
+        description=(
+            "A sample over max_seq_len: `shorten_ehr` shortens its Patient Data block (farthest measurements first, then "
+            "low-priority fields; counted, datasets_io.ehr_fit), `error` makes it a bad record. The target is never cut: "
+            "a sample that does not fit even with the block emptied is a bad record under either value."
+        ),
+    )
+    allow_subject_overlap: bool = Field(
+        False,
+        description="Accept patients shared by the training and "
+        "validation/test files (leakage; an MLflow tag records it).",
+    )
+    image_cache: str = Field(
+        "auto",
+        description=(
+            'Directory of decoded images (each JPEG decoded once per run, see datasets_io/image_cache.py): "auto" = '
+            '<output.dir>/image_cache, "" = off, else a path; on a cluster a shared filesystem every node mounts. '
+            "Not a URI."
+        ),
+    )
 
     @field_validator("image_cache")
     @classmethod
@@ -87,58 +107,84 @@ class TinyModelConfig(Section):
     text_heads: int = Field(6, ge=1)
     text_kv_heads: int = Field(2, ge=1)
     text_intermediate: int = Field(512, ge=1)
-    vocab_size: int = Field(1024, ge=1, description="Target vocabulary of the BPE tokenizer trained on the training "
-                            "corpus.")
+    vocab_size: int = Field(
+        1024, ge=1, description="Target vocabulary of the BPE tokenizer trained on the training corpus."
+    )
 
     @field_validator("patch_size", "vision_heads", "text_heads", "text_kv_heads")
     @classmethod
     def _divides(cls, value: int, info: ValidationInfo) -> int:
-        whole = {"patch_size": "image_size", "vision_heads": "vision_hidden", "text_heads": "text_hidden",
-                 "text_kv_heads": "text_heads"}[info.field_name]  # declared earlier: validated already, if valid
+        whole = {
+            "patch_size": "image_size",
+            "vision_heads": "vision_hidden",
+            "text_heads": "text_hidden",
+            "text_kv_heads": "text_heads",
+        }[info.field_name]  # declared earlier: validated already, if valid
         if whole in info.data and info.data[whole] % value:
             raise ValueError(f"{whole} {info.data[whole]} is not a multiple of {info.field_name} {value}")
         return value
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field("", description="Local directory or hub id of an HF-format LLaVA checkpoint; empty = "
-                              "build the tiny model below.")
+    name_or_path: str = Field(
+        "",
+        description="Local directory or hub id of an HF-format LLaVA checkpoint; empty = build the tiny model below.",
+    )
     tiny: TinyModelConfig = TinyModelConfig()
-    train_vision_tower: bool = Field(False, description="Train the vision tower fully (the tiny random tower must "
-                                     "be, or nothing is learned from pixels).")
-    train_token_embeddings: bool = Field(False, description="Train the token embeddings and LM head fully (the tiny "
-                                         "model's are random and its tokenizer is new).")
+    train_vision_tower: bool = Field(
+        False,
+        description="Train the vision tower fully (the tiny random tower must be, or nothing is learned from pixels).",
+    )
+    train_token_embeddings: bool = Field(
+        False,
+        description="Train the token embeddings and LM head fully (the tiny "
+        "model's are random and its tokenizer is new).",
+    )
     gradient_checkpointing: bool = False
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp16 on MPS "
-                                                           "(fp32 if `mps_fp32`), fp32 on CPU.")
-    attn_implementation: str = Field("sdpa", description="transformers' attention backend for the loaded model: "
-                                     "sdpa, eager, flash_attention_2 (CUDA + flash-attn), ...")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp16 on MPS (fp32 if `mps_fp32`), fp32 on CPU."
+    )
+    attn_implementation: str = Field(
+        "sdpa",
+        description="transformers' attention backend for the loaded model: "
+        "sdpa, eager, flash_attention_2 (CUDA + flash-attn), ...",
+    )
 
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                      description="Projection names inside the language model's layers (never the "
-                                      "vision tower).")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Projection names inside the language model's layers (never the vision tower).",
+    )
 
 
 class TrainConfig(Section):
     seed: int = 0
-    max_steps: int = Field(0, ge=0, description="Total optimizer steps; 0 = derived from `epochs` and the training "
-                           "set size.")
+    max_steps: int = Field(
+        0, ge=0, description="Total optimizer steps; 0 = derived from `epochs` and the training set size."
+    )
     epochs: float = 1.0
     micro_batch_size: int = Field(8, ge=1, description="Samples per device per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step on each rank (derived when "
-                            "`global_batch_size` is set).")
-    global_batch_size: int = Field(0, ge=0, description=(
-        "Samples per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x workers. When set, "
-        "grad_accum = global_batch_size / (micro_batch_size x workers), an error if that does not divide."))
-    record_data_order: bool = Field(False, description="Write <output.dir>/data_order.jsonl: per optimizer step the "
-                                    "study ids each rank trained on (no text).")
-    lr: float = Field(2e-4, gt=0, description="Learning rate of the LoRA adapters (and the vision tower when "
-                      "trained).")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step on each rank (derived when `global_batch_size` is set)."
+    )
+    global_batch_size: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Samples per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x workers. When set, "
+            "grad_accum = global_batch_size / (micro_batch_size x workers), an error if that does not divide."
+        ),
+    )
+    record_data_order: bool = Field(
+        False,
+        description="Write <output.dir>/data_order.jsonl: per optimizer step the "
+        "study ids each rank trained on (no text).",
+    )
+    lr: float = Field(2e-4, gt=0, description="Learning rate of the LoRA adapters (and the vision tower when trained).")
     projector_lr: float = Field(0.0, description="Learning rate of the projector; 0 = same as `lr`.")
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -148,14 +194,19 @@ class TrainConfig(Section):
     eval_every: int = Field(0, description="Validation loss every N steps (0 = at the stage switch and the end only).")
     val_batches: int = Field(4, description="Batches per stage in each validation.")
     save_every: int = Field(0, description="Checkpoint every N steps (0 = at the stage switch and the end only).")
-    keep_last: int = Field(3, ge=1, description="Keep the N newest step checkpoints (stage_A_end and final are always "
-                           "kept).")
+    keep_last: int = Field(
+        3, ge=1, description="Keep the N newest step checkpoints (stage_A_end and final are always kept)."
+    )
     num_workers: int = Field(0, description="DataLoader worker processes on the local path.")
-    packing: bool = Field(False, description=(
-        "Pack each micro-batch's samples (image tokens included) into rows of `data.max_seq_len` tokens, attention "
-        "kept inside each sample, instead of padding them to the longest: the same loss and gradients on fewer "
-        "computed tokens. Needs `model.attn_implementation` in sdpa / eager / flex_attention / flash_attention_2 / "
-        "flash_attention_3."))
+    packing: bool = Field(
+        False,
+        description=(
+            "Pack each micro-batch's samples (image tokens included) into rows of `data.max_seq_len` tokens, attention "
+            "kept inside each sample, instead of padding them to the longest: the same loss and gradients on fewer "
+            "computed tokens. Needs `model.attn_implementation` in sdpa / eager / flex_attention / flash_attention_2 / "
+            "flash_attention_3."
+        ),
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -174,12 +225,22 @@ class TrainConfig(Section):
 
 
 class CurriculumConfig(Section):
-    stage_split: float = Field(0.35, ge=0, le=1, description="Fraction of optimizer steps in Stage A (image only); "
-                               "the rest is Stage B (image + EHR).")
-    replay_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of Stage B samples drawn from Stage A rows "
-                                   "(replay).")
-    ehr_dropout: float = Field(0.0, ge=0, lt=1, description="Fraction of Stage B samples trained with the Patient "
-                               "Data block emptied (makes the EHR-off A/B fair).")
+    stage_split: float = Field(
+        0.35,
+        ge=0,
+        le=1,
+        description="Fraction of optimizer steps in Stage A (image only); the rest is Stage B (image + EHR).",
+    )
+    replay_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of Stage B samples drawn from Stage A rows (replay)."
+    )
+    ehr_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of Stage B samples trained with the Patient "
+        "Data block emptied (makes the EHR-off A/B fair).",
+    )
 
 
 class OutputConfig(Section):
@@ -187,14 +248,19 @@ class OutputConfig(Section):
 
 
 class MlflowConfig(Section):
-    tracking_uri: str = Field("", description="Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db. "
-                              "A sqlite store keeps its artifacts in mlartifacts/ next to the db.")
+    tracking_uri: str = Field(
+        "",
+        description="Empty = $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db. "
+        "A sqlite store keeps its artifacts in mlartifacts/ next to the db.",
+    )
     experiment: str = "radiology-report"
     run_name: str = ""
-    log_checkpoints: bool = Field(False, description="Log checkpoint directories as artifacts (otherwise their paths "
-                                  "are logged as tags).")
-    register_at_end: bool = Field(False, description="Register the final adapter bundle in the Model Registry at the "
-                                  "end of training.")
+    log_checkpoints: bool = Field(
+        False, description="Log checkpoint directories as artifacts (otherwise their paths are logged as tags)."
+    )
+    register_at_end: bool = Field(
+        False, description="Register the final adapter bundle in the Model Registry at the end of training."
+    )
     registered_model_name: str = "cxr-report-generator"
     alias: str = "candidate"
 
@@ -202,15 +268,21 @@ class MlflowConfig(Section):
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
-    stage3_param_persistence_threshold: int = Field(100000, description="ZeRO-3: parameters with fewer elements stay "
-                                                    "whole on every rank (fewer small all-gathers); 0 partitions all.")
+    stage3_param_persistence_threshold: int = Field(
+        100000,
+        description="ZeRO-3: parameters with fewer elements stay "
+        "whole on every rank (fewer small all-gathers); 0 partitions all.",
+    )
 
 
 class RayConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0, description="Fractional CPUs leave room for Ray Data's read tasks "
-                                   "(2 workers x 1 CPU on 2 cores deadlocks).")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="Fractional CPUs leave room for Ray Data's read tasks (2 workers x 1 CPU on 2 cores deadlocks).",
+    )
     storage_path: str = Field("", description="Where Ray Train keeps checkpoints and state; empty = <output.dir>/ray.")
     name: str = Field("ray-run", description="Run name; the same storage_path + name resumes the run.")
     max_failures: int = Field(1, ge=0)
@@ -233,8 +305,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _packing_keeps_samples_apart(self) -> Config:
         if self.train.packing and self.model.attn_implementation not in PACKING_BACKENDS:
-            raise ValueError(f"train.packing: needs model.attn_implementation in {', '.join(PACKING_BACKENDS)} "
-                             f"(got {self.model.attn_implementation!r}), which keep packed samples apart")
+            raise ValueError(
+                f"train.packing: needs model.attn_implementation in {', '.join(PACKING_BACKENDS)} "
+                f"(got {self.model.attn_implementation!r}), which keep packed samples apart"
+            )
         return self
 
 

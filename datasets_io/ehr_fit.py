@@ -64,7 +64,7 @@ def apply_steps(ehr: dict[str, Any], steps: list[Step]) -> dict[str, Any]:
 
 def with_ehr(prompt: str, ehr: dict[str, Any]) -> str:
     """`prompt` with its Patient Data block replaced by `ehr` (the text after the block is kept as is)."""
-    return PATIENT_DATA_HEAD + dump_block(ehr) + prompt[prompt.rindex(PROMPT_B_TAIL):]
+    return PATIENT_DATA_HEAD + dump_block(ehr) + prompt[prompt.rindex(PROMPT_B_TAIL) :]
 
 
 def shorten_prompt(prompt: str, fits: Callable[[str], bool]) -> tuple[str, int] | None:

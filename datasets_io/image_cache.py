@@ -152,8 +152,13 @@ class ImageCache:
         self.__init__(state["directory"])
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "rebuilt": self.rebuilt, "write_errors": self.write_errors,
-                "read_errors": self.read_errors}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "rebuilt": self.rebuilt,
+            "write_errors": self.write_errors,
+            "read_errors": self.read_errors,
+        }
 
     def key(self, path: str, spec: ImageSpec) -> tuple[bytes, bytes | None]:
         """(sha256 of the entry's key, the image's bytes if identifying it read them)."""
@@ -190,8 +195,12 @@ class ImageCache:
             log.warning("image cache: entry %s is corrupt (%s); rebuilding it", entry, e)
         except OSError as e:  # e.g. ESTALE on NFS after another node replaced the entry: decode instead
             if not self.read_errors:
-                log.warning("image cache: cannot read %s (%s); decoding the image instead (warned once per process; "
-                            "counted in read_errors)", entry, e)
+                log.warning(
+                    "image cache: cannot read %s (%s); decoding the image instead (warned once per process; "
+                    "counted in read_errors)",
+                    entry,
+                    e,
+                )
             self.read_errors += 1
         self.misses += 1
         gray = decode_gray(path, spec, data)
@@ -216,8 +225,12 @@ class ImageCache:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             if not self.write_errors:
-                log.warning("image cache: cannot write %s (%s); training goes on with decoded images, uncached "
-                            "(warned once per process; counted in write_errors)", entry, e)
+                log.warning(
+                    "image cache: cannot write %s (%s); training goes on with decoded images, uncached "
+                    "(warned once per process; counted in write_errors)",
+                    entry,
+                    e,
+                )
             self.write_errors += 1
 
 

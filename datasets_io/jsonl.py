@@ -141,5 +141,7 @@ def read_records(
 ) -> tuple[list[Record], ReadReport]:
     paths = [paths] if isinstance(paths, str) else list(paths)
     report = ReadReport()
-    records = [r for p in paths for r in iter_records(p, data_root, policy=policy, check_images=check_images, report=report)]
+    records = [
+        r for p in paths for r in iter_records(p, data_root, policy=policy, check_images=check_images, report=report)
+    ]
     return records, report

@@ -43,8 +43,10 @@ class SubjectOverlap:
 
     def describe(self, train_name: str, other_name: str) -> str:
         examples = ", ".join(self.shared[:SHOWN_EXAMPLES]) + (" ..." if self.count > SHOWN_EXAMPLES else "")
-        return (f"{self.count} subject(s) of {other_name} ({self.other_subjects} subjects, {self.other_rows_affected} "
-                f"rows affected) also in {train_name} ({self.train_subjects} subjects): {examples}")
+        return (
+            f"{self.count} subject(s) of {other_name} ({self.other_subjects} subjects, {self.other_rows_affected} "
+            f"rows affected) also in {train_name} ({self.train_subjects} subjects): {examples}"
+        )
 
 
 def subject_overlap(train: list[Record], other: list[Record]) -> SubjectOverlap:
@@ -52,8 +54,9 @@ def subject_overlap(train: list[Record], other: list[Record]) -> SubjectOverlap:
     other_subjects = [subject_of(r) for r in other]
     shared = sorted(train_subjects.intersection(other_subjects))
     shared_set = set(shared)
-    return SubjectOverlap(len(train_subjects), len(set(other_subjects)), tuple(shared),
-                          sum(1 for s in other_subjects if s in shared_set))
+    return SubjectOverlap(
+        len(train_subjects), len(set(other_subjects)), tuple(shared), sum(1 for s in other_subjects if s in shared_set)
+    )
 
 
 def check_subject_overlap(overlap: SubjectOverlap, train_name: str, other_name: str, *, allow: bool) -> SubjectOverlap:
@@ -62,5 +65,6 @@ def check_subject_overlap(overlap: SubjectOverlap, train_name: str, other_name: 
         raise LauncherError(
             f"patient leakage: {overlap.describe(train_name, other_name)}. Split the files by patient (MIMIC-CXR's "
             "official split is, `launcher data build` keeps it), or set data.allow_subject_overlap=true to accept "
-            "it (recorded as an MLflow tag)")
+            "it (recorded as an MLflow tag)"
+        )
     return overlap

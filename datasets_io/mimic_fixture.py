@@ -56,8 +56,9 @@ PATIENTS = [  # subject_id, gender, anchor_age, anchor_year, anchor_year_group, 
 ]
 
 # study_id: subject, "YYYY-MM-DD HH:MM:SS.fff", [views], chexpert {label: value}, report text (None = no file)
-_IMPRESSION_CHF = (" Moderate cardiomegaly with mild pulmonary edema.  Right basilar opacity,\n"
-                   " atelectasis versus early pneumonia.\n")
+_IMPRESSION_CHF = (
+    " Moderate cardiomegaly with mild pulmonary edema.  Right basilar opacity,\n atelectasis versus early pneumonia.\n"
+)
 REPORTS: dict[int, str | None] = {
     S_CHF_ADM: (
         "                                 FINAL REPORT\n"
@@ -118,17 +119,33 @@ REPORTS: dict[int, str | None] = {
 }
 
 STUDIES: dict[int, tuple[int, str, list[str], dict[str, float] | None]] = {
-    S_CHF_ADM: (CHF, "2183-05-14 09:15:03.5", ["AP", "LATERAL", "PA"],
-                {"Cardiomegaly": 1.0, "Edema": 1.0, "Pneumonia": -1.0, "Pleural Effusion": 0.0, "Pneumothorax": 0.0}),
-    S_CHF_ED: (CHF, "2183-05-10 14:20:00", ["AP", "LATERAL"],
-               {"Cardiomegaly": 1.0, "Edema": -1.0, "Pleural Effusion": 1.0, "Lung Opacity": 1.0}),
-    S_PNA9: (PNA9, "2152-01-05 14:30:00", ["PA", "LATERAL"],
-             {"Consolidation": 1.0, "Pneumonia": 1.0, "Lung Opacity": 1.0, "Pleural Effusion": 0.0}),
+    S_CHF_ADM: (
+        CHF,
+        "2183-05-14 09:15:03.5",
+        ["AP", "LATERAL", "PA"],
+        {"Cardiomegaly": 1.0, "Edema": 1.0, "Pneumonia": -1.0, "Pleural Effusion": 0.0, "Pneumothorax": 0.0},
+    ),
+    S_CHF_ED: (
+        CHF,
+        "2183-05-10 14:20:00",
+        ["AP", "LATERAL"],
+        {"Cardiomegaly": 1.0, "Edema": -1.0, "Pleural Effusion": 1.0, "Lung Opacity": 1.0},
+    ),
+    S_PNA9: (
+        PNA9,
+        "2152-01-05 14:30:00",
+        ["PA", "LATERAL"],
+        {"Consolidation": 1.0, "Pneumonia": 1.0, "Lung Opacity": 1.0, "Pleural Effusion": 0.0},
+    ),
     S_OUT: (OUTSIDE, "2161-06-20 08:00:00", ["PA", "LL"], {"No Finding": 1.0}),
     S_LATERAL_ONLY: (OUTSIDE, "2161-06-21 08:00:00", ["LATERAL"], {"No Finding": 1.0}),
     S_NO_TEXT: (SEPSIS, "2141-03-02 10:00:00", ["PA"], {"No Finding": 1.0}),
-    S_SEPSIS: (SEPSIS, "2141-07-15 22:45:10", ["AP"],
-               {"Atelectasis": 1.0, "Lung Opacity": -1.0, "Support Devices": 1.0, "Pneumonia": 0.0}),
+    S_SEPSIS: (
+        SEPSIS,
+        "2141-07-15 22:45:10",
+        ["AP"],
+        {"Atelectasis": 1.0, "Lung Opacity": -1.0, "Support Devices": 1.0, "Pneumonia": 0.0},
+    ),
     S_NO_REPORT: (SEPSIS, "2141-07-16 06:00:00", ["AP"], {"Support Devices": 1.0}),
     S_NO_CHEXPERT: (NOPAT, "2170-01-01 12:00:00", ["PA"], None),
     S_NO_IMAGE: (NOPAT, "2170-02-01 12:00:00", ["PA"], {"No Finding": 1.0}),
@@ -140,14 +157,32 @@ STUDIES: dict[int, tuple[int, str, list[str], dict[str, float] | None]] = {
 # hadm_id: subject, admittime, dischtime, admission_type, edregtime, [(icd_code, icd_version)]
 ADMISSIONS: dict[int, tuple[int, str, str, str, str | None, list[tuple[str, int]]]] = {
     20000001: (CHF, "2180-03-01 10:00:00", "2180-03-05 14:00:00", "URGENT", None, [("4019", 9), ("25000", 9)]),
-    20000002: (CHF, "2183-05-10 18:00:00", "2183-05-16 12:00:00", "EW EMER.", "2183-05-10 12:00:00",
-               [("I5023", 10), ("J189", 10), ("N179", 10), ("I10", 10)]),
-    20000003: (PNA9, "2152-01-03 08:00:00", "2152-01-09 16:00:00", "EW EMER.", "2152-01-03 02:00:00",
-               [("486", 9), ("5849", 9), ("49121", 9), ("4280", 9)]),
+    20000002: (
+        CHF,
+        "2183-05-10 18:00:00",
+        "2183-05-16 12:00:00",
+        "EW EMER.",
+        "2183-05-10 12:00:00",
+        [("I5023", 10), ("J189", 10), ("N179", 10), ("I10", 10)],
+    ),
+    20000003: (
+        PNA9,
+        "2152-01-03 08:00:00",
+        "2152-01-09 16:00:00",
+        "EW EMER.",
+        "2152-01-03 02:00:00",
+        [("486", 9), ("5849", 9), ("49121", 9), ("4280", 9)],
+    ),
     20000004: (OUTSIDE, "2161-02-01 09:00:00", "2161-02-04 12:00:00", "URGENT", None, [("J189", 10)]),
     20000005: (OUTSIDE, "2162-01-10 08:00:00", "2162-01-15 12:00:00", "ELECTIVE", None, [("C3490", 10)]),
-    20000006: (SEPSIS, "2141-07-15 20:00:00", "2141-07-25 10:00:00", "EW EMER.", "2141-07-15 18:30:00",
-               [("A419", 10), ("R6521", 10), ("J9601", 10)]),
+    20000006: (
+        SEPSIS,
+        "2141-07-15 20:00:00",
+        "2141-07-25 10:00:00",
+        "EW EMER.",
+        "2141-07-15 18:30:00",
+        [("A419", 10), ("R6521", 10), ("J9601", 10)],
+    ),
     20000007: (NOPAT, "2170-02-28 09:00:00", "2170-03-04 09:00:00", "OBSERVATION ADMIT", None, [("Z20822", 10)]),
     20000008: (P11, "2174-12-31 22:00:00", "2175-01-03 10:00:00", "URGENT", None, [("J440", 10)]),
 }
@@ -172,9 +207,26 @@ D_LABITEMS = [  # itemid, label, fluid, category
     (50818, "pCO2", "Blood", "Blood Gas"),
     (50868, "Anion Gap", "Blood", "Chemistry"),
 ]
-_UNITS = {50963: "pg/mL", 51003: "ng/mL", 50912: "mg/dL", 51006: "mg/dL", 50983: "mEq/L", 50971: "mEq/L",
-          50931: "mg/dL", 51301: "K/uL", 51222: "g/dL", 50811: "g/dL", 51265: "K/uL", 50813: "mmol/L",
-          50889: "mg/L", 50820: "units", 51491: "units", 50821: "mm Hg", 50818: "mm Hg", 50868: "mEq/L"}
+_UNITS = {
+    50963: "pg/mL",
+    51003: "ng/mL",
+    50912: "mg/dL",
+    51006: "mg/dL",
+    50983: "mEq/L",
+    50971: "mEq/L",
+    50931: "mg/dL",
+    51301: "K/uL",
+    51222: "g/dL",
+    50811: "g/dL",
+    51265: "K/uL",
+    50813: "mmol/L",
+    50889: "mg/L",
+    50820: "units",
+    51491: "units",
+    50821: "mm Hg",
+    50818: "mm Hg",
+    50868: "mEq/L",
+}
 
 # subject, hadm_id, itemid, charttime, value (str), valuenum, ref_lo, ref_hi   -- what each row tests, to its right
 LABS: list[tuple[int, int | None, int, str, str, float | None, float | None, float | None]] = [
@@ -208,22 +260,92 @@ VITALSIGN = [
     (SEPSIS, 30000002, "2141-07-15 19:30:00", 102.2, 125.0, 28.0, 93.0, 85.0, 50.0, None, "0"),
 ]
 
-METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-                    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
-CHEXPERT_FILE_COLUMNS = ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                         "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "No Finding",
-                         "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices"]
-ADMISSIONS_COLUMNS = ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type",
-                      "admit_provider_id", "admission_location", "discharge_location", "insurance", "language",
-                      "marital_status", "race", "edregtime", "edouttime", "hospital_expire_flag"]
-LABEVENTS_COLUMNS = ["labevent_id", "subject_id", "hadm_id", "specimen_id", "itemid", "charttime", "storetime",
-                     "value", "valuenum", "valueuom", "ref_range_lower", "ref_range_upper", "flag", "priority",
-                     "comments"]
-VITALSIGN_COLUMNS = ["subject_id", "stay_id", "charttime", "temperature", "heartrate", "resprate", "o2sat", "sbp",
-                     "dbp", "rhythm", "pain"]
-_VIEW_MEANING = {"PA": ("postero-anterior", "Erect"), "AP": ("antero-posterior", "Recumbent"),
-                 "LATERAL": ("lateral", "Erect"), "LL": ("left lateral", "Erect")}
+METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
+CHEXPERT_FILE_COLUMNS = [
+    "subject_id",
+    "study_id",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
+ADMISSIONS_COLUMNS = [
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "admission_type",
+    "admit_provider_id",
+    "admission_location",
+    "discharge_location",
+    "insurance",
+    "language",
+    "marital_status",
+    "race",
+    "edregtime",
+    "edouttime",
+    "hospital_expire_flag",
+]
+LABEVENTS_COLUMNS = [
+    "labevent_id",
+    "subject_id",
+    "hadm_id",
+    "specimen_id",
+    "itemid",
+    "charttime",
+    "storetime",
+    "value",
+    "valuenum",
+    "valueuom",
+    "ref_range_lower",
+    "ref_range_upper",
+    "flag",
+    "priority",
+    "comments",
+]
+VITALSIGN_COLUMNS = [
+    "subject_id",
+    "stay_id",
+    "charttime",
+    "temperature",
+    "heartrate",
+    "resprate",
+    "o2sat",
+    "sbp",
+    "dbp",
+    "rhythm",
+    "pain",
+]
+_VIEW_MEANING = {
+    "PA": ("postero-anterior", "Erect"),
+    "AP": ("antero-posterior", "Recumbent"),
+    "LATERAL": ("lateral", "Erect"),
+    "LL": ("left lateral", "Erect"),
+}
 
 
 @dataclass(frozen=True)
@@ -236,8 +358,19 @@ class FixturePaths:
 
     def build_argv(self, out: str | Path, *extra: str) -> list[str]:
         """The `launcher data build` arguments for this fixture."""
-        return ["--cxr-jpg", str(self.cxr_jpg), "--reports", str(self.reports), "--mimic-iv", str(self.mimic_iv),
-                "--mimic-iv-ed", str(self.mimic_iv_ed), "--out", str(out), *extra]
+        return [
+            "--cxr-jpg",
+            str(self.cxr_jpg),
+            "--reports",
+            str(self.reports),
+            "--mimic-iv",
+            str(self.mimic_iv),
+            "--mimic-iv-ed",
+            str(self.mimic_iv_ed),
+            "--out",
+            str(out),
+            *extra,
+        ]
 
 
 # ----------------------------------------------------------------------------------------------- writers
@@ -287,11 +420,33 @@ def _folder(subject: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- random filler
-_SENTENCES = ["No acute cardiopulmonary process.", "Mild cardiomegaly.", "Small left pleural effusion.",
-              "Right lower lobe opacity concerning for pneumonia.", "Mild pulmonary vascular congestion.",
-              "Lungs are clear.", "No pneumothorax.", "Stable support devices.", "Bibasilar atelectasis."]
-_CODES = [("486", 9), ("J189", 10), ("I5023", 10), ("42823", 9), ("J441", 10), ("A419", 10), ("N179", 10),
-          ("5849", 9), ("4019", 9), ("I10", 10), ("E119", 10), ("Z20822", 10), ("C3490", 10), ("J810", 10)]
+_SENTENCES = [
+    "No acute cardiopulmonary process.",
+    "Mild cardiomegaly.",
+    "Small left pleural effusion.",
+    "Right lower lobe opacity concerning for pneumonia.",
+    "Mild pulmonary vascular congestion.",
+    "Lungs are clear.",
+    "No pneumothorax.",
+    "Stable support devices.",
+    "Bibasilar atelectasis.",
+]
+_CODES = [
+    ("486", 9),
+    ("J189", 10),
+    ("I5023", 10),
+    ("42823", 9),
+    ("J441", 10),
+    ("A419", 10),
+    ("N179", 10),
+    ("5849", 9),
+    ("4019", 9),
+    ("I10", 10),
+    ("E119", 10),
+    ("Z20822", 10),
+    ("C3490", 10),
+    ("J810", 10),
+]
 
 
 def _random_filler(n_subjects: int, seed: int) -> tuple[dict, dict, dict, list, list, list, dict]:
@@ -310,8 +465,10 @@ def _random_filler(n_subjects: int, seed: int) -> tuple[dict, dict, dict, list, 
             study_id += 1
             t = base + np.timedelta64(int(k * 20 * 86400 + rng.integers(0, 86400)), "s")
             stamp = str(t).replace("T", " ")
-            labels = {lab: float(rng.choice([1.0, 0.0, -1.0])) for lab in rng.choice(
-                CHEXPERT_FILE_COLUMNS[2:], size=int(rng.integers(0, 5)), replace=False)}
+            labels = {
+                lab: float(rng.choice([1.0, 0.0, -1.0]))
+                for lab in rng.choice(CHEXPERT_FILE_COLUMNS[2:], size=int(rng.integers(0, 5)), replace=False)
+            }
             views = ["PA", "LATERAL"] if rng.random() < 0.6 else ["AP"]
             studies[study_id] = (subject, stamp, views, labels)
             text = " ".join(rng.choice(_SENTENCES, size=2, replace=False))
@@ -321,16 +478,35 @@ def _random_filler(n_subjects: int, seed: int) -> tuple[dict, dict, dict, list, 
                 start = t - np.timedelta64(int(rng.integers(3600, 3 * 86400)), "s")
                 end = t + np.timedelta64(int(rng.integers(3600, 5 * 86400)), "s")
                 codes = [_CODES[j] for j in rng.choice(len(_CODES), size=int(rng.integers(1, 4)), replace=False)]
-                admissions[hadm] = (subject, str(start).replace("T", " "), str(end).replace("T", " "), "EW EMER.",
-                                    None, codes)
+                admissions[hadm] = (
+                    subject,
+                    str(start).replace("T", " "),
+                    str(end).replace("T", " "),
+                    "EW EMER.",
+                    None,
+                    codes,
+                )
             for item in rng.choice(panel, size=3, replace=False):
                 when = t - np.timedelta64(int(rng.integers(-6 * 3600, 30 * 3600)), "s")
                 v = round(float(rng.uniform(0.5, 20)), 1)
                 labs.append((subject, None, int(item), str(when).replace("T", " "), str(v), v, 0.5, 15.0))
             if rng.random() < 0.5:
                 when = t - np.timedelta64(int(rng.integers(0, 10 * 3600)), "s")
-                vitals.append((subject, 39000000 + study_id % 1000000, str(when).replace("T", " "),
-                               98.6, float(rng.integers(60, 120)), 18.0, 96.0, 120.0, 80.0, None, "0"))
+                vitals.append(
+                    (
+                        subject,
+                        39000000 + study_id % 1000000,
+                        str(when).replace("T", " "),
+                        98.6,
+                        float(rng.integers(60, 120)),
+                        18.0,
+                        96.0,
+                        120.0,
+                        80.0,
+                        None,
+                        "0",
+                    )
+                )
     return studies, reports, admissions, patients, labs, vitals, splits
 
 
@@ -359,13 +535,16 @@ def write_fixture(root: str | Path, *, extra_subjects: int = 0, seed: int = 0) -
             w, h = (64, 80) if view != "LATERAL" else (72, 80)
             meaning, orientation = _VIEW_MEANING[view]
             description = "CHEST (PA AND LAT)" if "PA" in views else "CHEST (PORTABLE AP)"
-            metadata.append((dicom, subject, study, description, view, h, w, date, time, description, meaning,
-                             orientation))
+            metadata.append(
+                (dicom, subject, study, description, view, h, w, date, time, description, meaning, orientation)
+            )
             if study != S_P11_NO_SPLIT:
                 split_rows.append((dicom, study, subject, splits[subject]))
             if study != S_NO_IMAGE:
-                write_jpeg(paths.cxr_jpg / "files" / _folder(subject) / f"s{study}" / f"{dicom}.jpg",
-                           seed=int(hashlib.sha1(dicom.encode()).hexdigest()[:8], 16))
+                write_jpeg(
+                    paths.cxr_jpg / "files" / _folder(subject) / f"s{study}" / f"{dicom}.jpg",
+                    seed=int(hashlib.sha1(dicom.encode()).hexdigest()[:8], 16),
+                )
         if labels is not None:
             chexpert_rows.append([subject, study] + [labels.get(c) for c in CHEXPERT_FILE_COLUMNS[2:]])
         if reports.get(study) is not None:
@@ -375,33 +554,93 @@ def write_fixture(root: str | Path, *, extra_subjects: int = 0, seed: int = 0) -
 
     # the releases list rows in no promised order; shuffle a little so the build cannot rely on it
     write_csv_gz(paths.cxr_jpg / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, metadata[::-1])
-    write_csv_gz(paths.cxr_jpg / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
-                 split_rows)
+    write_csv_gz(
+        paths.cxr_jpg / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows
+    )
     write_csv_gz(paths.cxr_jpg / "mimic-cxr-2.0.0-chexpert.csv.gz", CHEXPERT_FILE_COLUMNS, chexpert_rows)
 
     hosp = paths.mimic_iv / "hosp"
-    write_csv_gz(hosp / "patients.csv.gz", ["subject_id", "gender", "anchor_age", "anchor_year",
-                                            "anchor_year_group", "dod"], patients)
-    write_csv_gz(hosp / "admissions.csv.gz", ADMISSIONS_COLUMNS, [
-        (subject, hadm, admit, disch, None, kind, "P12345", "EMERGENCY ROOM", "HOME", "Medicare", "ENGLISH",
-         "MARRIED", "WHITE", edreg, None if edreg is None else admit, 0)
-        for hadm, (subject, admit, disch, kind, edreg, _) in sorted(admissions.items())])
-    write_csv_gz(hosp / "diagnoses_icd.csv.gz", ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"], [
-        (subject, hadm, seq, code, version)
-        for hadm, (subject, *_, codes) in sorted(admissions.items()) for seq, (code, version) in enumerate(codes, 1)])
+    write_csv_gz(
+        hosp / "patients.csv.gz",
+        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        patients,
+    )
+    write_csv_gz(
+        hosp / "admissions.csv.gz",
+        ADMISSIONS_COLUMNS,
+        [
+            (
+                subject,
+                hadm,
+                admit,
+                disch,
+                None,
+                kind,
+                "P12345",
+                "EMERGENCY ROOM",
+                "HOME",
+                "Medicare",
+                "ENGLISH",
+                "MARRIED",
+                "WHITE",
+                edreg,
+                None if edreg is None else admit,
+                0,
+            )
+            for hadm, (subject, admit, disch, kind, edreg, _) in sorted(admissions.items())
+        ],
+    )
+    write_csv_gz(
+        hosp / "diagnoses_icd.csv.gz",
+        ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"],
+        [
+            (subject, hadm, seq, code, version)
+            for hadm, (subject, *_, codes) in sorted(admissions.items())
+            for seq, (code, version) in enumerate(codes, 1)
+        ],
+    )
     write_csv_gz(hosp / "d_labitems.csv.gz", ["itemid", "label", "fluid", "category"], D_LABITEMS)
-    write_csv_gz(hosp / "labevents.csv.gz", LABEVENTS_COLUMNS, [
-        (i, subject, hadm, 90000000 + i, item, when, when, value, valuenum, _UNITS[item], lo, hi,
-         "abnormal" if valuenum is not None and hi is not None and valuenum > hi else None, "STAT", None)
-        for i, (subject, hadm, item, when, value, valuenum, lo, hi) in enumerate(labs, start=1)])
+    write_csv_gz(
+        hosp / "labevents.csv.gz",
+        LABEVENTS_COLUMNS,
+        [
+            (
+                i,
+                subject,
+                hadm,
+                90000000 + i,
+                item,
+                when,
+                when,
+                value,
+                valuenum,
+                _UNITS[item],
+                lo,
+                hi,
+                "abnormal" if valuenum is not None and hi is not None and valuenum > hi else None,
+                "STAT",
+                None,
+            )
+            for i, (subject, hadm, item, when, value, valuenum, lo, hi) in enumerate(labs, start=1)
+        ],
+    )
     write_csv_gz(paths.mimic_iv_ed / "ed" / "vitalsign.csv.gz", VITALSIGN_COLUMNS, vitals)
     return paths
 
 
 # ----------------------------------------------------------------------------------------------- big labevents
-def write_labevents(path: str | Path, n_rows: int, *, subjects: np.ndarray, itemids: np.ndarray,
-                    start: str = "2150-01-01", days: int = 3650, seed: int = 0, chunk_rows: int = 500_000,
-                    subject_share: float = 0.05) -> int:
+def write_labevents(
+    path: str | Path,
+    n_rows: int,
+    *,
+    subjects: np.ndarray,
+    itemids: np.ndarray,
+    start: str = "2150-01-01",
+    days: int = 3650,
+    seed: int = 0,
+    chunk_rows: int = 500_000,
+    subject_share: float = 0.05,
+) -> int:
     """A raw-format labevents.csv.gz of `n_rows` rows, written in chunks (flat memory) with gzip level 1.
 
     `subject_share` of the rows belong to `subjects` (the studies' patients), the rest to other patients; itemids
@@ -424,24 +663,27 @@ def write_labevents(path: str | Path, n_rows: int, *, subjects: np.ndarray, item
             subject = np.where(ours, rng.choice(subjects, n), rng.integers(10000000, 20000000, n))
             valuenum = np.round(rng.uniform(0.1, 200.0, n), 1)
             charttime = t0 + rng.integers(0, days * 86400, n)
-            table = pa.table({
-                "labevent_id": np.arange(done + 1, done + n + 1),
-                "subject_id": subject,
-                "hadm_id": pa.array(np.where(rng.random(n) < 0.6, rng.integers(20000000, 30000000, n), 0),
-                                    mask=rng.random(n) >= 0.6),
-                "specimen_id": rng.integers(1, 99999999, n),
-                "itemid": rng.choice(all_items, n),
-                "charttime": pa.array(charttime, pa.timestamp("s")),
-                "storetime": pa.array(charttime + 3600, pa.timestamp("s")),
-                "value": pa.array(valuenum).cast(pa.string()),
-                "valuenum": valuenum,
-                "valueuom": pa.array(np.array(["mg/dL", "mEq/L", "K/uL", "g/dL"])[rng.integers(0, 4, n)]),
-                "ref_range_lower": np.full(n, 1.0),
-                "ref_range_upper": np.full(n, 100.0),
-                "flag": pa.array(np.where(valuenum > 100, "abnormal", ""), mask=valuenum <= 100),
-                "priority": pa.array(np.array(["ROUTINE", "STAT"])[rng.integers(0, 2, n)]),
-                "comments": pa.nulls(n, pa.string()),
-            })
+            table = pa.table(
+                {
+                    "labevent_id": np.arange(done + 1, done + n + 1),
+                    "subject_id": subject,
+                    "hadm_id": pa.array(
+                        np.where(rng.random(n) < 0.6, rng.integers(20000000, 30000000, n), 0), mask=rng.random(n) >= 0.6
+                    ),
+                    "specimen_id": rng.integers(1, 99999999, n),
+                    "itemid": rng.choice(all_items, n),
+                    "charttime": pa.array(charttime, pa.timestamp("s")),
+                    "storetime": pa.array(charttime + 3600, pa.timestamp("s")),
+                    "value": pa.array(valuenum).cast(pa.string()),
+                    "valuenum": valuenum,
+                    "valueuom": pa.array(np.array(["mg/dL", "mEq/L", "K/uL", "g/dL"])[rng.integers(0, 4, n)]),
+                    "ref_range_lower": np.full(n, 1.0),
+                    "ref_range_upper": np.full(n, 100.0),
+                    "flag": pa.array(np.where(valuenum > 100, "abnormal", ""), mask=valuenum <= 100),
+                    "priority": pa.array(np.array(["ROUTINE", "STAT"])[rng.integers(0, 2, n)]),
+                    "comments": pa.nulls(n, pa.string()),
+                }
+            )
             pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
             done += n
     return path.stat().st_size

@@ -57,8 +57,10 @@ def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
         return []
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     longest = lengths[order[0]]
-    candidates = [_balanced_rows(lengths, order, n, budget)
-                  for n in range(max(1, math.ceil(sum(lengths) / budget)), len(lengths) + 1)]
+    candidates = [
+        _balanced_rows(lengths, order, n, budget)
+        for n in range(max(1, math.ceil(sum(lengths) / budget)), len(lengths) + 1)
+    ]
     candidates += [_first_fit_rows(lengths, order, longest + (budget - longest) * k // 64) for k in range(65)]
 
     def cost(rows: list[list[int]]) -> tuple[int, int]:
@@ -108,11 +110,11 @@ def pack_samples(samples: list[TokenizedSample], budget: int, pad_id: int) -> Pa
         at = 0
         for i in row:
             n = len(samples[i].input_ids)
-            input_ids[r, at:at + n] = samples[i].input_ids
-            labels[r, at:at + n] = samples[i].labels
+            input_ids[r, at : at + n] = samples[i].input_ids
+            labels[r, at : at + n] = samples[i].labels
             labels[r, at] = IGNORE_INDEX  # never predicted from the previous sample's last token
-            position_ids[r, at:at + n] = np.arange(n)
-            segment_ids[r, at:at + n] = i
+            position_ids[r, at : at + n] = np.arange(n)
+            segment_ids[r, at : at + n] = i
             at += n
         position_ids[r, at:] = np.arange(width - at)  # the tail padding is a segment of its own
     return PackedRows(input_ids, labels, position_ids, segment_ids, [i for row in rows for i in row])

@@ -35,12 +35,15 @@ DECODE_TASK_CPUS = 0.5  # fractional: the decode tasks of all workers must fit n
 _fetched: dict[str, Any] = {}  # ObjectRef hex -> the row tables, once per task process
 
 
-def worker_items(spec: SamplerSpec, layout: BatchLayout, rank: int, stage: str, cursor: int,
-                 end_step: int) -> list[dict]:
+def worker_items(
+    spec: SamplerSpec, layout: BatchLayout, rank: int, stage: str, cursor: int, end_step: int
+) -> list[dict]:
     """This rank's draws for `stage` from the global `cursor` to stage-local step `end_step`, in training order."""
-    return [{"position": d.position, "row": d.row, "replay": d.replay, "ehr_dropped": d.ehr_dropped}
-            for positions in layout.rank_micro_batches(rank, cursor, end_step)
-            for d in draws(spec, stage, positions)]
+    return [
+        {"position": d.position, "row": d.row, "replay": d.replay, "ehr_dropped": d.ehr_dropped}
+        for positions in layout.rank_micro_batches(rank, cursor, end_step)
+        for d in draws(spec, stage, positions)
+    ]
 
 
 def _tables(rows: Any) -> dict:
@@ -72,22 +75,37 @@ def decode_items(batch: dict[str, np.ndarray], *, rows: Any, stage: str, pre: An
         fields = sample_fields(tables, stage, d)
         pixels, tok = pre.sample_at(stage, d.position, fields)  # (3, S, S), tokens
         ids, labels, n = _fixed(tok, width, pad)
-        for k, v in (("pixel_values", pixels), ("input_ids", ids), ("labels", labels), ("length", n),
-                     ("shortened", tok.shortened), ("study_id", fields["study_id"])):
+        for k, v in (
+            ("pixel_values", pixels),
+            ("input_ids", ids),
+            ("labels", labels),
+            ("length", n),
+            ("shortened", tok.shortened),
+            ("study_id", fields["study_id"]),
+        ):
             out[k].append(v)
     return {
         "pixel_values": np.stack(out["pixel_values"]).astype(np.float32),  # (B, 3, S, S)
-        "input_ids": np.stack(out["input_ids"]), "labels": np.stack(out["labels"]),  # (B, max_len) int32
+        "input_ids": np.stack(out["input_ids"]),
+        "labels": np.stack(out["labels"]),  # (B, max_len) int32
         "length": np.asarray(out["length"], dtype=np.int32),
         "shortened": np.asarray(out["shortened"], dtype=bool),
         "study_id": np.asarray(out["study_id"], dtype=object),
         "position": np.asarray(batch["position"], dtype=np.int64),
-        "replay": np.asarray(batch["replay"], dtype=bool), "ehr_dropped": np.asarray(batch["ehr_dropped"], dtype=bool),
+        "replay": np.asarray(batch["replay"], dtype=bool),
+        "ehr_dropped": np.asarray(batch["ehr_dropped"], dtype=bool),
     }
 
 
-def stage_dataset(items: list[dict], rows: Any, stage: str, pre: Any, *, rows_per_block: int = ROWS_PER_BLOCK,
-                  decoders: int = DECODERS_PER_WORKER) -> Any:
+def stage_dataset(
+    items: list[dict],
+    rows: Any,
+    stage: str,
+    pre: Any,
+    *,
+    rows_per_block: int = ROWS_PER_BLOCK,
+    decoders: int = DECODERS_PER_WORKER,
+) -> Any:
     """The lazy Ray Dataset of one worker's remaining samples of `stage`, in order. `rows`: the ObjectRef of the
     driver's row tables (or the tables themselves)."""
     import ray.data
@@ -96,16 +114,23 @@ def stage_dataset(items: list[dict], rows: Any, stage: str, pre: Any, *, rows_pe
         raise ValueError(f"stage {stage}: no samples left to draw")
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     ds.context.execution_options.preserve_order = True  # micro-batch k is positions k*mb .. of this rank's items
-    return ds.map_batches(decode_items, batch_size=None, batch_format="numpy", num_cpus=DECODE_TASK_CPUS,
-                          compute=ray.data.TaskPoolStrategy(size=max(1, decoders)),
-                          fn_kwargs={"rows": rows, "stage": stage, "pre": pre})
+    return ds.map_batches(
+        decode_items,
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=DECODE_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=max(1, decoders)),
+        fn_kwargs={"rows": rows, "stage": stage, "pre": pre},
+    )
 
 
 def collate(rows: dict[str, np.ndarray], pre: Any) -> dict[str, np.ndarray]:
     """Fixed-width columns of one micro-batch -> the padded batch `Preprocessor.collate` builds on the local path,
     with the per-sample bookkeeping (study_id, ehr_dropped, replay) the data-order log records."""
-    toks = [TokenizedSample(rows["input_ids"][i][:n].tolist(), rows["labels"][i][:n].tolist(),
-                            bool(rows["shortened"][i])) for i, n in enumerate(rows["length"].tolist())]
+    toks = [
+        TokenizedSample(rows["input_ids"][i][:n].tolist(), rows["labels"][i][:n].tolist(), bool(rows["shortened"][i]))
+        for i, n in enumerate(rows["length"].tolist())
+    ]
     batch = pre.collate(list(rows["pixel_values"]), toks)
     batch.update({k: rows[k] for k in ("study_id", "ehr_dropped", "replay")})
     return batch

@@ -100,8 +100,10 @@ class BatchLayout:
     def rank_micro_batches(self, rank: int, start: int, end_step: int) -> Iterator[range]:
         """Rank `rank`'s micro-batches (positions) from the global cursor `start` to stage-local step `end_step`."""
         if start % self.global_batch:
-            raise ValueError(f"cursor {start} is not a multiple of the global batch {self.global_batch}: it was "
-                             "saved with another batch layout")
+            raise ValueError(
+                f"cursor {start} is not a multiple of the global batch {self.global_batch}: it was "
+                "saved with another batch layout"
+            )
         for k in range(start // self.global_batch, end_step):
             for j in range(self.grad_accum):
                 yield self.micro_positions(k, rank, j)

@@ -97,7 +97,11 @@ NEGATIVE_PHRASES = {
     "Edema": ["No pulmonary edema."],
     "Cardiomegaly": ["Heart size is normal.", "Normal cardiac silhouette."],
 }
-NORMAL_PHRASES = ["No acute cardiopulmonary process.", "No acute intrathoracic abnormality.", "Normal chest radiograph."]
+NORMAL_PHRASES = [
+    "No acute cardiopulmonary process.",
+    "No acute intrathoracic abnormality.",
+    "Normal chest radiograph.",
+]
 
 CHRONIC = ["hypertension", "diabetes", "chf", "copd", "ckd", "afib", "cad", "asthma"]
 
@@ -158,7 +162,9 @@ def draw_ehr_and_icd(labels: dict[str, str], patient: dict, rng: np.random.Gener
     pos = {k for k, v in labels.items() if v == "Positive"}
     chronic = patient["chronic"]
     # Latent conditions, partly correlated with the image but decided independently: the EHR tells them apart.
-    chf = rng.random() < (0.45 if ("Edema" in pos or "Cardiomegaly" in pos) else 0.08) + (0.1 if "chf" in chronic else 0)
+    chf = rng.random() < (0.45 if ("Edema" in pos or "Cardiomegaly" in pos) else 0.08) + (
+        0.1 if "chf" in chronic else 0
+    )
     pneumonia = rng.random() < (0.55 if ("Lung Opacity" in pos or "Consolidation" in pos) else 0.07)
     aki = rng.random() < 0.15 + (0.15 if "ckd" in chronic else 0)
     sepsis = rng.random() < (0.25 if pneumonia else 0.05)
@@ -187,7 +193,11 @@ def draw_ehr_and_icd(labels: dict[str, str], patient: dict, rng: np.random.Gener
         if rng.random() < 0.05 and not {"BNP": chf, "WBC": pneumonia, "Creatinine": aki, "Lactate": sepsis}[key]:
             del labs[key]
     support = "Support Devices" in pos
-    o2 = "ventilator" if support and rng.random() < 0.6 else ("nasal cannula" if spo2 < 92 or rng.random() < 0.15 else None)
+    o2 = (
+        "ventilator"
+        if support and rng.random() < 0.6
+        else ("nasal cannula" if spo2 < 92 or rng.random() < 0.15 else None)
+    )
     ehr = {
         "Age": patient["age"],
         "Sex": patient["sex"],
@@ -211,15 +221,29 @@ def draw_ehr_and_icd(labels: dict[str, str], patient: dict, rng: np.random.Gener
 # Normal ranges of the MIMIC build's lab panel (mimic_build.ehr.LAB_PANEL): name -> (unit, lo, hi, digits).
 # The values that carry the ICD signal (NT-proBNP, WBC, Creatinine, Lactate) come from the basic draw.
 MIMIC_LABS: dict[str, tuple[str, float, float, int]] = {
-    "NT-proBNP": ("pg/mL", 0.0, 300.0, 0), "Troponin T": ("ng/mL", 0.0, 0.01, 2), "Creatinine": ("mg/dL", 0.5, 1.2, 1),
-    "BUN": ("mg/dL", 6.0, 20.0, 0), "Sodium": ("mEq/L", 133.0, 145.0, 0), "Potassium": ("mEq/L", 3.3, 5.1, 1),
-    "Glucose": ("mg/dL", 70.0, 100.0, 0), "WBC": ("K/uL", 4.0, 11.0, 1), "Hemoglobin": ("g/dL", 12.0, 16.0, 1),
-    "Platelets": ("K/uL", 150.0, 440.0, 0), "Lactate": ("mmol/L", 0.5, 2.0, 1), "CRP": ("mg/L", 0.0, 5.0, 1),
-    "pH": ("units", 7.35, 7.45, 2), "pO2": ("mm Hg", 85.0, 105.0, 0), "pCO2": ("mm Hg", 35.0, 45.0, 0),
+    "NT-proBNP": ("pg/mL", 0.0, 300.0, 0),
+    "Troponin T": ("ng/mL", 0.0, 0.01, 2),
+    "Creatinine": ("mg/dL", 0.5, 1.2, 1),
+    "BUN": ("mg/dL", 6.0, 20.0, 0),
+    "Sodium": ("mEq/L", 133.0, 145.0, 0),
+    "Potassium": ("mEq/L", 3.3, 5.1, 1),
+    "Glucose": ("mg/dL", 70.0, 100.0, 0),
+    "WBC": ("K/uL", 4.0, 11.0, 1),
+    "Hemoglobin": ("g/dL", 12.0, 16.0, 1),
+    "Platelets": ("K/uL", 150.0, 440.0, 0),
+    "Lactate": ("mmol/L", 0.5, 2.0, 1),
+    "CRP": ("mg/L", 0.0, 5.0, 1),
+    "pH": ("units", 7.35, 7.45, 2),
+    "pO2": ("mm Hg", 85.0, 105.0, 0),
+    "pCO2": ("mm Hg", 35.0, 45.0, 0),
 }
 MIMIC_VITALS: dict[str, tuple[str, float, float]] = {  # MIMIC-IV-ED vitalsign conventions (mimic_build.ehr.VITALS)
-    "temperature": ("degF", 97.0, 99.5), "heart_rate": ("bpm", 60, 100), "resp_rate": ("breaths/min", 12, 20),
-    "o2_sat": ("%", 94, 100), "sbp": ("mmHg", 100, 140), "dbp": ("mmHg", 60, 90),
+    "temperature": ("degF", 97.0, 99.5),
+    "heart_rate": ("bpm", 60, 100),
+    "resp_rate": ("breaths/min", 12, 20),
+    "o2_sat": ("%", 94, 100),
+    "sbp": ("mmHg", 100, 140),
+    "dbp": ("mmHg", 60, 90),
 }
 ADMISSION_TYPES = ("EW EMER.", "URGENT", "OBSERVATION ADMIT", "ELECTIVE", "DIRECT EMER.")
 
@@ -228,8 +252,12 @@ def mimic_detail_ehr(ehr: dict, rng: np.random.Generator) -> dict:
     """The basic EHR widened to what `launcher data build` writes: the whole lab panel with unit, reference range
     and hours before the study, six ED vitals with hours before, and the admission type. The signal values of the
     basic block are kept (BNP becomes NT-proBNP, temperature is given in degF, SpO2 as o2_sat)."""
-    signal = {"NT-proBNP": ehr["Labs"].get("BNP"), "WBC": ehr["Labs"].get("WBC"),
-              "Creatinine": ehr["Labs"].get("Creatinine"), "Lactate": ehr["Labs"].get("Lactate")}
+    signal = {
+        "NT-proBNP": ehr["Labs"].get("BNP"),
+        "WBC": ehr["Labs"].get("WBC"),
+        "Creatinine": ehr["Labs"].get("Creatinine"),
+        "Lactate": ehr["Labs"].get("Lactate"),
+    }
     labs = {}
     for name, (unit, lo, hi, digits) in MIMIC_LABS.items():
         if signal.get(name) is None and rng.random() < 0.12:  # real panels are incomplete
@@ -237,17 +265,35 @@ def mimic_detail_ehr(ehr: dict, rng: np.random.Generator) -> dict:
         value = signal[name]["value"] if signal.get(name) else rng.normal((lo + hi) / 2, (hi - lo) / 3)
         if name == "NT-proBNP" and signal[name]:
             value *= 3.0  # NT-proBNP runs ~3x BNP
-        labs[name] = {"value": _q(max(value, 0.0), digits), "unit": unit, "reference_range": [lo, hi],
-                      "hours_before": _q(rng.uniform(0.2, 24.0))}
+        labs[name] = {
+            "value": _q(max(value, 0.0), digits),
+            "unit": unit,
+            "reference_range": [lo, hi],
+            "hours_before": _q(rng.uniform(0.2, 24.0)),
+        }
     basic = ehr["Vitals"]
-    known = {"temperature": basic["temperature"]["value"] * 9 / 5 + 32, "heart_rate": basic["heart_rate"]["value"],
-             "o2_sat": basic["spo2"]["value"]}
-    vitals = {name: {"value": _q(known.get(name, rng.uniform(lo, hi))), "unit": unit,
-                     "hours_before": _q(rng.uniform(0.1, 12.0))}
-              for name, (unit, lo, hi) in MIMIC_VITALS.items()}
-    return {"Age": ehr["Age"], "Sex": ehr["Sex"], "Admission_type": str(rng.choice(ADMISSION_TYPES)),
-            "Vitals": vitals, "Labs": labs, "O2_device": ehr["O2_device"],
-            "Chronic_conditions": ehr["Chronic_conditions"]}
+    known = {
+        "temperature": basic["temperature"]["value"] * 9 / 5 + 32,
+        "heart_rate": basic["heart_rate"]["value"],
+        "o2_sat": basic["spo2"]["value"],
+    }
+    vitals = {
+        name: {
+            "value": _q(known.get(name, rng.uniform(lo, hi))),
+            "unit": unit,
+            "hours_before": _q(rng.uniform(0.1, 12.0)),
+        }
+        for name, (unit, lo, hi) in MIMIC_VITALS.items()
+    }
+    return {
+        "Age": ehr["Age"],
+        "Sex": ehr["Sex"],
+        "Admission_type": str(rng.choice(ADMISSION_TYPES)),
+        "Vitals": vitals,
+        "Labs": labs,
+        "O2_device": ehr["O2_device"],
+        "Chronic_conditions": ehr["Chronic_conditions"],
+    }
 
 
 # --------------------------------------------------------------------------------------------- pixels
@@ -360,8 +406,15 @@ def make_studies(n_studies: int, seed: int, ehr_detail: str = "basic") -> list[S
                 ehr = mimic_detail_ehr(ehr, np.random.default_rng([seed, 5, k]))
             dicom = "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5))
             studies.append(
-                Study(subject_id, 50_000_000 + int(rng.integers(0, 9_999_999)), dicom, labels,
-                      write_impression(labels, rng), ehr, icd)
+                Study(
+                    subject_id,
+                    50_000_000 + int(rng.integers(0, 9_999_999)),
+                    dicom,
+                    labels,
+                    write_impression(labels, rng),
+                    ehr,
+                    icd,
+                )
             )
             k += 1
     return studies
@@ -370,16 +423,32 @@ def make_studies(n_studies: int, seed: int, ehr_detail: str = "basic") -> list[S
 def study_rows(study: Study) -> list[dict]:
     common = {"study_id": str(study.study_id), "image": study.image_rel}
     return [
-        {**common, "prompt": prompt_a(), "target": target_a(study.impression, study.chexpert),
-         "mode": "image_only", "stage": "A"},
-        {**common, "prompt": prompt_b(study.ehr), "target": target_b(study.impression, study.chexpert, study.icd),
-         "mode": "image_ehr", "stage": "B"},
+        {
+            **common,
+            "prompt": prompt_a(),
+            "target": target_a(study.impression, study.chexpert),
+            "mode": "image_only",
+            "stage": "A",
+        },
+        {
+            **common,
+            "prompt": prompt_b(study.ehr),
+            "target": target_b(study.impression, study.chexpert, study.icd),
+            "mode": "image_ehr",
+            "stage": "B",
+        },
     ]
 
 
 def write_synthetic(
-    out: str | Path, n_studies: int, seed: int, image_size: tuple[int, int] = (256, 256), val_fraction: float = 0.1,
-    progress: bool = True, ehr_detail: str = "basic", style: Style | None = None,
+    out: str | Path,
+    n_studies: int,
+    seed: int,
+    image_size: tuple[int, int] = (256, 256),
+    val_fraction: float = 0.1,
+    progress: bool = True,
+    ehr_detail: str = "basic",
+    style: Style | None = None,
 ) -> dict:
     """Write curriculum_{train,val}.jsonl and the JPEGs under `out`. Returns a summary dict.
     `ehr_detail`: "basic" (the demo's short Patient Data) or "mimic" (MIMIC-build-size blocks, see mimic_detail_ehr).
@@ -412,6 +481,13 @@ def write_synthetic(
             f.close()
     for name in counts:  # atomic: a half-written curriculum never looks complete
         os.replace(out / f"curriculum_{name}.jsonl.tmp", out / f"curriculum_{name}.jsonl")
-    return {"studies": len(studies), "patients": len(subjects), "val_patients": len(val_subjects),
-            "rows": counts, "image_size": [h, w], "seed": seed, "ehr_detail": ehr_detail,
-            **({"style": style.name} if style else {})}
+    return {
+        "studies": len(studies),
+        "patients": len(subjects),
+        "val_patients": len(val_subjects),
+        "rows": counts,
+        "image_size": [h, w],
+        "seed": seed,
+        "ehr_detail": ehr_detail,
+        **({"style": style.name} if style else {}),
+    }

@@ -152,8 +152,11 @@ def make_studies(style: Style, n_studies: int, seed: int) -> list[Study]:
         patient = {
             "age": int(prng.integers(20, 95)),
             "sex": str(prng.choice(["M", "F"])),
-            "chronic": sorted(prng.choice(["hypertension", "diabetes", "copd", "ckd", "afib"],
-                                          size=int(prng.integers(0, 3)), replace=False).tolist()),
+            "chronic": sorted(
+                prng.choice(
+                    ["hypertension", "diabetes", "copd", "ckd", "afib"], size=int(prng.integers(0, 3)), replace=False
+                ).tolist()
+            ),
         }
         for _ in range(int(prng.integers(1, 4))):
             if len(studies) >= n_studies:
@@ -162,8 +165,17 @@ def make_studies(style: Style, n_studies: int, seed: int) -> list[Study]:
             labels = draw_labels(style, rng)
             ehr, icd = draw_ehr_and_icd(style, patient, rng)
             dicom = "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5))
-            studies.append(Study(subject_id, 50_000_000 + int(rng.integers(0, 9_999_999)), dicom, labels,
-                                 write_impression(labels, rng), ehr, icd))
+            studies.append(
+                Study(
+                    subject_id,
+                    50_000_000 + int(rng.integers(0, 9_999_999)),
+                    dicom,
+                    labels,
+                    write_impression(labels, rng),
+                    ehr,
+                    icd,
+                )
+            )
             k += 1
     return studies
 
@@ -282,35 +294,56 @@ def _vital(flag, field, unit, thr, neg, posr, digits=0, below=False, prevalence=
 
 STYLES: dict[str, Style] = {
     "blocks": Style(
-        "blocks", (160, 160),
-        ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Lesion", "Support Devices"), 0.3, render_blocks,
-        (_lab("chf_exacerbation", "NT-proBNP", "pg/mL", 900, (20, 700), (1100, 9000), (0, 125), digits=0),
-         _lab("pneumonia", "Procalcitonin", "ng/mL", 0.5, (0.01, 0.4), (0.6, 8.0), (0, 0.1), digits=2),
-         _vital("sepsis", "resp_rate", "breaths/min", 24, (12, 21), (26, 40)),
-         _lab("acute_kidney_injury", "BUN", "mg/dL", 40, (8, 30), (45, 110), (7, 20), digits=0)),
-        (Distractor("Labs", "Sodium", "mmol/L", 128, 148, 0, (135, 145)),
-         Distractor("Vitals", "sbp", "mmHg", 95, 170, 0)),
+        "blocks",
+        (160, 160),
+        ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Lesion", "Support Devices"),
+        0.3,
+        render_blocks,
+        (
+            _lab("chf_exacerbation", "NT-proBNP", "pg/mL", 900, (20, 700), (1100, 9000), (0, 125), digits=0),
+            _lab("pneumonia", "Procalcitonin", "ng/mL", 0.5, (0.01, 0.4), (0.6, 8.0), (0, 0.1), digits=2),
+            _vital("sepsis", "resp_rate", "breaths/min", 24, (12, 21), (26, 40)),
+            _lab("acute_kidney_injury", "BUN", "mg/dL", 40, (8, 30), (45, 110), (7, 20), digits=0),
+        ),
+        (
+            Distractor("Labs", "Sodium", "mmol/L", 128, 148, 0, (135, 145)),
+            Distractor("Vitals", "sbp", "mmHg", 95, 170, 0),
+        ),
     ),
     "inverted": Style(
-        "inverted", (224, 192),
-        ("Cardiomegaly", "Pleural Effusion", "Edema", "Consolidation", "Atelectasis"), 0.3, render_inverted,
-        (_vital("pneumonia", "temp_f", "F", 100.4, (97.0, 99.8), (101.0, 104.0), digits=1),
-         _lab("chf_exacerbation", "BNP", "pmol/L", 100, (3, 80), (130, 900), (0, 29), digits=0),
-         _lab("acute_kidney_injury", "Creatinine", "umol/L", 180, (50, 150), (200, 450), (45, 110), digits=0),
-         _lab("copd_exacerbation", "pCO2", "kPa", 6.5, (4.5, 6.0), (7.0, 9.5), (4.7, 6.0)),
-         _vital("sepsis", "map", "mmHg", 65, (70, 100), (45, 60), below=True)),
+        "inverted",
+        (224, 192),
+        ("Cardiomegaly", "Pleural Effusion", "Edema", "Consolidation", "Atelectasis"),
+        0.3,
+        render_inverted,
+        (
+            _vital("pneumonia", "temp_f", "F", 100.4, (97.0, 99.8), (101.0, 104.0), digits=1),
+            _lab("chf_exacerbation", "BNP", "pmol/L", 100, (3, 80), (130, 900), (0, 29), digits=0),
+            _lab("acute_kidney_injury", "Creatinine", "umol/L", 180, (50, 150), (200, 450), (45, 110), digits=0),
+            _lab("copd_exacerbation", "pCO2", "kPa", 6.5, (4.5, 6.0), (7.0, 9.5), (4.7, 6.0)),
+            _vital("sepsis", "map", "mmHg", 65, (70, 100), (45, 60), below=True),
+        ),
         (Distractor("Labs", "Hemoglobin", "g/L", 90, 160, 0, (120, 170)),),
     ),
     "faint": Style(
-        "faint", (96, 96),
-        ("Cardiomegaly", "Lung Opacity", "Pleural Effusion", "Pneumothorax", "Fracture"), 0.3, render_faint,
-        (_lab("sepsis", "Lactate", "mg/dL", 36, (5, 30), (40, 90), (4.5, 19.8)),
-         _lab("pneumonia", "CRP", "mg/L", 100, (1, 70), (120, 350), (0, 5), digits=0),
-         _lab("chf_exacerbation", "NT-proBNP", "ng/L", 2000, (50, 1500), (2500, 15000), (0, 300), digits=0),
-         _lab("acute_kidney_injury", "eGFR", "mL/min/1.73m2", 30, (45, 110), (5, 25), (90, 120), digits=0,
-              below=True)),
-        (Distractor("Vitals", "heart_rate", "bpm", 55, 120, 0), Distractor("Vitals", "spo2", "%", 88, 100, 0),
-         Distractor("Labs", "Potassium", "mmol/L", 3.2, 5.4, 1, (3.5, 5.0))),
+        "faint",
+        (96, 96),
+        ("Cardiomegaly", "Lung Opacity", "Pleural Effusion", "Pneumothorax", "Fracture"),
+        0.3,
+        render_faint,
+        (
+            _lab("sepsis", "Lactate", "mg/dL", 36, (5, 30), (40, 90), (4.5, 19.8)),
+            _lab("pneumonia", "CRP", "mg/L", 100, (1, 70), (120, 350), (0, 5), digits=0),
+            _lab("chf_exacerbation", "NT-proBNP", "ng/L", 2000, (50, 1500), (2500, 15000), (0, 300), digits=0),
+            _lab(
+                "acute_kidney_injury", "eGFR", "mL/min/1.73m2", 30, (45, 110), (5, 25), (90, 120), digits=0, below=True
+            ),
+        ),
+        (
+            Distractor("Vitals", "heart_rate", "bpm", 55, 120, 0),
+            Distractor("Vitals", "spo2", "%", 88, 100, 0),
+            Distractor("Labs", "Potassium", "mmol/L", 3.2, 5.4, 1, (3.5, 5.0)),
+        ),
     ),
 }
 

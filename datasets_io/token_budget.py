@@ -58,30 +58,46 @@ class BudgetReport:
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Numbers for MLflow (no patient data)."""
-        return {f"{prefix}rows_checked": self.rows, f"{prefix}rows_shortened": self.shortened,
-                f"{prefix}rows_over_budget": len(self.over_budget), f"{prefix}max_seq_len_fits_99": self.fits(0.99),
-                f"{prefix}max_seq_len_fits_100": self.fits(1.0),
-                f"{prefix}max_seq_len_fits_all_shortened": max(self.shortest or [0])}
+        return {
+            f"{prefix}rows_checked": self.rows,
+            f"{prefix}rows_shortened": self.shortened,
+            f"{prefix}rows_over_budget": len(self.over_budget),
+            f"{prefix}max_seq_len_fits_99": self.fits(0.99),
+            f"{prefix}max_seq_len_fits_100": self.fits(1.0),
+            f"{prefix}max_seq_len_fits_all_shortened": max(self.shortest or [0]),
+        }
 
     def lines(self) -> list[str]:
-        out = [f"token budget: data.max_seq_len={self.max_len}, {self.num_image_tokens} image tokens per sample",
-               "  length per row (prompt + image tokens + target + EOS, unshortened):"]
+        out = [
+            f"token budget: data.max_seq_len={self.max_len}, {self.num_image_tokens} image tokens per sample",
+            "  length per row (prompt + image tokens + target + EOS, unshortened):",
+        ]
         for stage in sorted(self.lengths):
             p = self.percentiles(stage)
-            out.append(f"    stage {stage}: {len(self.lengths[stage])} rows, p50 {p['p50']}, p90 {p['p90']}, "
-                       f"p99 {p['p99']}, max {p['p100']}")
-        out += [f"  max_seq_len that fits 99% of rows unshortened: {self.fits(0.99)}; 100%: {self.fits(1.0)}; "
-                f"every row with Patient Data shortened: {max(self.shortest or [0])}",
-                f"  rows shortened (Patient Data): {self.shortened}",
-                f"  rows over budget (cannot fit without cutting the target): {len(self.over_budget)}"]
+            out.append(
+                f"    stage {stage}: {len(self.lengths[stage])} rows, p50 {p['p50']}, p90 {p['p90']}, "
+                f"p99 {p['p99']}, max {p['p100']}"
+            )
+        out += [
+            f"  max_seq_len that fits 99% of rows unshortened: {self.fits(0.99)}; 100%: {self.fits(1.0)}; "
+            f"every row with Patient Data shortened: {max(self.shortest or [0])}",
+            f"  rows shortened (Patient Data): {self.shortened}",
+            f"  rows over budget (cannot fit without cutting the target): {len(self.over_budget)}",
+        ]
         out += [f"    {p}" for p in self.problems]
         if len(self.over_budget) > len(self.problems):
             out.append(f"    ... and {len(self.over_budget) - len(self.problems)} more")
         return out
 
 
-def budget_report(records: list[Record], tokenizer: Any, image_token_id: int, num_image_tokens: int, max_len: int,
-                  overlong: str = "shorten_ehr") -> BudgetReport:
+def budget_report(
+    records: list[Record],
+    tokenizer: Any,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    overlong: str = "shorten_ehr",
+) -> BudgetReport:
     """Tokenize every record as training will (datasets_io.tokens.build_sample) and measure it against `max_len`."""
     report = BudgetReport(max_len, num_image_tokens)
     for i, r in enumerate(records):
@@ -97,9 +113,16 @@ def budget_report(records: list[Record], tokenizer: Any, image_token_id: int, nu
         if full <= max_len:
             continue
         try:  # the same call training makes, so the report and the run cannot disagree
-            sample = build_sample(tokenizer, r.prompt, r.target, image_token_id=image_token_id,
-                                  num_image_tokens=num_image_tokens, max_len=max_len, overlong=overlong,
-                                  where=r.where)
+            sample = build_sample(
+                tokenizer,
+                r.prompt,
+                r.target,
+                image_token_id=image_token_id,
+                num_image_tokens=num_image_tokens,
+                max_len=max_len,
+                overlong=overlong,
+                where=r.where,
+            )
             report.shortened += sample.shortened
         except OverBudgetError as e:
             report.over_budget.append(i)
@@ -117,6 +140,7 @@ def apply_bad_records_policy(records: list[Record], report: BudgetReport, policy
             f"{source}: {len(report.over_budget)} record(s) do not fit data.max_seq_len={report.max_len} even with "
             f"their Patient Data shortened (the target is never cut); first: {report.problems[0]}. Raise "
             "data.max_seq_len, or set data.bad_records=skip to count and skip them "
-            "(`launcher data validate FILE --config CONFIG` lists them)")
+            "(`launcher data validate FILE --config CONFIG` lists them)"
+        )
     drop = set(report.over_budget)
     return [r for i, r in enumerate(records) if i not in drop]

@@ -98,18 +98,28 @@ def build_sample(
         encode = lambda p: encode_prompt(tokenizer, p, image_token_id, num_image_tokens)  # noqa: E731
         fitted = shorten_prompt(prompt, lambda p: len(encode(p)) <= room) if overlong == "shorten_ehr" else None
         if fitted is None:
-            raise OverBudgetError(where, over_budget_reason(prompt, prompt_ids, target_ids, num_image_tokens,
-                                                             max_len, overlong, encode))
+            raise OverBudgetError(
+                where, over_budget_reason(prompt, prompt_ids, target_ids, num_image_tokens, max_len, overlong, encode)
+            )
         prompt_ids, shortened = encode(fitted[0]), True
     return TokenizedSample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, shortened)
 
 
-def over_budget_reason(prompt: str, prompt_ids: list[int], target_ids: list[int], num_image_tokens: int,
-                       max_len: int, overlong: str, encode: Callable[[str], list[int]]) -> str:
+def over_budget_reason(
+    prompt: str,
+    prompt_ids: list[int],
+    target_ids: list[int],
+    num_image_tokens: int,
+    max_len: int,
+    overlong: str,
+    encode: Callable[[str], list[int]],
+) -> str:
     """The numbers of an over-budget sample (token counts only: no patient text)."""
     total = len(prompt_ids) + len(target_ids)
-    text = (f"{total} tokens > data.max_seq_len={max_len} (prompt {len(prompt_ids)} incl. {num_image_tokens} image "
-            f"tokens, target {len(target_ids)} incl. EOS)")
+    text = (
+        f"{total} tokens > data.max_seq_len={max_len} (prompt {len(prompt_ids)} incl. {num_image_tokens} image "
+        f"tokens, target {len(target_ids)} incl. EOS)"
+    )
     if ehr_from_prompt(prompt) is None:
         return text + "; a Stage A prompt has nothing to shorten: raise data.max_seq_len or shorten the target"
     emptied = len(encode(with_ehr(prompt, {}))) + len(target_ids)

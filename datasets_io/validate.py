@@ -70,14 +70,25 @@ def subject_overlaps(subjects: dict[str, set[str]]) -> list[dict[str, Any]]:
     return out
 
 
-def token_budgets(files: list[str], data_root: str, tokenizer: Any, image_token_id: int, num_image_tokens: int,
-                  max_len: int, overlong: str) -> dict[str, dict[str, Any]]:
+def token_budgets(
+    files: list[str],
+    data_root: str,
+    tokenizer: Any,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    overlong: str,
+) -> dict[str, dict[str, Any]]:
     """Per file: the token budget report (lengths per stage, rows shortened, rows over budget with file:line)."""
     out = {}
     for path in files:
         records, _ = read_records(path, data_root, policy="skip", check_images="none")
         report = budget_report(records, tokenizer, image_token_id, num_image_tokens, max_len, overlong)
-        out[path] = {"lines": report.lines(), "metrics": report.metrics(prefix=""),
-                     "percentiles": {stage: report.percentiles(stage) for stage in sorted(report.lengths)},
-                     "over_budget": report.problems, "rows_over_budget": len(report.over_budget)}
+        out[path] = {
+            "lines": report.lines(),
+            "metrics": report.metrics(prefix=""),
+            "percentiles": {stage: report.percentiles(stage) for stage in sorted(report.lengths)},
+            "over_budget": report.problems,
+            "rows_over_budget": len(report.over_budget),
+        }
     return out

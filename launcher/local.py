@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop_after: int | None = None,
-              show_progress: bool = True) -> dict:
+def run_local(
+    cfg: Config,
+    device: str = "auto",
+    resume: str | None = None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> dict:
     from datasets_io.image_cache import open_image_cache
     from datasets_io.sampler import BatchLayout, row_table
     from training.checkpoint import Checkpointer, read_state, resolve_resume
@@ -36,8 +41,15 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     from training.engines import AccelerateEngine
     from training.loop import LoopIO, LoopState, train
     from training.model import load_adapter_weights
-    from training.recipe import (build_lora_model, check_resumable, completed_run_summary, finish_run,
-                                 prepare_run_data, run_tags, validation_source)
+    from training.recipe import (
+        build_lora_model,
+        check_resumable,
+        completed_run_summary,
+        finish_run,
+        prepare_run_data,
+        run_tags,
+        validation_source,
+    )
     from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
 
     t_start = time.perf_counter()
@@ -66,10 +78,17 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
         tracker.set_tags(run_tags(prep, "local", device=device))
         log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
 
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                       cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
-                       image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
-                       packing=cfg.train.packing)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        cfg.data.max_seq_len,
+        cfg.data.overlong,
+        cfg.data.root,
+        image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
+        packing=cfg.train.packing,
+    )
     # the runtime's part of the data: one rank, its micro-batches decoded by DataLoader processes
     tables = {s: row_table(data.train[s]) for s in ("A", "B")}
     spec = sampler_spec(cfg, prep.counts)
@@ -87,28 +106,51 @@ def run_local(cfg: Config, device: str = "auto", resume: str | None = None, stop
     if resumed:
         engine.load_training_state(resume_from, resumed["engine"])
         state = LoopState.from_json(resumed)
-        print(f"[resume] {resume_from}: step {state.global_step}/{plan.total_steps}, stage {resumed['stage']}, "
-              f"cursor {state.cursor}")
-    io = LoopIO(engine=engine, plan=plan, source=source, val_source=validation_source(pre, data.val, cfg),
-                tracker=tracker, checkpointer=Checkpointer(ckpt_root, cfg, bundle.tokenizer, cfg.train.keep_last),
-                grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
-                save_every=cfg.train.save_every, show_progress=show_progress,
-                log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
-                on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
-                if cfg.train.record_data_order else None,
-                extra_state={"mlflow_run_id": tracker.run_id, "base_model": bundle.base_model_path,
-                             "resume_key": prep.resume_key})
-    print(f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
-          f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
-          f"setup {time.perf_counter() - t_start:.1f}s")
+        print(
+            f"[resume] {resume_from}: step {state.global_step}/{plan.total_steps}, stage {resumed['stage']}, "
+            f"cursor {state.cursor}"
+        )
+    io = LoopIO(
+        engine=engine,
+        plan=plan,
+        source=source,
+        val_source=validation_source(pre, data.val, cfg),
+        tracker=tracker,
+        checkpointer=Checkpointer(ckpt_root, cfg, bundle.tokenizer, cfg.train.keep_last),
+        grad_accum=cfg.train.grad_accum,
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every,
+        show_progress=show_progress,
+        log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+        on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
+        if cfg.train.record_data_order
+        else None,
+        extra_state={
+            "mlflow_run_id": tracker.run_id,
+            "base_model": bundle.base_model_path,
+            "resume_key": prep.resume_key,
+        },
+    )
+    print(
+        f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
+        f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
+        f"setup {time.perf_counter() - t_start:.1f}s"
+    )
     status = "FAILED"
     try:
         state = train(io, state, stop_after=stop_after)
         status = "FINISHED" if state.global_step == plan.total_steps else "KILLED"
     finally:
-        summary = finish_run(out, state, prep, tracker, state.checkpoints.get("final"),
-                             status if status != "KILLED" else "FINISHED", device=device,
-                             wall_time_s=round(time.perf_counter() - t_start, 1),
-                             time_to_first_step_s=round(state.first_step_done_at - t_start, 1)
-                             if state.first_step_done_at else None)
+        summary = finish_run(
+            out,
+            state,
+            prep,
+            tracker,
+            state.checkpoints.get("final"),
+            status if status != "KILLED" else "FINISHED",
+            device=device,
+            wall_time_s=round(time.perf_counter() - t_start, 1),
+            time_to_first_step_s=round(state.first_step_done_at - t_start, 1) if state.first_step_done_at else None,
+        )
     return summary

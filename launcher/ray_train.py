@@ -138,8 +138,14 @@ def pinned_tracker(cfg: Config, tags: dict[str, str]) -> tuple[Any, bool]:
     tracker = MlflowTracker.from_config(cfg, run_name=cfg.mlflow.run_name or cfg.ray.name)
     tracker.log_params(config_params(cfg))
     tracker.set_tags(tags)
-    write_run_marker(cfg, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_run_marker(
+        cfg,
+        {
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.tracking_uri,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     return tracker, False
 
 
@@ -159,8 +165,14 @@ def connect_ray(cfg: Config) -> bool:
     num_cpus = max(os.cpu_count() or 1, train_cpus + 2)
     # The dashboard also serves the state API Ray Train's placement-group cleaner polls (without it: a warning
     # every few seconds), and `ray job submit` against this cluster.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
     return True
 
 
@@ -187,9 +199,17 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     config = LlavaConfig.from_pretrained(base_path)
     # every node that builds one checks the cache directory itself (node-local paths differ between nodes)
-    return Preprocessor(tokenizer, image_spec_for(base_path, config), config.image_token_index,
-                        num_image_tokens(config), cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root,
-                        image_cache=open_image_cache(image_cache_dir(cfg)), packing=cfg.train.packing)
+    return Preprocessor(
+        tokenizer,
+        image_spec_for(base_path, config),
+        config.image_token_index,
+        num_image_tokens(config),
+        cfg.data.max_seq_len,
+        cfg.data.overlong,
+        cfg.data.root,
+        image_cache=open_image_cache(image_cache_dir(cfg)),
+        packing=cfg.train.packing,
+    )
 
 
 @dataclass
@@ -221,9 +241,16 @@ def prepare_run(cfg: Config) -> DriverSetup:
     dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
     ds_config = deepspeed_config(prep.cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    tags = run_tags(prep, "ray", **{"ray.name": cfg.ray.name, "ray.storage_path": cfg.ray.storage_path,
-                                    "ray.num_workers": str(world),
-                                    "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage)})
+    tags = run_tags(
+        prep,
+        "ray",
+        **{
+            "ray.name": cfg.ray.name,
+            "ray.storage_path": cfg.ray.storage_path,
+            "ray.num_workers": str(world),
+            "deepspeed.zero_stage": str(cfg.deepspeed.zero_stage),
+        },
+    )
     tracker, reopened = pinned_tracker(cfg, tags)  # an unreachable tracking server fails here, before training
     if not reopened:
         from training.data_checks import log_data_checks
@@ -251,8 +278,9 @@ class DriverClock:
     fit_wall: float = 0.0
 
 
-def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None,
-            debug: dict | None = None) -> dict:
+def run_ray(
+    cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None, debug: dict | None = None
+) -> dict:
     """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
 
     `debug` (tests and benchmarks): {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after
@@ -280,11 +308,14 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
     try:
         trainer = make_trainer(cfg, setup, debug)
         plan = setup.prep.plan
-        print(f"[ray] {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
-              f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, ZeRO-{cfg.deepspeed.zero_stage} {setup.dtype}, "
-              f"steps={plan.total_steps} (stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}), "
-              f"samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/{cfg.ray.name}"
-              f"{' (resuming)' if setup.reopened else ''}, MLflow run {setup.tracker.run_id}", flush=True)
+        print(
+            f"[ray] {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, ZeRO-{cfg.deepspeed.zero_stage} {setup.dtype}, "
+            f"steps={plan.total_steps} (stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}), "
+            f"samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/{cfg.ray.name}"
+            f"{' (resuming)' if setup.reopened else ''}, MLflow run {setup.tracker.run_id}",
+            flush=True,
+        )
         clock.fit_wall = time.time()
         result = fit(trainer, cfg, started_here)
         summary = finish_ray_run(cfg, setup, result, clock)
@@ -337,21 +368,36 @@ def make_trainer(cfg: Config, setup: DriverSetup, debug: dict) -> Any:
     data, prep = setup.prep.data, setup.prep
     rows = ray.put({s: row_table(data.train[s]) for s in ("A", "B")})  # once: every worker's decode tasks read it
     loop_config = {
-        "cfg": cfg.model_dump(), "plan": prep.plan.__dict__, "deepspeed": setup.ds_config,
-        "mlflow_run_id": setup.tracker.run_id, "val": data.val, "base_model": prep.base_path, "debug": debug,
-        "rows": rows, "counts": prep.counts, "resume_key": prep.resume_key,
+        "cfg": cfg.model_dump(),
+        "plan": prep.plan.__dict__,
+        "deepspeed": setup.ds_config,
+        "mlflow_run_id": setup.tracker.run_id,
+        "val": data.val,
+        "base_model": prep.base_path,
+        "debug": debug,
+        "rows": rows,
+        "counts": prep.counts,
+        "resume_key": prep.resume_key,
         "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
-        "probe_rows": [{"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
-                       for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]],
+        "probe_rows": [
+            {"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
+            for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]
+        ],
     }
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.ray.name,
+            storage_path=cfg.ray.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+        ),
     )
 
 
@@ -388,19 +434,33 @@ def finish_ray_run(cfg: Config, setup: DriverSetup, result: Any, clock: DriverCl
     name = Path(result.checkpoint.path).name  # a bundle's own state was written before it got its name
     state.checkpoints.setdefault(name, str(out / "checkpoints" / name))
     startup, first_step_s = startup_breakdown(out, clock, {"setup": setup.seconds, "ray_init": clock.ray_init_s})
-    setup.tracker.set_tags({"ray.checkpoint": result.checkpoint.path,
-                            **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}})
+    setup.tracker.set_tags(
+        {"ray.checkpoint": result.checkpoint.path, **{f"checkpoint.{k}": v for k, v in state.checkpoints.items()}}
+    )
     with result.checkpoint.as_directory() as ckpt_dir:
         return finish_run(
-            out, state, setup.prep, setup.tracker, ckpt_dir, "FINISHED",
-            runtime="ray", num_workers=cfg.ray.num_workers, zero_stage=cfg.deepspeed.zero_stage, dtype=setup.dtype,
-            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}", ray_checkpoint=result.checkpoint.path,
-            cursor=state.cursor, wall_time_s=round(time.perf_counter() - clock.start, 1),
-            time_to_first_step_s=first_step_s, startup_s=startup)
+            out,
+            state,
+            setup.prep,
+            setup.tracker,
+            ckpt_dir,
+            "FINISHED",
+            runtime="ray",
+            num_workers=cfg.ray.num_workers,
+            zero_stage=cfg.deepspeed.zero_stage,
+            dtype=setup.dtype,
+            ray_run=f"{cfg.ray.storage_path}/{cfg.ray.name}",
+            ray_checkpoint=result.checkpoint.path,
+            cursor=state.cursor,
+            wall_time_s=round(time.perf_counter() - clock.start, 1),
+            time_to_first_step_s=first_step_s,
+            startup_s=startup,
+        )
 
 
-def startup_breakdown(out: Path, clock: DriverClock,
-                      driver_phases: dict[str, float]) -> tuple[dict[str, float] | None, float | None]:
+def startup_breakdown(
+    out: Path, clock: DriverClock, driver_phases: dict[str, float]
+) -> tuple[dict[str, float] | None, float | None]:
     """(where the time to rank 0's first step went, in seconds; the time to that step) from rank 0's report. Both
     None when that report is not on this node or is a previous run's (this run trained no step)."""
     rank0 = out / RANKS_DIR / "rank0.json"  # on the driver's disk when rank 0 ran on this node
@@ -426,8 +486,10 @@ def run_where(cfg: Config) -> str:
 def echo_metrics(metrics: dict[str, float], step: int) -> None:
     """Rank 0's training lines in the job log (`ray job logs` shows progress)."""
     if "train/loss" in metrics:
-        say(f"[train] step {step} stage {'AB'[int(metrics.get('train/stage', 0))]} loss {metrics['train/loss']:.4f}"
-            f" lr {metrics.get('train/lr', 0):.2e} samples/s {metrics.get('train/samples_per_s', 0):.1f}")
+        say(
+            f"[train] step {step} stage {'AB'[int(metrics.get('train/stage', 0))]} loss {metrics['train/loss']:.4f}"
+            f" lr {metrics.get('train/lr', 0):.2e} samples/s {metrics.get('train/samples_per_s', 0):.1f}"
+        )
     elif any(k.startswith("val/") for k in metrics):
         say(f"[val] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -498,8 +560,11 @@ def train_worker(config: dict) -> None:
     loop_module.STEP_HOOKS[:] = config["test_hooks"]["step"]  # empty in production (see training/loop.py)
     data_module.DECODE_HOOKS[:] = config["test_hooks"]["decode"]
     held, ckpt_dir, saved = open_latest_checkpoint(w)
-    resumed_from = ({"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
-                    if saved else None)
+    resumed_from = (
+        {"global_step": saved["global_step"], "stage": saved["stage"], "cursor": dict(saved["cursor"])}
+        if saved
+        else None
+    )
 
     # Data first, before the heavy imports: this rank's samples of the stage it starts in stream (decode, tokenize in
     # Ray Data tasks) while this process imports torch/DeepSpeed and builds the model.
@@ -518,15 +583,19 @@ def train_worker(config: dict) -> None:
     if saved:
         engine.load_training_state(ckpt_dir, saved["engine"])
         held.close()
-        say(f"[resume] rank {w.rank}: step {state.global_step}/{w.plan.total_steps}, stage {saved['stage']}, "
-            f"cursor {state.cursor}")
+        say(
+            f"[resume] rank {w.rank}: step {state.global_step}/{w.plan.total_steps}, stage {saved['stage']}, "
+            f"cursor {state.cursor}"
+        )
     setup_s = time.perf_counter() - t0
 
     w.ranks_dir.mkdir(parents=True, exist_ok=True)
     io = worker_loop_io(w, engine, bundle, data, state)
-    say(f"[ray] rank {w.rank}/{w.world}: set up in {setup_s:.1f}s ("
+    say(
+        f"[ray] rank {w.rank}/{w.world}: set up in {setup_s:.1f}s ("
         + ", ".join(f"{k} {v:.1f}s" for k, v in laps.phases.items())
-        + f"; DeepSpeed ZeRO-{w.config['deepspeed']['zero_optimization']['stage']}{', resumed' if saved else ''})")
+        + f"; DeepSpeed ZeRO-{w.config['deepspeed']['zero_optimization']['stage']}{', resumed' if saved else ''})"
+    )
     if state.global_step >= w.plan.total_steps:
         say(f"[ray] rank {w.rank}: the run is already complete ({state.global_step} steps); nothing to train")
     else:
@@ -535,13 +604,27 @@ def train_worker(config: dict) -> None:
     probe = (config.get("debug") or {}).get("logits_probe")
     if probe:  # eval logits of a fixed batch, to compare with the saved bundle (tests)
         write_logits_probe(engine, to_torch(data.pre.batch(_items(config["probe_rows"]))), probe)
-    (w.ranks_dir / f"rank{w.rank}.json").write_text(json.dumps({
-        "rank": w.rank, "world_size": w.world, "global_step": state.global_step, "cursor": state.cursor,
-        "stage_switch_step": state.stage_switch_step, "first_step_of_stage": data.first_step_of_stage,
-        "resumed_from": resumed_from, "losses": state.losses, "setup_s": round(setup_s, 2),
-        "setup_phases": laps.rounded(), "entry_wall_time": entry_wall,
-        "first_step_wall_time": (time.time() - (time.perf_counter() - state.first_step_done_at)
-                                 if state.first_step_done_at else None)}, indent=2))
+    (w.ranks_dir / f"rank{w.rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": w.rank,
+                "world_size": w.world,
+                "global_step": state.global_step,
+                "cursor": state.cursor,
+                "stage_switch_step": state.stage_switch_step,
+                "first_step_of_stage": data.first_step_of_stage,
+                "resumed_from": resumed_from,
+                "losses": state.losses,
+                "setup_s": round(setup_s, 2),
+                "setup_phases": laps.rounded(),
+                "entry_wall_time": entry_wall,
+                "first_step_wall_time": (
+                    time.time() - (time.perf_counter() - state.first_step_done_at) if state.first_step_done_at else None
+                ),
+            },
+            indent=2,
+        )
+    )
 
 
 def open_latest_checkpoint(w: WorkerRun) -> tuple[contextlib.ExitStack, Path | None, dict | None]:
@@ -582,8 +665,9 @@ class RankData:
         from datasets_io.ray_datasets import stage_batches, stage_dataset, worker_items
 
         items = worker_items(self.spec, self.layout, self.w.rank, stage, cursor, self.stage_steps[stage])
-        return stage_batches(stage_dataset(items, self.w.config["rows"], stage, self.pre), self.pre,
-                             self.w.cfg.train.micro_batch_size)
+        return stage_batches(
+            stage_dataset(items, self.w.config["rows"], stage, self.pre), self.pre, self.w.cfg.train.micro_batch_size
+        )
 
     def prime(self, step0: int, cursor0: dict[str, int]) -> None:
         """Start the stage the run resumes in on a background thread (nothing when the run is complete)."""
@@ -603,8 +687,18 @@ class RankData:
             step = (plan.stage_a_steps if stage == "B" else 0) + cursor // plan.samples_per_step
             self.first_step_of_stage[stage] = step
             with open(self.w.ranks_dir / f"rank{rank}.events.jsonl", "a") as f:
-                f.write(json.dumps({"event": "first_batch", "stage": stage, "step": step,
-                                    "cursor": dict(state.cursor), "resumed_from": self.resumed_from}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "event": "first_batch",
+                            "stage": stage,
+                            "step": step,
+                            "cursor": dict(state.cursor),
+                            "resumed_from": self.resumed_from,
+                        }
+                    )
+                    + "\n"
+                )
             rows = self.primed.pop((stage, cursor), None) or self.batches(stage, cursor)
             return (to_torch(b) for b in rows)
 
@@ -645,20 +739,43 @@ def worker_loop_io(w: WorkerRun, engine: Any, bundle: Any, data: RankData, state
     from training.tracking import MlflowTracker, NullTracker, ResumeSafeTracker
 
     cfg, config, out = w.cfg, w.config, Path(w.cfg.output.dir)
-    tracker = (ResumeSafeTracker(MlflowTracker.from_config(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics,
-                                 close_run=False)  # the driver owns the run's status
-               if w.rank == 0 else NullTracker())
-    order_log = (DataOrderLog(out / "data_order.jsonl", w.rank, w.world, state.global_step)
-                 if cfg.train.record_data_order else None)  # every rank: the gather is a collective
-    return LoopIO(engine=engine, plan=w.plan, source=data.source(state), tracker=tracker,
-                  val_source=validation_source(data.pre, config["val"], cfg, w.rank, w.world),
-                  checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
-                  grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
-                  save_every=cfg.train.save_every, world_size=w.world, show_progress=False,
-                  on_checkpoint=checkpoint_reporter(engine, w.rank),
-                  log_checkpoint_artifacts=cfg.mlflow.log_checkpoints, on_step_data=order_log, rank=w.rank,
-                  extra_state={"mlflow_run_id": config["mlflow_run_id"], "base_model": config["base_model"],
-                               "runtime": "ray", "world_size": w.world, "resume_key": config["resume_key"]})
+    tracker = (
+        ResumeSafeTracker(
+            MlflowTracker.from_config(cfg, run_id=config["mlflow_run_id"]), echo=echo_metrics, close_run=False
+        )  # the driver owns the run's status
+        if w.rank == 0
+        else NullTracker()
+    )
+    order_log = (
+        DataOrderLog(out / "data_order.jsonl", w.rank, w.world, state.global_step)
+        if cfg.train.record_data_order
+        else None
+    )  # every rank: the gather is a collective
+    return LoopIO(
+        engine=engine,
+        plan=w.plan,
+        source=data.source(state),
+        tracker=tracker,
+        val_source=validation_source(data.pre, config["val"], cfg, w.rank, w.world),
+        checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
+        grad_accum=cfg.train.grad_accum,
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every,
+        world_size=w.world,
+        show_progress=False,
+        on_checkpoint=checkpoint_reporter(engine, w.rank),
+        log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+        on_step_data=order_log,
+        rank=w.rank,
+        extra_state={
+            "mlflow_run_id": config["mlflow_run_id"],
+            "base_model": config["base_model"],
+            "runtime": "ray",
+            "world_size": w.world,
+            "resume_key": config["resume_key"],
+        },
+    )
 
 
 def checkpoint_reporter(engine: Any, rank: int) -> Any:
@@ -673,12 +790,21 @@ def checkpoint_reporter(engine: Any, rank: int) -> Any:
         staged = path.with_name(path.name + ".tmp")
         if rank != 0 and staged.is_dir():  # a node that does not share rank 0's disk: its ZeRO partitions are here
             mine = staged
-        metrics = {"global_step": loop_state.global_step, "loss": loop_state.losses[-1],
-                   "stage_switch_step": loop_state.stage_switch_step or -1, "checkpoint_name": path.name,
-                   "cursor_A": loop_state.cursor["A"], "cursor_B": loop_state.cursor["B"]}
+        metrics = {
+            "global_step": loop_state.global_step,
+            "loss": loop_state.losses[-1],
+            "stage_switch_step": loop_state.stage_switch_step or -1,
+            "checkpoint_name": path.name,
+            "cursor_A": loop_state.cursor["A"],
+            "cursor_B": loop_state.cursor["B"],
+        }
         # Every rank reports at every checkpoint (report is a barrier); Ray merges reported directories in storage.
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(mine)) if mine else None,
-                         checkpoint_dir_name=path.name, delete_local_checkpoint_after_upload=False)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(mine)) if mine else None,
+            checkpoint_dir_name=path.name,
+            delete_local_checkpoint_after_upload=False,
+        )
         # The controller registers reports asynchronously (it polls the workers every ~2 s); wait for it, so a
         # checkpoint the loop has passed is the one a restart resumes from, not the one before.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)

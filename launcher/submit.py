@@ -68,8 +68,17 @@ def build_runtime_env(config_text: str, working_dir: str, runtime_env_file: str 
     return env
 
 
-def submit_job(*, address: str, config: str, overrides: list[str], num_workers: int | None, use_gpu: bool | None,
-               working_dir: str = ".", runtime_env_file: str | None = None, wait: bool = True) -> int:
+def submit_job(
+    *,
+    address: str,
+    config: str,
+    overrides: list[str],
+    num_workers: int | None,
+    use_gpu: bool | None,
+    working_dir: str = ".",
+    runtime_env_file: str | None = None,
+    wait: bool = True,
+) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     load_cli_config(config, overrides)  # fail here on a bad config, before anything is shipped

@@ -8,7 +8,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
-# habits that a tool checks: lint, and layers that only point down (pyproject.toml [tool.importlinter])
+# habits that a tool checks: lint, formatting, and layers that only point down (pyproject.toml [tool.importlinter])
 ruff check .
+ruff format --check .
 lint-imports
 exec python -m pytest -q -rs --durations=15 "$@"

@@ -106,8 +106,14 @@ def ray_local(request):
         # the Train controller polls workers (and registers reported checkpoints) at this interval; default 2 s
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
         temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=temp, object_store_memory=400 * 2**20)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            object_store_memory=400 * 2**20,
+        )
 
         def stop():
             ray.shutdown()

@@ -27,8 +27,23 @@ def test_flop_formula_counts_the_real_7b_language_models_weights():
 def test_gpu_throughput_runs_on_cpu_with_the_tiny_shape():
     import gpu_throughput as bench
 
-    rows = bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "3", "--batch", "2",
-                       "--seq", "384", "--packing"])
+    rows = bench.main(
+        [
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--seq",
+            "384",
+            "--packing",
+        ]
+    )
     assert [r["runtime"] for r in rows] == ["local"]
     r = rows[0]
     assert r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] * 16  # 16 image tokens at least

@@ -8,7 +8,9 @@ from datasets_io.config import ConfigError, from_dict, load_config
 from datasets_io.errors import LauncherError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("icd_map"))  # ICD maps: test_mimic_build
+SHIPPED = sorted(
+    p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("icd_map")
+)  # ICD maps: test_mimic_build
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -33,16 +35,26 @@ def test_an_int_given_for_a_float_is_stored_as_a_float():
 
 
 def test_overrides_parse_yaml_scalars():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.max_steps=7", "curriculum.stage_split=0.5",
-                                                      "data.root=/x", "mlflow.tracking_uri=http://h:1"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        ["train.max_steps=7", "curriculum.stage_split=0.5", "data.root=/x", "mlflow.tracking_uri=http://h:1"],
+    )
     assert (cfg.train.max_steps, cfg.curriculum.stage_split, cfg.data.root) == (7, 0.5, "/x")
     assert cfg.mlflow.tracking_uri == "http://h:1"
 
 
 def test_all_problems_reported_at_once_with_key_names():
     with pytest.raises(ConfigError) as e:
-        load_config(REPO / "configs" / "tiny.yaml", ["train.max_stepz=3", "train.lr=fast", "data.overlong=maybe",
-                                                      "model.tiny.image_size=true", "curriculum.stage_split=1.5"])
+        load_config(
+            REPO / "configs" / "tiny.yaml",
+            [
+                "train.max_stepz=3",
+                "train.lr=fast",
+                "data.overlong=maybe",
+                "model.tiny.image_size=true",
+                "curriculum.stage_split=1.5",
+            ],
+        )
     msg = str(e.value)
     assert isinstance(e.value, LauncherError) and msg.startswith(f"{REPO / 'configs' / 'tiny.yaml'}: 5 problem(s):")
     assert sorted(e.value.problems) == [
@@ -56,28 +68,33 @@ def test_all_problems_reported_at_once_with_key_names():
     ]
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    (["curriculum.stage_split=-0.1"], "curriculum.stage_split: must be >= 0, got -0.1"),
-    (["curriculum.replay_fraction=1"], "curriculum.replay_fraction: must be < 1, got 1"),
-    (["train.lr=0"], "train.lr: must be > 0, got 0"),
-    (["train.keep_last=0"], "train.keep_last: must be >= 1, got 0"),
-    (["train.max_steps=0", "train.epochs=0"], "train.epochs: must be > 0 when train.max_steps is 0, got 0.0"),
-    (["train.micro_batch_size=4", "train.global_batch_size=6"],
-     "train.global_batch_size: 6 is not a multiple of train.micro_batch_size 4"),
-    (["data.max_seq_len=8"], "data.max_seq_len: must be >= 16, got 8"),
-    (["model.tiny.image_size=100"], "model.tiny.patch_size: image_size 100 is not a multiple of patch_size 32"),
-    (["model.tiny.text_kv_heads=4"], "model.tiny.text_kv_heads: text_heads 6 is not a multiple of text_kv_heads 4"),
-    (["model.tiny.patch_size=0"], "model.tiny.patch_size: must be >= 1, got 0"),
-    (["ray.num_workers=0"], "ray.num_workers: must be >= 1, got 0"),
-    (["ray.cpus_per_worker=0"], "ray.cpus_per_worker: must be > 0, got 0"),
-    (["ray.max_failures=-1"], "ray.max_failures: must be >= 0, got -1"),
-    (["ray.num_to_keep=0"], "ray.num_to_keep: must be >= 1, got 0"),
-    (["data=3"], "data: expected a valid dictionary or instance of DataConfig, got 3"),
-    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
-    (["lora.target_modules=q_proj"], "lora.target_modules: expected a valid list, got 'q_proj'"),
-    (["nope=1"], "nope: unknown key (known: curriculum, data, deepspeed, lora, mlflow, model, output, ray, train)"),
-    (["train.lr"], "--set 'train.lr': expected key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["curriculum.stage_split=-0.1"], "curriculum.stage_split: must be >= 0, got -0.1"),
+        (["curriculum.replay_fraction=1"], "curriculum.replay_fraction: must be < 1, got 1"),
+        (["train.lr=0"], "train.lr: must be > 0, got 0"),
+        (["train.keep_last=0"], "train.keep_last: must be >= 1, got 0"),
+        (["train.max_steps=0", "train.epochs=0"], "train.epochs: must be > 0 when train.max_steps is 0, got 0.0"),
+        (
+            ["train.micro_batch_size=4", "train.global_batch_size=6"],
+            "train.global_batch_size: 6 is not a multiple of train.micro_batch_size 4",
+        ),
+        (["data.max_seq_len=8"], "data.max_seq_len: must be >= 16, got 8"),
+        (["model.tiny.image_size=100"], "model.tiny.patch_size: image_size 100 is not a multiple of patch_size 32"),
+        (["model.tiny.text_kv_heads=4"], "model.tiny.text_kv_heads: text_heads 6 is not a multiple of text_kv_heads 4"),
+        (["model.tiny.patch_size=0"], "model.tiny.patch_size: must be >= 1, got 0"),
+        (["ray.num_workers=0"], "ray.num_workers: must be >= 1, got 0"),
+        (["ray.cpus_per_worker=0"], "ray.cpus_per_worker: must be > 0, got 0"),
+        (["ray.max_failures=-1"], "ray.max_failures: must be >= 0, got -1"),
+        (["ray.num_to_keep=0"], "ray.num_to_keep: must be >= 1, got 0"),
+        (["data=3"], "data: expected a valid dictionary or instance of DataConfig, got 3"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
+        (["lora.target_modules=q_proj"], "lora.target_modules: expected a valid list, got 'q_proj'"),
+        (["nope=1"], "nope: unknown key (known: curriculum, data, deepspeed, lora, mlflow, model, output, ray, train)"),
+        (["train.lr"], "--set 'train.lr': expected key=value"),
+    ],
+)
 def test_each_check_names_its_dotted_key(overrides, problem):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)

@@ -49,8 +49,17 @@ def test_show_prints_the_resolved_config(path, fmt, capsys):
 
 
 def test_show_reports_every_problem_and_exits_2(capsys):
-    rc, out, err = _cli(capsys, "config", "show", "--config", str(REPO / "configs" / "tiny.yaml"),
-                        "--set", "train.lr=fast", "--set", "train.max_stepz=3")
+    rc, out, err = _cli(
+        capsys,
+        "config",
+        "show",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--set",
+        "train.lr=fast",
+        "--set",
+        "train.max_stepz=3",
+    )
     assert (rc, out) == (2, "")
     assert "train.lr: expected a valid number" in err and "train.max_stepz: unknown key" in err
 
@@ -61,15 +70,18 @@ def test_schema_accepts_every_shipped_run_config(path, validator):
     validator.validate(load_config(path).model_dump())  # the resolved tree, every key present
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("train", "lr", "fast"),
-    ("train", "max_steps", True),
-    ("data", "overlong", "maybe"),
-    ("deepspeed", "zero_stage", 4),
-    ("lora", "target_modules", "q_proj"),
-    ("curriculum", "stage_split", 1.5),  # bounds are in the schema too
-    ("train", "lr", 0),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "lr", "fast"),
+        ("train", "max_steps", True),
+        ("data", "overlong", "maybe"),
+        ("deepspeed", "zero_stage", 4),
+        ("lora", "target_modules", "q_proj"),
+        ("curriculum", "stage_split", 1.5),  # bounds are in the schema too
+        ("train", "lr", 0),
+    ],
+)
 def test_schema_rejects_a_wrong_type_or_range(section, key, value, validator):
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     data.setdefault(section, {})[key] = value

@@ -8,8 +8,18 @@ from training.curriculum import lr_at, make_plan, stage_at
 
 
 def plan(**kw):
-    base = dict(max_steps=0, epochs=1.0, n_rows_a=50, n_rows_b=50, micro_batch_size=4, grad_accum=1, world_size=1,
-                stage_split=0.35, warmup_steps=5, min_lr_ratio=0.1)
+    base = dict(
+        max_steps=0,
+        epochs=1.0,
+        n_rows_a=50,
+        n_rows_b=50,
+        micro_batch_size=4,
+        grad_accum=1,
+        world_size=1,
+        stage_split=0.35,
+        warmup_steps=5,
+        min_lr_ratio=0.1,
+    )
     base.update(kw)
     return make_plan(**base)
 

@@ -40,8 +40,14 @@ def cfg_with(**sets):
     ],
 )
 def test_deepspeed_config_table(stage, dtype, micro, accum, world, clip):
-    cfg = cfg_with(**{"deepspeed.zero_stage": stage, "train.micro_batch_size": micro, "train.grad_accum": accum,
-                      "train.max_grad_norm": clip})
+    cfg = cfg_with(
+        **{
+            "deepspeed.zero_stage": stage,
+            "train.micro_batch_size": micro,
+            "train.grad_accum": accum,
+            "train.max_grad_norm": clip,
+        }
+    )
     ds = deepspeed_config(cfg, world, dtype)
     assert ds["train_batch_size"] == micro * accum * world
     assert ds["train_micro_batch_size_per_gpu"] == micro
@@ -58,8 +64,13 @@ def test_deepspeed_config_table(stage, dtype, micro, accum, world, clip):
 
 
 def test_deepspeed_config_options_and_errors():
-    cfg = cfg_with(**{"deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": "true",
-                      "deepspeed.stage3_param_persistence_threshold": 0})
+    cfg = cfg_with(
+        **{
+            "deepspeed.zero_stage": 3,
+            "deepspeed.offload_optimizer": "true",
+            "deepspeed.stage3_param_persistence_threshold": 0,
+        }
+    )
     ds = deepspeed_config(cfg, 4, "bf16")
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
@@ -98,7 +109,7 @@ def test_every_shipped_config_gives_a_deepspeed_config():
 
 
 # ------------------------------------------------------------------------------------------ the engine (child process)
-ENGINE_CHECK = r'''
+ENGINE_CHECK = r"""
 import json, os, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
@@ -170,7 +181,7 @@ for stage in (2, 3):  # ZeRO-2 first: zero3_init switches transformers into part
     }}
 json.dump(results, open(out / "result.json", "w"))
 dist.destroy_process_group()
-'''
+"""
 
 
 def _free_port() -> int:
@@ -184,12 +195,21 @@ def test_deepspeed_engine_contract(synth_dir, tmp_path):
     """ZeRO-2 then ZeRO-3, world size 1. ZeRO-3 still partitions every parameter (persistence threshold 0), so the
     live module holds Size([0]) tensors and saving must gather."""
     script = tmp_path / "check.py"
-    script.write_text(ENGINE_CHECK.format(tests=str(REPO / "tests"), config=str(REPO / "configs" / "tiny.yaml"),
-                                          data=str(synth_dir)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=400)
+    script.write_text(
+        ENGINE_CHECK.format(tests=str(REPO / "tests"), config=str(REPO / "configs" / "tiny.yaml"), data=str(synth_dir))
+    )
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "result.json").read_text())
     from safetensors.torch import load_file

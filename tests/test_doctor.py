@@ -60,8 +60,17 @@ def clean_env(monkeypatch):
 def test_this_machine_passes_with_the_right_lines(synth_dir, tmp_path, capsys, clean_env):
     rc, rows, out = _doctor(capsys, *_tiny_args(synth_dir, tmp_path / "run"))
     assert rc == 0, out
-    assert list(rows) == ["python", "torch", "ray", "deepspeed", "mlflow", "data train_file", "data val_file",
-                          "base model", "disk"]
+    assert list(rows) == [
+        "python",
+        "torch",
+        "ray",
+        "deepspeed",
+        "mlflow",
+        "data train_file",
+        "data val_file",
+        "base model",
+        "disk",
+    ]
     assert all(status == "ok" for status, _ in rows.values()), out
     assert rows["python"][1].startswith("3.11.")
     import torch
@@ -91,7 +100,7 @@ def test_unreachable_tracking_uri_fails_naming_it(synth_dir, tmp_path, capsys, c
     assert rc == 1
     assert rows["mlflow"][0] == "fail" and uri in rows["mlflow"][1]
     assert [k for k, (s, _) in rows.items() if s == "fail"] == ["mlflow"]
-    summary = out[out.index("1 failing: mlflow"):]
+    summary = out[out.index("1 failing: mlflow") :]
     assert uri in summary and "->" in summary and "MLFLOW_TRACKING_URI" in summary  # what to do
 
 
@@ -153,23 +162,61 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash, client, agent, metrics = free_ports(5)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
-         "--num-cpus", "3", "--temp-dir", temp, "--object-store-memory", str(300 * 2**20), "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--ray-client-server-port",
+            str(client),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--metrics-export-port",
+            str(metrics),
+            "--num-cpus",
+            "3",
+            "--temp-dir",
+            temp,
+            "--object-store-memory",
+            str(300 * 2**20),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
         results = {}
         for address in (f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"):
-            done = subprocess.run([str(VENV_BIN / "launcher"), "doctor"], env={**env, "RAY_ADDRESS": address},
-                                  cwd=tmp_path, capture_output=True, text=True, timeout=180)
+            done = subprocess.run(
+                [str(VENV_BIN / "launcher"), "doctor"],
+                env={**env, "RAY_ADDRESS": address},
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             results[address] = (done.returncode, table_rows(done.stdout), done.stdout + done.stderr)
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes of this head only
@@ -184,8 +231,10 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
     rc, rows, out = results[f"http://127.0.0.1:{dash}"]
     assert rc == 0, out[-3000:]
     v = ray.__version__
-    assert rows["ray"] == ("ok", f"{v}; dashboard http://127.0.0.1:{dash} answers (Ray {v}); "
-                                 "resources: `ray status --address` on the head")
+    assert rows["ray"] == (
+        "ok",
+        f"{v}; dashboard http://127.0.0.1:{dash} answers (Ray {v}); resources: `ray status --address` on the head",
+    )
 
 
 def test_a_stopped_cluster_fails_naming_the_address(capsys, monkeypatch):

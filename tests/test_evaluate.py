@@ -125,8 +125,11 @@ def _arms_from_targets(studies, drop_icd_in_off: bool):
         p = parse_target(s.target, expect_icd=True)
         off.append(target_b(p.impression, p.chexpert, {}) if drop_icd_in_off else s.target)
     stage_a = [s.target.split("\n\nICD:")[0] for s in studies]
-    return {"ehr_on": ArmOutput("ehr_on", on), "ehr_off": ArmOutput("ehr_off", off),
-            "stage_a": ArmOutput("stage_a", stage_a)}
+    return {
+        "ehr_on": ArmOutput("ehr_on", on),
+        "ehr_off": ArmOutput("ehr_off", off),
+        "stage_a": ArmOutput("stage_a", stage_a),
+    }
 
 
 def test_scores_and_paired_ab_on_known_outputs(synth_dir, train_file):
@@ -179,8 +182,9 @@ def test_limit_is_a_seeded_random_sample_in_file_order(synth_dir, train_file):
     from training.evaluation.studies import load_studies
 
     every = [s.study_id for s in load_studies(train_file, str(synth_dir))]
-    picks = {seed: [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=seed)]
-             for seed in (0, 1)}
+    picks = {
+        seed: [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=seed)] for seed in (0, 1)
+    }
     assert picks[0] == [s.study_id for s in load_studies(train_file, str(synth_dir), limit=5, seed=0)]
     assert picks[0] != picks[1] and picks[0] != every[:5]  # not the file's first subjects
     for pick in picks.values():
@@ -202,11 +206,16 @@ def test_image_only_arm_covers_studies_without_a_stage_b_row(synth_dir, tmp_path
     assert arm_indices("stage_a", studies) == list(range(7)) and arm_indices("ehr_on", studies) == list(range(2, 7))
     coverage = arm_coverage(arms, studies)
     assert coverage["stage_a"]["n"] == 7 and coverage["ehr_off"]["n"] == 5 and coverage["ehr_on"]["of"] == 7
-    assert coverage["ehr_on"]["studies_sha256"] == coverage["ehr_off"]["studies_sha256"] != \
-        coverage["stage_a"]["studies_sha256"]
+    assert (
+        coverage["ehr_on"]["studies_sha256"]
+        == coverage["ehr_off"]["studies_sha256"]
+        != coverage["stage_a"]["studies_sha256"]
+    )
 
-    outputs = {arm: ArmOutput(arm, [studies[i].target for i in arm_indices(arm, studies)],
-                              indices=arm_indices(arm, studies)) for arm in arms}
+    outputs = {
+        arm: ArmOutput(arm, [studies[i].target for i in arm_indices(arm, studies)], indices=arm_indices(arm, studies))
+        for arm in arms
+    }
     section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     assert section["arms"]["stage_a"]["n"] == 7 and section["arms"]["ehr_on"]["n"] == 5
     # its 2 extra studies score against their Stage A target
@@ -223,8 +232,16 @@ def test_predictions_pair_each_text_with_its_own_study(synth_dir, tmp_path):
     from training.evaluation.studies import arm_indices, load_studies
 
     studies = load_studies(str(variant_file(synth_dir, tmp_path / "val.jsonl", drop_stage_b=2)), str(synth_dir))
-    outputs = {"model": {arm: ArmOutput(arm, [f"text of {studies[i].study_id}" for i in arm_indices(arm, studies)],
-                                        indices=arm_indices(arm, studies)) for arm in ("ehr_on", "stage_a")}}
+    outputs = {
+        "model": {
+            arm: ArmOutput(
+                arm,
+                [f"text of {studies[i].study_id}" for i in arm_indices(arm, studies)],
+                indices=arm_indices(arm, studies),
+            )
+            for arm in ("ehr_on", "stage_a")
+        }
+    }
     write_predictions(tmp_path / "predictions.jsonl", studies, outputs)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["ehr_on"] * 5 + ["stage_a"] * 7
@@ -257,7 +274,7 @@ def test_malformed_output_scores_as_invalid_not_a_crash(synth_dir, train_file):
     from training.evaluation.studies import load_studies
 
     studies = load_studies(train_file, str(synth_dir), limit=8)
-    junk = ["", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
+    junk = ["", 'Impression: x\n\nCheXpert:\n{"Edema": ', "<unk>" * 30, "ICD:\n{", None, "}{", "\n", "Impression:"]
     outputs = {"ehr_on": ArmOutput("ehr_on", [t or "" for t in junk])}
     section, _ = score_model(outputs, studies, EvalOptions(data="", data_root="", out="", n_resamples=50))
     arm = section["arms"]["ehr_on"]
@@ -285,8 +302,17 @@ def test_majority_baseline_fits_on_training_data(tmp_path):
     from training.evaluation.scoring import References, majority_baseline
 
     train = tmp_path / "train.jsonl"
-    rows = [{"study_id": str(i), "image": f"{i}.jpg", "prompt": PROMPT_A, "mode": "image_only", "stage": "A",
-             "target": target_a("Finding.", labels)} for i, labels in enumerate(BASELINE_TRAIN)]
+    rows = [
+        {
+            "study_id": str(i),
+            "image": f"{i}.jpg",
+            "prompt": PROMPT_A,
+            "mode": "image_only",
+            "stage": "A",
+            "target": target_a("Finding.", labels),
+        }
+        for i, labels in enumerate(BASELINE_TRAIN)
+    ]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refs = References(["Finding."] * len(BASELINE_EVAL), BASELINE_EVAL, None)
     section, stats = majority_baseline(refs, str(train), str(tmp_path), n_resamples=50, seed=0)
@@ -338,9 +364,18 @@ def tiny_trained_run(synth_dir: Path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.getbasetemp() / "tiny_trained_run"
     if not (out / "run_summary.json").is_file():
-        cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synth_dir, out, **{
-            "mlflow.register_at_end": "true", "mlflow.registered_model_name": REGISTERED_NAME,
-            "mlflow.alias": REGISTERED_ALIAS}))
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml",
+            tiny_overrides(
+                synth_dir,
+                out,
+                **{
+                    "mlflow.register_at_end": "true",
+                    "mlflow.registered_model_name": REGISTERED_NAME,
+                    "mlflow.alias": REGISTERED_ALIAS,
+                },
+            ),
+        )
         summary = run_local(cfg, device="cpu", show_progress=False)
         assert set(summary["checkpoints"]) == {"stage_A_end", "final"}
     return out
@@ -356,9 +391,24 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     from launcher.cli import main
 
     val = synth_dir / "curriculum_val.jsonl"
-    common = ["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(val),
-              "--data-root", str(synth_dir), "--limit", "3", "--batch-size", "3", "--max-new-tokens", "8",
-              "--bootstrap", "100", "--no-progress"]
+    common = [
+        "evaluate",
+        "--checkpoint",
+        str(trained / "checkpoints" / "final"),
+        "--data",
+        str(val),
+        "--data-root",
+        str(synth_dir),
+        "--limit",
+        "3",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--bootstrap",
+        "100",
+        "--no-progress",
+    ]
     out = tmp_path / "eval"
     assert main([*common, "--ehr", "both", "--out", str(out)]) == 0
 
@@ -379,10 +429,17 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
         assert {arm["max_new_tokens"] for arm in model["arms"].values()} == {8}
         assert set(model["arms"]["stage_a"]["text"]) >= {"bleu_1_13a", "bleu_4_13a", "rouge_l", "bleu_4"}
         ab = model["ab"]["ehr_on-ehr_off"]
-        for key in ("icd/micro_f1", "icd/macro_f1", "chexpert/u_pos/macro_f1", "chexpert/u_neg/macro_f1_5",
-                    "text/bleu_4", "text/bleu_4_13a", "text/rouge_l", "validity/report"):
-            assert set(ab[key]) - {"undefined"} == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm",
-                                                    "n"}
+        for key in (
+            "icd/micro_f1",
+            "icd/macro_f1",
+            "chexpert/u_pos/macro_f1",
+            "chexpert/u_neg/macro_f1_5",
+            "text/bleu_4",
+            "text/bleu_4_13a",
+            "text/rouge_l",
+            "validity/report",
+        ):
+            assert set(ab[key]) - {"undefined"} == {"a", "b", "diff", "diff_low", "diff_high", "p_value", "p_holm", "n"}
             # a sample of 3 studies may hold no positive of a label set: then the comparison is marked undefined
             assert ab[key].get("undefined") or 0.0 < ab[key]["p_value"] <= ab[key]["p_holm"] <= 1.0
     assert m["baseline"]["fit_on"] == "training data"
@@ -404,8 +461,9 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
     # ... and the scan does catch a leak (then the offending run is deleted, so other tests see a clean store).
     client = mlflow.MlflowClient(uri)
     leak = client.create_run(run.info.experiment_id)
-    impressions = [parse_target(json.loads(line)["target"], expect_icd=False).impression
-                   for line in val.read_text().splitlines()]
+    impressions = [
+        parse_target(json.loads(line)["target"], expect_icd=False).impression for line in val.read_text().splitlines()
+    ]
     client.log_param(leak.info.run_id, "note", max(impressions, key=len))
     with pytest.raises(AssertionError, match="holds patient data"):
         assert_no_patient_data(uri, data_files)
@@ -413,14 +471,18 @@ def test_evaluate_command_ab_plumbing(trained, synth_dir, tmp_path):
 
     # --save-predictions: per arm, the same studies in the same order (the pairing), and nothing logged.
     out2 = tmp_path / "eval2"
-    assert main([*common, "--ehr", "both", "--no-stage-a-end", "--no-mlflow", "--save-predictions",
-                 "--out", str(out2)]) == 0
+    assert (
+        main([*common, "--ehr", "both", "--no-stage-a-end", "--no-mlflow", "--save-predictions", "--out", str(out2)])
+        == 0
+    )
     rows = [json.loads(line) for line in (out2 / "predictions.jsonl").read_text().splitlines()]
     by_arm = {arm: [r["study_id"] for r in rows if r["arm"] == arm] for arm in ("ehr_on", "ehr_off", "stage_a")}
     assert len(by_arm["ehr_on"]) == 3 and by_arm["ehr_on"] == by_arm["ehr_off"] == by_arm["stage_a"]
     assert {r["model"] for r in rows} == {"model"}
-    assert json.loads((out2 / "metrics.json").read_text())["evaluation"]["studies_sha256"] == \
-        m["evaluation"]["studies_sha256"]
+    assert (
+        json.loads((out2 / "metrics.json").read_text())["evaluation"]["studies_sha256"]
+        == m["evaluation"]["studies_sha256"]
+    )
 
 
 @pytest.mark.slow
@@ -436,13 +498,16 @@ def test_one_generation_budget_for_every_arm(trained, synth_dir):
     studies = load_studies(str(synth_dir / "curriculum_val.jsonl"), str(synth_dir))
     arms = arms_for("both", studies)
     b = model.bundle
-    length = {arm: max(len(encode_prompt(b.tokenizer, s.prompt(arm), b.image_token_id, b.num_image_tokens))
-                       for s in studies) for arm in arms}
+    length = {
+        arm: max(len(encode_prompt(b.tokenizer, s.prompt(arm), b.image_token_id, b.num_image_tokens)) for s in studies)
+        for arm in arms
+    }
     budget, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out=""))
     assert length["ehr_on"] > length["ehr_off"] > length["stage_a"]
     assert budget == model.max_seq_len - length["ehr_on"] and str(length["ehr_on"]) in source
-    fixed, source = shared_max_new_tokens([model], studies, arms, EvalOptions(data="", data_root="", out="",
-                                                                              max_new_tokens=11))
+    fixed, source = shared_max_new_tokens(
+        [model], studies, arms, EvalOptions(data="", data_root="", out="", max_new_tokens=11)
+    )
     assert fixed == 11 and source == "--max-new-tokens"
 
 
@@ -457,11 +522,39 @@ def test_limit_3_with_an_undefined_icd_difference_completes(trained, synth_dir, 
 
     data = variant_file(synth_dir, tmp_path / "val.jsonl", no_icd=True, drop_stage_b=2)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--data", str(data),
-                 "--data-root", str(synth_dir), "--limit", "3", "--seed", "2", "--batch-size", "3",
-                 "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress", "--no-stage-a-end", "--no-mlflow",
-                 "--chexbert", str(tiny_chexbert_dir(tmp_path / "chexbert")),
-                 "--bertscore-model", str(tiny_bert_dir(tmp_path / "bertscore")), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained / "checkpoints" / "final"),
+                "--data",
+                str(data),
+                "--data-root",
+                str(synth_dir),
+                "--limit",
+                "3",
+                "--seed",
+                "2",
+                "--batch-size",
+                "3",
+                "--max-new-tokens",
+                "8",
+                "--bootstrap",
+                "50",
+                "--no-progress",
+                "--no-stage-a-end",
+                "--no-mlflow",
+                "--chexbert",
+                str(tiny_chexbert_dir(tmp_path / "chexbert")),
+                "--bertscore-model",
+                str(tiny_bert_dir(tmp_path / "bertscore")),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and m["evaluation"]["n_studies"] == 3
     coverage = m["evaluation"]["coverage"]
@@ -485,8 +578,9 @@ def image_only_run(synth_dir: Path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.getbasetemp() / "tiny_image_only_run"
     if not (out / "run_summary.json").is_file():
-        cfg = load_config(REPO / "configs" / "tiny.yaml",
-                          tiny_overrides(synth_dir, out, **{"curriculum.stage_split": "1.0"}))
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml", tiny_overrides(synth_dir, out, **{"curriculum.stage_split": "1.0"})
+        )
         run_local(cfg, device="cpu", show_progress=False)
     return out
 
@@ -497,39 +591,90 @@ def test_baseline_checkpoint_compares_two_trained_models(trained, synth_dir, tmp
 
     baseline = image_only_run(synth_dir, tmp_path_factory) / "checkpoints" / "final"
     out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "final"), "--baseline-checkpoint",
-                 str(baseline), "--data", str(synth_dir / "curriculum_val.jsonl"), "--data-root", str(synth_dir),
-                 "--limit", "3", "--batch-size", "3", "--max-new-tokens", "8", "--bootstrap", "50", "--no-progress",
-                 "--no-stage-a-end", "--no-mlflow", "--save-predictions", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained / "checkpoints" / "final"),
+                "--baseline-checkpoint",
+                str(baseline),
+                "--data",
+                str(synth_dir / "curriculum_val.jsonl"),
+                "--data-root",
+                str(synth_dir),
+                "--limit",
+                "3",
+                "--batch-size",
+                "3",
+                "--max-new-tokens",
+                "8",
+                "--bootstrap",
+                "50",
+                "--no-progress",
+                "--no-stage-a-end",
+                "--no-mlflow",
+                "--save-predictions",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
-    assert m["evaluation"]["models"] == {"model": str(trained / "checkpoints" / "final"),
-                                         "trained_baseline": str(baseline)}
+    assert m["evaluation"]["models"] == {
+        "model": str(trained / "checkpoints" / "final"),
+        "trained_baseline": str(baseline),
+    }
     assert set(m["models"]["trained_baseline"]["arms"]) == {"ehr_on", "ehr_off", "stage_a"}
     for arm in ("ehr_on", "ehr_off", "stage_a"):
         comp = m["comparisons"][f"model-trained_baseline/{arm}"]
         assert comp["text/rouge_l"]["n"] == 3 and "p_holm" in comp["text/rouge_l"]
         assert ("icd/micro_f1" in comp) == (arm != "stage_a")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    ids = {model: [r["study_id"] for r in rows if r["model"] == model and r["arm"] == "ehr_on"]
-           for model in ("model", "trained_baseline")}
+    ids = {
+        model: [r["study_id"] for r in rows if r["model"] == model and r["arm"] == "ehr_on"]
+        for model in ("model", "trained_baseline")
+    }
     assert len(ids["model"]) == 3 and ids["model"] == ids["trained_baseline"]  # same studies, same order
     assert "## Comparison model-trained_baseline/ehr_on" in (out / "report.md").read_text()
 
 
-def test_evaluate_refuses_data_sharing_patients_with_the_checkpoints_training_file(trained, synth_dir, tmp_path,
-                                                                                    capsys):
+def test_evaluate_refuses_data_sharing_patients_with_the_checkpoints_training_file(
+    trained, synth_dir, tmp_path, capsys
+):
     """Patient leakage: the evaluation file against the training file of the checkpoint's config.yaml."""
     import shutil
 
     from launcher.cli import main
 
     val = tmp_path / "val.jsonl"  # the real val file plus one training row: one subject overlaps
-    val.write_text((synth_dir / "curriculum_val.jsonl").read_text()
-                   + (synth_dir / "curriculum_train.jsonl").read_text().splitlines()[0] + "\n")
+    val.write_text(
+        (synth_dir / "curriculum_val.jsonl").read_text()
+        + (synth_dir / "curriculum_train.jsonl").read_text().splitlines()[0]
+        + "\n"
+    )
     ckpt = trained / "checkpoints" / "final"
-    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(val), "--data-root", str(synth_dir), "--limit", "2",
-            "--batch-size", "2", "--max-new-tokens", "4", "--bootstrap", "10", "--no-progress", "--no-stage-a-end",
-            "--no-mlflow"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(val),
+        "--data-root",
+        str(synth_dir),
+        "--limit",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--bootstrap",
+        "10",
+        "--no-progress",
+        "--no-stage-a-end",
+        "--no-mlflow",
+    ]
     assert main([*args, "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "patient leakage: 1 subject(s) of" in err and str(val) in err and not (tmp_path / "eval").exists()

@@ -122,12 +122,18 @@ def test_processor_and_chat_template_render_the_training_prompt(hf_export, synth
     processor = AutoProcessor.from_pretrained(hf_export)
     tok = AutoTokenizer.from_pretrained(hf_export)
     before, after = prompt_a().split("<image>")
-    messages = [{"role": "user", "content": [{"type": "text", "text": before}, {"type": "image"},
-                                             {"type": "text", "text": after}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}],
+        }
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == f"{tok.bos_token}{prompt_a()}\n"
-    assert tok.apply_chat_template([{"role": "user", "content": prompt_a()}], add_generation_prompt=True,
-                                   tokenize=False) == text
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": prompt_a()}], add_generation_prompt=True, tokenize=False)
+        == text
+    )
     image_path = synth_dir / json.loads((synth_dir / "curriculum_val.jsonl").read_text().splitlines()[0])["image"]
     enc = processor(images=Image.open(image_path), text=text, return_tensors="pt", add_special_tokens=False)
     exported = _exported_bundle(hf_export)
@@ -144,8 +150,22 @@ def test_registered_model_exports_by_uri_to_the_same_weights(trained, hf_export,
 
     out = tmp_path / "from-registry"
     uri = f"models:/{REGISTERED_NAME}@{REGISTERED_ALIAS}"
-    assert main(["export", "--model", uri, "--tracking-uri", f"sqlite:///{trained / 'mlflow.db'}", "--format", "hf",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                uri,
+                "--tracking-uri",
+                f"sqlite:///{trained / 'mlflow.db'}",
+                "--format",
+                "hf",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert not out.with_name(out.name + ".partial").exists()
     a, b = load_file(str(out / "model.safetensors")), load_file(str(hf_export / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -222,19 +242,31 @@ def _hf_weights(merged) -> dict[str, np.ndarray]:
 def _llama_names(n_layers: int) -> set[str]:
     per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
     return {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(n_layers) for n in per_block}
+        f"blk.{i}.{n}.weight" for i in range(n_layers) for n in per_block
+    }
 
 
 def _lm_source(name: str, hf: dict) -> np.ndarray:
     """The merged HF tensor a llama.cpp tensor holds (q/k still in HF row order)."""
-    fixed = {"token_embd.weight": "model.language_model.embed_tokens.weight",
-             "output_norm.weight": "model.language_model.norm.weight", "output.weight": "lm_head.weight"}
+    fixed = {
+        "token_embd.weight": "model.language_model.embed_tokens.weight",
+        "output_norm.weight": "model.language_model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if name in fixed:
         return hf[fixed[name]]
     _, i, part, _ = name.split(".")
-    hf_part = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}[part]
+    hf_part = {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }[part]
     return hf[f"model.language_model.layers.{i}.{hf_part}.weight"]
 
 
@@ -258,9 +290,14 @@ def test_gguf_language_model_reads_back_as_llama_with_the_merged_weights(gguf_ex
     assert fields["general.architecture"] == "llama"
     assert fields["general.file_type"] == (0 if ftype == "f32" else 1)
     assert (fields["llama.block_count"], fields["llama.embedding_length"], fields["llama.feed_forward_length"]) == (
-        text.num_hidden_layers, text.hidden_size, text.intermediate_size)
+        text.num_hidden_layers,
+        text.hidden_size,
+        text.intermediate_size,
+    )
     assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (
-        text.num_attention_heads, text.num_key_value_heads)
+        text.num_attention_heads,
+        text.num_key_value_heads,
+    )
     assert fields["llama.rope.dimension_count"] == text.hidden_size // text.num_attention_heads
     assert set(tensors) == _llama_names(text.num_hidden_layers)
 
@@ -309,24 +346,40 @@ def test_gguf_mmproj_holds_the_tower_and_the_trained_projector(gguf_exports, mer
     assert fields["general.architecture"] == "clip" and fields["clip.projector_type"] == "mlp"
     assert fields["clip.has_llava_projector"] is True and fields["clip.has_vision_encoder"] is True
     assert (fields["clip.vision.image_size"], fields["clip.vision.patch_size"], fields["clip.vision.block_count"]) == (
-        vision.image_size, vision.patch_size, vision.num_hidden_layers)  # vision_feature_layer -1: every block
+        vision.image_size,
+        vision.patch_size,
+        vision.num_hidden_layers,
+    )  # vision_feature_layer -1: every block
     assert list(fields["clip.vision.feature_layer"]) == [vision.num_hidden_layers]  # the last block's output
     assert fields["clip.vision.projection_dim"] == config.text_config.hidden_size
     assert fields["clip.use_gelu"] is (vision.hidden_act == "gelu")
-    per_block = [f"{n}.{p}" for n in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
-                 for p in ("weight", "bias")]
-    assert set(tensors) == {"v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight",
-                            "v.pre_ln.bias", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} | {
-        f"v.blk.{i}.{n}" for i in range(vision.num_hidden_layers) for n in per_block}
+    per_block = [
+        f"{n}.{p}"
+        for n in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
+        for p in ("weight", "bias")
+    ]
+    assert set(tensors) == {
+        "v.class_embd",
+        "v.patch_embd.weight",
+        "v.position_embd.weight",
+        "v.pre_ln.weight",
+        "v.pre_ln.bias",
+        "mm.0.weight",
+        "mm.0.bias",
+        "mm.2.weight",
+        "mm.2.bias",
+    } | {f"v.blk.{i}.{n}" for i in range(vision.num_hidden_layers) for n in per_block}
 
     hf = _hf_weights(merged)
     tower = "model.vision_tower.vision_model." if any(".vision_model." in k for k in hf) else "model.vision_tower."
-    pairs = {"mm.0.weight": "model.multi_modal_projector.linear_1.weight",  # the TRAINED projector
-             "mm.2.bias": "model.multi_modal_projector.linear_2.bias",
-             "v.patch_embd.weight": tower + "embeddings.patch_embedding.weight",
-             "v.class_embd": tower + "embeddings.class_embedding",
-             "v.blk.1.ffn_up.weight": tower + "encoder.layers.1.mlp.fc1.weight",
-             "v.blk.0.attn_out.bias": tower + "encoder.layers.0.self_attn.out_proj.bias"}
+    pairs = {
+        "mm.0.weight": "model.multi_modal_projector.linear_1.weight",  # the TRAINED projector
+        "mm.2.bias": "model.multi_modal_projector.linear_2.bias",
+        "v.patch_embd.weight": tower + "embeddings.patch_embedding.weight",
+        "v.class_embd": tower + "embeddings.class_embedding",
+        "v.blk.1.ffn_up.weight": tower + "encoder.layers.1.mlp.fc1.weight",
+        "v.blk.0.attn_out.bias": tower + "encoder.layers.0.self_attn.out_proj.bias",
+    }
     for name, key in pairs.items():
         got, want = np.asarray(tensors[name].data), hf[key]
         assert got.shape == want.shape, name
@@ -339,8 +392,9 @@ def test_tower_layers_used_follows_vision_feature_layer():
 
     from training.export_gguf import tower_layers_used
 
-    cfg = lambda layer: SimpleNamespace(vision_feature_layer=layer,  # noqa: E731
-                                        vision_config=SimpleNamespace(num_hidden_layers=24))
+    def cfg(layer):
+        return SimpleNamespace(vision_feature_layer=layer, vision_config=SimpleNamespace(num_hidden_layers=24))
+
     assert [tower_layers_used(cfg(x)) for x in (-1, -2, 23)] == [24, 23, 23]
     with pytest.raises(LauncherError, match="several layers"):
         tower_layers_used(cfg([-2, -5]))
@@ -373,9 +427,14 @@ TEXT_PROMPT, TEXT_TOKENS, IMAGE_TOKENS, AGREE_TOKENS = "Impression:", 16, 24, 8
 def _greedy_text_ids(model, tok, prompt: str, n: int) -> list[int]:
     ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -405,8 +464,9 @@ def perturbed(merged, synth_dir, tmp_path_factory):
             for name, p in model.named_parameters():
                 if p.ndim == 2 and ("language_model" in name or "lm_head" in name or "projector" in name):
                     p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.7)
-        noisy = type(merged)(model, merged.tokenizer,
-                             bundle_for(model, merged.tokenizer, merged.bundle.base_model_path), merged.source)
+        noisy = type(merged)(
+            model, merged.tokenizer, bundle_for(model, merged.tokenizer, merged.bundle.base_model_path), merged.source
+        )
         text_ids = _greedy_text_ids(model, merged.tokenizer, TEXT_PROMPT, TEXT_TOKENS)
         report = generate_reports(noisy.bundle, [(prompt_a(), png.read_bytes())], max_new_tokens=IMAGE_TOKENS)[0]
         if len(set(text_ids)) > 3 and len(set(report.split())) > 1:
@@ -422,10 +482,32 @@ def test_llama_cpp_continues_a_text_prompt_as_transformers_does(perturbed):
     noisy, out_dir, _ = perturbed
     model, tok = out_dir / "model-f32.gguf", noisy.tokenizer
     out = _run([_llama_bin("llama-tokenize"), "-m", model, "-p", TEXT_PROMPT, "--ids", "--log-disable"])
-    assert json.loads(out.strip().splitlines()[-1]) == [tok.bos_token_id] + tok(TEXT_PROMPT, add_special_tokens=False)[
-        "input_ids"]
-    text = _run([_llama_bin("llama-completion"), "-m", model, "-p", TEXT_PROMPT, "-n", TEXT_TOKENS, "--temp", "0",
-                 "--top-k", "1", "-no-cnv", "--no-display-prompt", "--no-warmup", "-s", "0", "-t", "2"])
+    assert (
+        json.loads(out.strip().splitlines()[-1])
+        == [tok.bos_token_id] + tok(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
+    )
+    text = _run(
+        [
+            _llama_bin("llama-completion"),
+            "-m",
+            model,
+            "-p",
+            TEXT_PROMPT,
+            "-n",
+            TEXT_TOKENS,
+            "--temp",
+            "0",
+            "--top-k",
+            "1",
+            "-no-cnv",
+            "--no-display-prompt",
+            "--no-warmup",
+            "-s",
+            "0",
+            "-t",
+            "2",
+        ]
+    )
     expected = tok.decode(_greedy_text_ids(noisy.model, tok, TEXT_PROMPT, TEXT_TOKENS), skip_special_tokens=True)
     assert text.strip() == expected.strip()
 
@@ -438,10 +520,31 @@ def test_llama_cpp_reports_on_an_image_as_transformers_does(perturbed):
     from training.generate import generate_reports
 
     noisy, out_dir, png = perturbed
-    out = _run([_llama_bin("llama-mtmd-cli"), "-m", out_dir / "model-f32.gguf",
-                "--mmproj", out_dir / "mmproj-model-f32.gguf", "--image", png,
-                "-p", prompt_a().replace("<image>", "<__media__>"), "-n", IMAGE_TOKENS, "--temp", "0", "--top-k", "1",
-                "-s", "0", "-t", "2", "--no-warmup", "--jinja"])  # --jinja: the GGUF's chat template
+    out = _run(
+        [
+            _llama_bin("llama-mtmd-cli"),
+            "-m",
+            out_dir / "model-f32.gguf",
+            "--mmproj",
+            out_dir / "mmproj-model-f32.gguf",
+            "--image",
+            png,
+            "-p",
+            prompt_a().replace("<image>", "<__media__>"),
+            "-n",
+            IMAGE_TOKENS,
+            "--temp",
+            "0",
+            "--top-k",
+            "1",
+            "-s",
+            "0",
+            "-t",
+            "2",
+            "--no-warmup",
+            "--jinja",
+        ]
+    )  # --jinja: the GGUF's chat template
     expected = generate_reports(noisy.bundle, [(prompt_a(), png.read_bytes())], max_new_tokens=IMAGE_TOKENS)[0]
     # Not all 24: llama.cpp's projector GELU is the tanh approximation (and ggml's CPU GELU goes through an f16
     # table) where transformers' is exact; on this noisy, repetitive output a near tie flips after 10-13 tokens

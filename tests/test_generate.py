@@ -84,9 +84,17 @@ def test_parse_report_counts_malformed_output_as_invalid():
     stage_a_text = good.split("\n\nICD:")[0]
     assert parse_report(stage_a_text, expect_icd=False).valid
     assert not parse_report(stage_a_text, expect_icd=True).valid  # Stage B arms must answer ICD
-    broken = [None, "", "   ", "<pad><pad>", "Impression: x\n\nCheXpert:\n{\"Edema\": ", "{}{}{",
-              "Impression: x\n\nCheXpert:\n{\"Edema\": \"Maybe\"}\n\nICD:\n{\"sepsis\": \"yes\"}",
-              "Impression: x\n\nCheXpert:\n[1, 2]\n\nICD:\nnull", "\x00\ufffd" * 50]
+    broken = [
+        None,
+        "",
+        "   ",
+        "<pad><pad>",
+        'Impression: x\n\nCheXpert:\n{"Edema": ',
+        "{}{}{",
+        'Impression: x\n\nCheXpert:\n{"Edema": "Maybe"}\n\nICD:\n{"sepsis": "yes"}',
+        "Impression: x\n\nCheXpert:\n[1, 2]\n\nICD:\nnull",
+        "\x00\ufffd" * 50,
+    ]
     for text in broken:
         parsed = parse_report(text, expect_icd=True)
         assert not parsed.valid and parsed.problems
@@ -105,8 +113,9 @@ def test_predict_reports_prompt_choice(bundle, val_items, monkeypatch):
 
     seen = []
     stage_a_answer = "Impression: Clear.\n\nCheXpert:\n{}"
-    monkeypatch.setattr(g, "generate_reports", lambda b, items, **kw: seen.extend(p for p, _ in items) or
-                        [stage_a_answer] * len(items))
+    monkeypatch.setattr(
+        g, "generate_reports", lambda b, items, **kw: seen.extend(p for p, _ in items) or [stage_a_answer] * len(items)
+    )
     image = val_items[0][1]
     out = g.predict_reports(bundle, [(image, None), (image, {}), (image, {"Age": 70})], max_new_tokens=4)
     assert seen == [prompt_a(), prompt_b({}), prompt_b({"Age": 70})]

@@ -20,8 +20,15 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from datasets_io.image_cache import (HEADER, CorruptEntry, ImageCache, check_writable, decode_entry, decode_gray,
-                                     open_image_cache)
+from datasets_io.image_cache import (
+    HEADER,
+    CorruptEntry,
+    ImageCache,
+    check_writable,
+    decode_entry,
+    decode_gray,
+    open_image_cache,
+)
 from datasets_io.images import ImageSpec, load_gray, normalize_gray, preprocess_image
 from datasets_io.synth import write_synthetic
 from datasets_io.errors import LauncherError
@@ -71,8 +78,14 @@ def test_cold_and_warm_reads_equal_the_uncached_path_bit_for_bit(images, tmp_pat
     assert entry.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes: shareable, not 0600
 
 
-@pytest.mark.parametrize("shape, spec", [((336, 280), ImageSpec(336)), ((93, 112), ImageSpec(112)),
-                                         ((64, 64), ImageSpec(64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))])
+@pytest.mark.parametrize(
+    "shape, spec",
+    [
+        ((336, 280), ImageSpec(336)),
+        ((93, 112), ImageSpec(112)),
+        ((64, 64), ImageSpec(64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))),
+    ],
+)
 def test_normalize_gray_gives_the_floats_of_the_formula_the_models_were_trained_with(shape, spec):
     """normalize_gray (the step the cache runs on every read) against the arithmetic written out: bit for bit."""
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
@@ -352,10 +365,25 @@ def test_data_prepare_fills_the_cache_a_run_then_only_hits(synth_dir, tmp_path, 
     from datasets_io.jsonl import join, read_records
     from launcher.cli import main
 
-    argv = ["data", "prepare", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={synth_dir}",
-            "--set", f"output.dir={tmp_path}/run", "--set", "model.tiny.image_size=64", "--processes", "2"]
-    rows = [r for f in ("curriculum_train.jsonl", "curriculum_val.jsonl")
-            for r in read_records(str(synth_dir / f), str(synth_dir))[0]]
+    argv = [
+        "data",
+        "prepare",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--set",
+        f"data.root={synth_dir}",
+        "--set",
+        f"output.dir={tmp_path}/run",
+        "--set",
+        "model.tiny.image_size=64",
+        "--processes",
+        "2",
+    ]
+    rows = [
+        r
+        for f in ("curriculum_train.jsonl", "curriculum_val.jsonl")
+        for r in read_records(str(synth_dir / f), str(synth_dir))[0]
+    ]
     paths = sorted({join(str(synth_dir), r.image) for r in rows})
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -374,8 +402,18 @@ def test_data_prepare_lists_an_image_it_cannot_decode_and_fails(synth_dir, tmp_p
     shutil.copytree(synth_dir, root)
     bad = sorted(root.rglob("*.jpg"))[0]
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: the header parses, the decode fails
-    argv = ["data", "prepare", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={root}",
-            "--set", f"output.dir={tmp_path}/run", "--processes", "1"]
+    argv = [
+        "data",
+        "prepare",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"output.dir={tmp_path}/run",
+        "--processes",
+        "1",
+    ]
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert ", 1 failed;" in out and str(bad) in err

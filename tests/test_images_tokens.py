@@ -102,7 +102,14 @@ def test_chat_template_is_used_when_present(tokenizer):
 
 def test_pad_batch_left_and_right(tokenizer):
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    a = build_sample(tokenizer, "Image:<image>\nAnswer Impression & CheXpert.", "Impression: x", image_token_id=image_id, num_image_tokens=2, max_len=99)
+    a = build_sample(
+        tokenizer,
+        "Image:<image>\nAnswer Impression & CheXpert.",
+        "Impression: x",
+        image_token_id=image_id,
+        num_image_tokens=2,
+        max_len=99,
+    )
     b = build_sample(tokenizer, prompt_b(EHR), TARGET, image_token_id=image_id, num_image_tokens=2, max_len=999)
     right, left = pad_batch([a, b], 3, "right"), pad_batch([a, b], 3, "left")
     n = len(b.input_ids) - len(a.input_ids)
@@ -113,7 +120,9 @@ def test_pad_batch_left_and_right(tokenizer):
 def test_between_measurements_cuts_at_numbers_but_not_at_names_or_reference_ranges():
     from training.tokenizer import between_measurements
 
-    text = 'A:\n{"spo2": {"value": 93.2, "r": [0.5, 2.0]}, "BNP": {"value": 120, "O2_device": null}}\n\nImage:<image>\nQ'
+    text = (
+        'A:\n{"spo2": {"value": 93.2, "r": [0.5, 2.0]}, "BNP": {"value": 120, "O2_device": null}}\n\nImage:<image>\nQ'
+    )
     assert between_measurements(text) == [
         'A:\n{"spo2": {"value": ',  # spo2 is a name, not a number
         ', "r": [0.5, 2.0]}, "BNP": {"value": ',  # the reference range is part of the constant text
@@ -130,7 +139,7 @@ def test_patient_data_measurements_are_digits_after_one_naming_token(synth_dir_m
     assert "".join(pieces) == prompt
     bnp = json.loads(prompt.split("Patient Data:\n")[1].split("\n\nImage:")[0])["Labs"]["BNP"]["value"]
     at = next(i for i, p in enumerate(pieces) if p.endswith('"BNP": {\n      "value": '))
-    assert "".join(pieces[at + 1: at + 1 + len(str(bnp))]) == str(bnp)  # read digit by digit...
-    assert all(len(p) == 1 for p in pieces[at + 1: at + 1 + len(str(bnp))])
+    assert "".join(pieces[at + 1 : at + 1 + len(str(bnp))]) == str(bnp)  # read digit by digit...
+    assert all(len(p) == 1 for p in pieces[at + 1 : at + 1 + len(str(bnp))])
     assert '"reference_range"' in pieces[at + 1 + len(str(bnp))]  # ...then one token up to the next measurement
     assert len(tokens) < 70  # the whole Patient Data block is ~40 tokens, the plain JSON text ~600 characters

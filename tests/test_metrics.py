@@ -124,8 +124,10 @@ def test_comparable_bleu_is_sacrebleu_with_its_defaults(order):
     assert 0.0 < expected < 1.0
     # Case-sensitive (unlike the project's own BLEU), and it differs from the project's tokenization.
     upper = [p.upper() for p in PREDICTIONS]
-    assert scores.sacrebleu_bleu(upper, REFERENCES)["bleu_1_13a"] < scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)[
-        "bleu_1_13a"]
+    assert (
+        scores.sacrebleu_bleu(upper, REFERENCES)["bleu_1_13a"]
+        < scores.sacrebleu_bleu(PREDICTIONS, REFERENCES)["bleu_1_13a"]
+    )
     assert scores.bleu(upper, REFERENCES)["bleu_1"] == scores.bleu(PREDICTIONS, REFERENCES)["bleu_1"]
 
 
@@ -339,8 +341,11 @@ def test_evaluate_modules_load_offline_from_their_path(tmp_path):
         for k in a:
             assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-12), k
 
-    text_scores = {**scores.bleu(PREDICTIONS, REFERENCES), **scores.sacrebleu_bleu(PREDICTIONS, REFERENCES),
-                   "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES)}
+    text_scores = {
+        **scores.bleu(PREDICTIONS, REFERENCES),
+        **scores.sacrebleu_bleu(PREDICTIONS, REFERENCES),
+        "rouge_l": scores.rouge_l(PREDICTIONS, REFERENCES),
+    }
     same(out["report_text"], text_scores)
     cx_refs = [scores.chexpert_from_text(t) for t in targets]
     cx = scores.chexpert_scores([scores.chexpert_from_text(t) for t in reports], cx_refs)
@@ -369,8 +374,14 @@ def test_clinical_evaluate_module_runs_offline_on_a_local_model(tmp_path):
 
     bert = tiny_bert_dir(tmp_path / "tiny-bert")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _CLINICAL_SCRIPT, str(bert)], input=json.dumps([PREDICTIONS,
-                          REFERENCES]), env=env, cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLINICAL_SCRIPT, str(bert)],
+        input=json.dumps([PREDICTIONS, REFERENCES]),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = bertscore_f1_per_sample(PREDICTIONS, REFERENCES, bert).mean()
@@ -521,8 +532,32 @@ def test_bootstrap_interval_ignores_resamples_where_the_metric_is_undefined():
 # --------------------------------------------------------------------------------------------- clinical metrics
 # Tiny random-weight checkpoints of the real architectures, built here: the numbers mean nothing; loading, the file
 # formats, the label mapping and the aggregation are what is tested.
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "lungs", "are", "clear", "no", "acute", "process",
-              "edema", "effusion", ".", ",", "heart", "size", "normal", "mild", "pleural", "small", "right", "left"]
+TINY_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "lungs",
+    "are",
+    "clear",
+    "no",
+    "acute",
+    "process",
+    "edema",
+    "effusion",
+    ".",
+    ",",
+    "heart",
+    "size",
+    "normal",
+    "mild",
+    "pleural",
+    "small",
+    "right",
+    "left",
+]
 
 
 def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
@@ -534,8 +569,16 @@ def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
     (path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     BertTokenizer(str(path / "vocab.txt"), model_max_length=512).save_pretrained(str(path))
     torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(str(path))
+    BertModel(
+        BertConfig(
+            vocab_size=len(TINY_VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(str(path))
     return path
 
 
@@ -554,8 +597,10 @@ def tiny_chexbert_dir(path: Path, forced_classes: list[int] | None = None) -> Pa
         n_classes = 4 if i < 13 else 2
         weight, bias = torch.randn(n_classes, 32, generator=gen), torch.randn(n_classes, generator=gen)
         if forced_classes is not None:
-            weight, bias = torch.zeros(n_classes, 32), torch.nn.functional.one_hot(
-                torch.tensor(forced_classes[i]), n_classes).float() * 10
+            weight, bias = (
+                torch.zeros(n_classes, 32),
+                torch.nn.functional.one_hot(torch.tensor(forced_classes[i]), n_classes).float() * 10,
+            )
         state[f"module.linear_heads.{i}.weight"], state[f"module.linear_heads.{i}.bias"] = weight, bias
     torch.save({"model_state_dict": state}, path / "chexbert.pth")
     (path / "model.safetensors").unlink()  # the labeler's weights live in chexbert.pth only, as in the real download
@@ -567,10 +612,18 @@ def test_chexbert_class_mapping_known_answer():
 
     classes = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]  # blank, positive, negative, uncertain, ...; No Finding: pos
     d = chexbert_dict(classes)
-    assert d == {"Cardiomegaly": "Positive", "Lung Opacity": "Negative", "Lung Lesion": "Uncertain",
-                 "Consolidation": "Positive", "Pneumonia": "Negative", "Atelectasis": "Uncertain",
-                 "Pleural Effusion": "Positive", "Pleural Other": "Negative", "Fracture": "Uncertain",
-                 "No Finding": "Positive"}
+    assert d == {
+        "Cardiomegaly": "Positive",
+        "Lung Opacity": "Negative",
+        "Lung Lesion": "Uncertain",
+        "Consolidation": "Positive",
+        "Pneumonia": "Negative",
+        "Atelectasis": "Uncertain",
+        "Pleural Effusion": "Positive",
+        "Pleural Other": "Negative",
+        "Fracture": "Uncertain",
+        "No Finding": "Positive",
+    }
     assert set(CHEXBERT_HEADS) == set(CHEXPERT_LABELS)  # every head maps onto the project's 14 labels
     with pytest.raises(ValueError, match="14 outputs"):
         chexbert_dict([1, 2])
@@ -601,8 +654,9 @@ def test_chexbert_labeler_loads_a_local_checkpoint_end_to_end(tmp_path):
     scorers = ClinicalScorers.load(str(random_dir), None, None)
     assert len(scorers.skipped) == 2 and "RadGraph" in scorers.skipped[0] and "BERTScore" in scorers.skipped[1]
     stats_ = scorers.stats(PREDICTIONS, REFERENCES)
-    assert set(stats_) == {f"clinical/chexbert/{c}/{a}_f1{s}" for c in ("u_pos", "u_neg") for a in ("micro", "macro")
-                           for s in ("", "_5")}
+    assert set(stats_) == {
+        f"clinical/chexbert/{c}/{a}_f1{s}" for c in ("u_pos", "u_neg") for a in ("micro", "macro") for s in ("", "_5")
+    }
     same = scorers.stats(REFERENCES, REFERENCES)  # a labeler agrees with itself: every defined F1 is 1
     assert all(math.isnan(v.value) or v.value == 1.0 for v in same.values())
     assert len(stats_["clinical/chexbert/u_neg/micro_f1"]) == len(PREDICTIONS)  # per study, for the bootstrap
@@ -612,8 +666,9 @@ def test_chexbert_labeler_loads_a_local_checkpoint_end_to_end(tmp_path):
         CheXbertLabeler(random_dir)
     import torch
 
-    torch.save({"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}},
-               random_dir / "chexbert.pth")
+    torch.save(
+        {"model_state_dict": {"module.bert.pooler.dense.weight": torch.zeros(32, 32)}}, random_dir / "chexbert.pth"
+    )
     with pytest.raises(ValueError, match="not a CheXbert checkpoint"):
         CheXbertLabeler(random_dir)
     with pytest.raises(FileNotFoundError, match="chexbert.pth"):

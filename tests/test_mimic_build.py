@@ -1,6 +1,6 @@
 """`launcher data build` on the raw-format MIMIC fixture (datasets_io/mimic_fixture.py): every step, exact values.
 
-    python -m pytest tests/test_mimic_build.py -q
+python -m pytest tests/test_mimic_build.py -q
 """
 
 from __future__ import annotations
@@ -112,14 +112,33 @@ def test_fixture_writes_the_release_formats(raw):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (fx.REPORTS[fx.S_CHF_ADM], ("Moderate cardiomegaly with mild pulmonary edema. Right basilar opacity, "
-                                    "atelectasis versus early pneumonia.", "impression")),
-        (fx.REPORTS[fx.S_CHF_ED], ("Cardiomegaly with small right pleural effusion; mild edema cannot be excluded.",
-                                   "impression")),  # the LAST impression section
-        (fx.REPORTS[fx.S_PNA9], ("Dense consolidation in the left lower lobe, consistent with pneumonia. No pleural "
-                                 "effusion. Heart size is normal.", "findings")),  # no IMPRESSION
-        (fx.REPORTS[fx.S_OUT], ("The lungs are clear. The cardiomediastinal silhouette is normal. No acute "
-                                "cardiopulmonary process.", "last_paragraph")),  # no headers at all
+        (
+            fx.REPORTS[fx.S_CHF_ADM],
+            (
+                "Moderate cardiomegaly with mild pulmonary edema. Right basilar opacity, "
+                "atelectasis versus early pneumonia.",
+                "impression",
+            ),
+        ),
+        (
+            fx.REPORTS[fx.S_CHF_ED],
+            ("Cardiomegaly with small right pleural effusion; mild edema cannot be excluded.", "impression"),
+        ),  # the LAST impression section
+        (
+            fx.REPORTS[fx.S_PNA9],
+            (
+                "Dense consolidation in the left lower lobe, consistent with pneumonia. No pleural "
+                "effusion. Heart size is normal.",
+                "findings",
+            ),
+        ),  # no IMPRESSION
+        (
+            fx.REPORTS[fx.S_OUT],
+            (
+                "The lungs are clear. The cardiomediastinal silhouette is normal. No acute cardiopulmonary process.",
+                "last_paragraph",
+            ),
+        ),  # no headers at all
         (fx.REPORTS[fx.S_NO_TEXT], (None, "none")),  # only the ___ placeholder
         (" FINAL REPORT\n FINDINGS:  Clear lungs.\n \n IMPRESSION: \n \n", ("Clear lungs.", "findings")),  # empty IMPR.
         (" FINAL REPORT\n CONCLUSION:  Small effusion.\n", ("Small effusion.", "impression")),
@@ -134,18 +153,26 @@ def test_impression_follows_the_mimic_cxr_sectioning_convention(text, expected):
 # ----------------------------------------------------------------------------------------------- the build
 def test_report_counts_each_step_and_each_drop(built):
     out, report, _ = built
-    assert report["dropped"] == {"no_preferred_view": 1, "not_in_split_file": 1, "no_chexpert_row": 1,
-                                 "image_file_missing": 1, "report_file_missing": 1, "no_usable_report_text": 1}
+    assert report["dropped"] == {
+        "no_preferred_view": 1,
+        "not_in_split_file": 1,
+        "no_chexpert_row": 1,
+        "image_file_missing": 1,
+        "report_file_missing": 1,
+        "no_usable_report_text": 1,
+    }
     assert report["metadata_studies"] == 13 and report["kept_studies"] == 7
     assert [s["studies"] for s in report["funnel"]] == [13, 12, 11, 10, 9, 8, 7]
     assert report["impression_source"] == {"findings": 1, "impression": 5, "last_paragraph": 1}
     assert report["studies_per_split"] == {"train": 5, "validate": 1, "test": 1}
-    assert report["rows_written"] == {"curriculum_train.jsonl": {"A": 5, "B": 4}, "curriculum_val.jsonl": {"A": 1},
-                                      "curriculum_test.jsonl": {"A": 1, "B": 1}}
+    assert report["rows_written"] == {
+        "curriculum_train.jsonl": {"A": 5, "B": 4},
+        "curriculum_val.jsonl": {"A": 1},
+        "curriculum_test.jsonl": {"A": 1, "B": 1},
+    }
     assert report["stage_b_not_written_outside_every_admission"] == 2
     assert report["icd_map"]["version"] == "1.0" and len(report["icd_map"]["sha256"]) == 64
-    assert report["chexpert_labels"]["Pneumonia"] == {"Positive": 1, "Negative": 1, "Uncertain": 1,
-                                                     "not_mentioned": 4}
+    assert report["chexpert_labels"]["Pneumonia"] == {"Positive": 1, "Negative": 1, "Uncertain": 1, "not_mentioned": 4}
     assert json.loads((out / "build_report.json").read_text()) == json.loads(json.dumps(report))
 
 
@@ -173,8 +200,13 @@ def test_one_image_per_study_by_view_preference(built, raw, tmp_path):
 def test_chexpert_blank_is_not_mentioned_never_uncertain(built, raw, tmp_path):
     _, _, found = built
     block = parse_target(found[(fx.S_CHF_ADM, "A")]["target"], expect_icd=False).chexpert
-    assert block == {"Cardiomegaly": "Positive", "Edema": "Positive", "Pneumonia": "Uncertain",
-                     "Pneumothorax": "Negative", "Pleural Effusion": "Negative"}  # blanks omitted, order = records
+    assert block == {
+        "Cardiomegaly": "Positive",
+        "Edema": "Positive",
+        "Pneumonia": "Uncertain",
+        "Pneumothorax": "Negative",
+        "Pleural Effusion": "Negative",
+    }  # blanks omitted, order = records
     assert list(block) == [k for k in CHEXPERT_LABELS if k in block]
     run(raw, tmp_path / "neg", "--unmentioned", "negative", "--max-studies", "1")
     block = parse_target(rows(tmp_path / "neg")[(fx.S_CHF_ADM, "A")]["target"], expect_icd=False).chexpert
@@ -186,11 +218,9 @@ def test_icd_flags_come_from_the_admission_containing_the_study(built, raw, tmp_
     _, _, found = built
     icd = lambda r: parse_target(r["target"], expect_icd=True).icd  # noqa: E731
     # undotted ICD-10 I5023 / J189 / N179; I10 is not a flag
-    assert icd(found[(fx.S_CHF_ADM, "B")]) == {"pneumonia": True, "chf_exacerbation": True,
-                                                "acute_kidney_injury": True}
+    assert icd(found[(fx.S_CHF_ADM, "B")]) == {"pneumonia": True, "chf_exacerbation": True, "acute_kidney_injury": True}
     # ICD-9 486 / 5849 / 49121; 4280 (CHF unspecified) is not an exacerbation
-    assert icd(found[(fx.S_PNA9, "B")]) == {"pneumonia": True, "copd_exacerbation": True,
-                                             "acute_kidney_injury": True}
+    assert icd(found[(fx.S_PNA9, "B")]) == {"pneumonia": True, "copd_exacerbation": True, "acute_kidney_injury": True}
     assert icd(found[(fx.S_SEPSIS, "B")]) == {"sepsis": True}
     assert icd(found[(fx.S_NOPAT, "B")]) == {}  # {"findings": "None"}: the admission has no mapped code
     # outside every admission (the one before had pneumonia, the one after a lung mass): no Stage B row
@@ -214,8 +244,9 @@ def test_icd_map_is_versioned_complete_and_matches_by_version(tmp_path):
     assert icd_map.match(icd_map.flags, "4280", 9) == []  # CHF unspecified: chronic, not an exacerbation
     assert icd_map.match(icd_map.chronic, "4280", 9) == ["heart_failure"]
     bad = tmp_path / "bad.yaml"
-    bad.write_text('version: "x"\nextra: 1\nflags:\n  pneumonia: {icd9: ["48.6"], icd10: ["J18"]}\n'
-                   "chronic_conditions: {}\n")
+    bad.write_text(
+        'version: "x"\nextra: 1\nflags:\n  pneumonia: {icd9: ["48.6"], icd10: ["J18"]}\nchronic_conditions: {}\n'
+    )
     with pytest.raises(LauncherError) as e:
         load_icd_map(bad)
     message = str(e.value)  # every problem at once, each naming its key
@@ -225,22 +256,46 @@ def test_icd_map_is_versioned_complete_and_matches_by_version(tmp_path):
         load_icd_map(bad)
 
 
-SEED_FLAGS = {"pneumonia", "pleural_effusion", "pneumothorax", "pulmonary_embolism", "chf_exacerbation",
-              "pulmonary_edema", "rib_fracture", "lung_mass"}
+SEED_FLAGS = {
+    "pneumonia",
+    "pleural_effusion",
+    "pneumothorax",
+    "pulmonary_embolism",
+    "chf_exacerbation",
+    "pulmonary_edema",
+    "rib_fracture",
+    "lung_mass",
+}
 
 
 def test_seed_icd_map_has_the_original_eight_flags_undotted_by_version():
     seed = load_icd_map(Path(__file__).resolve().parents[1] / "configs" / "icd_map_seed.yaml")
     assert set(seed.flags) == SEED_FLAGS and seed.version == "seed-1.0"
-    cases = [("4280", 9, ["chf_exacerbation"]), ("I509", 10, ["chf_exacerbation"]),  # ANY heart failure
-             ("42823", 9, ["chf_exacerbation"]), ("I5023", 10, ["chf_exacerbation"]),
-             ("4281", 9, ["chf_exacerbation", "pulmonary_edema"]), ("J810", 10, ["pulmonary_edema"]),
-             ("5119", 9, ["pleural_effusion"]), ("J910", 10, ["pleural_effusion"]), ("5110", 9, []),  # no effusion
-             ("J9311", 10, ["pneumothorax"]), ("S270XXA", 10, ["pneumothorax"]), ("5121", 9, ["pneumothorax"]),
-             ("41519", 9, ["pulmonary_embolism"]), ("I2699", 10, ["pulmonary_embolism"]),
-             ("80703", 9, ["rib_fracture"]), ("S2241XA", 10, ["rib_fracture"]), ("S220", 10, []),  # vertebra
-             ("C3490", 10, ["lung_mass"]), ("J189", 10, ["pneumonia"]), ("486", 9, ["pneumonia"]),
-             ("A419", 10, []), ("N179", 10, []), ("J189", 9, [])]  # the default map's extra flags are not labelled
+    cases = [
+        ("4280", 9, ["chf_exacerbation"]),
+        ("I509", 10, ["chf_exacerbation"]),  # ANY heart failure
+        ("42823", 9, ["chf_exacerbation"]),
+        ("I5023", 10, ["chf_exacerbation"]),
+        ("4281", 9, ["chf_exacerbation", "pulmonary_edema"]),
+        ("J810", 10, ["pulmonary_edema"]),
+        ("5119", 9, ["pleural_effusion"]),
+        ("J910", 10, ["pleural_effusion"]),
+        ("5110", 9, []),  # no effusion
+        ("J9311", 10, ["pneumothorax"]),
+        ("S270XXA", 10, ["pneumothorax"]),
+        ("5121", 9, ["pneumothorax"]),
+        ("41519", 9, ["pulmonary_embolism"]),
+        ("I2699", 10, ["pulmonary_embolism"]),
+        ("80703", 9, ["rib_fracture"]),
+        ("S2241XA", 10, ["rib_fracture"]),
+        ("S220", 10, []),  # vertebra
+        ("C3490", 10, ["lung_mass"]),
+        ("J189", 10, ["pneumonia"]),
+        ("486", 9, ["pneumonia"]),
+        ("A419", 10, []),
+        ("N179", 10, []),
+        ("J189", 9, []),
+    ]  # the default map's extra flags are not labelled
     assert [sorted(seed.match(seed.flags, code, v)) for code, v, _ in cases] == [want for *_, want in cases]
 
 
@@ -274,8 +329,9 @@ def test_ehr_block_age_sex_labs_vitals_before_the_study_only(built, raw, tmp_pat
     assert ehr["Chronic_conditions"] == ["hypertension", "diabetes"]
     pna = ehr_from_prompt(found[(fx.S_PNA9, "B")]["prompt"])
     assert pna["Age"] == 72 and pna["Sex"] == "M"
-    assert pna["Labs"] == {"Lactate": {"value": 1.9, "unit": "mmol/L", "reference_range": [0.5, 2.0],
-                                       "hours_before": 0.0}}  # WBC after / too early; urine pH is not pH
+    assert pna["Labs"] == {
+        "Lactate": {"value": 1.9, "unit": "mmol/L", "reference_range": [0.5, 2.0], "hours_before": 0.0}
+    }  # WBC after / too early; urine pH is not pH
     sepsis = ehr_from_prompt(found[(fx.S_SEPSIS, "B")]["prompt"])
     assert sepsis["Labs"]["CRP"]["reference_range"] is None
     assert sepsis["Vitals"]["heart_rate"] == {"value": 125.0, "unit": "bpm", "hours_before": 3.3}
@@ -338,16 +394,31 @@ def test_output_is_deterministic_and_images_land_under_out(built, raw, tmp_path)
 @pytest.mark.parametrize(
     "file, edit, message",
     [
-        ("mimiciv/hosp/patients.csv.gz", lambda t: [r[:2] + r[3:] for r in t],
-         r"patients.csv.gz: missing column\(s\) \['anchor_age'\]"),
-        ("mimic-cxr-jpg/mimic-cxr-2.0.0-chexpert.csv.gz", lambda t: t[:1] + [t[1][:5] + ["2.0"] + t[1][6:]] + t[2:],
-         r"chexpert.csv.gz: column 'Edema': unexpected value 2.0"),
-        ("mimiciv/hosp/admissions.csv.gz", lambda t: t[:1] + [["x" + t[1][0]] + t[1][1:]] + t[2:],
-         r"admissions.csv.gz: .*column #0 \('subject_id'\).*invalid value 'x"),
-        ("mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz", lambda t: t[:1] + [t[1][:3] + ["val"]] + t[2:],
-         r"split.csv.gz: column 'split': unexpected value 'val'"),
-        ("mimiciv/hosp/diagnoses_icd.csv.gz", lambda t: t[:1] + [t[1][:4] + ["11"]] + t[2:],
-         r"diagnoses_icd.csv.gz: column 'icd_version': unexpected value 11"),
+        (
+            "mimiciv/hosp/patients.csv.gz",
+            lambda t: [r[:2] + r[3:] for r in t],
+            r"patients.csv.gz: missing column\(s\) \['anchor_age'\]",
+        ),
+        (
+            "mimic-cxr-jpg/mimic-cxr-2.0.0-chexpert.csv.gz",
+            lambda t: t[:1] + [t[1][:5] + ["2.0"] + t[1][6:]] + t[2:],
+            r"chexpert.csv.gz: column 'Edema': unexpected value 2.0",
+        ),
+        (
+            "mimiciv/hosp/admissions.csv.gz",
+            lambda t: t[:1] + [["x" + t[1][0]] + t[1][1:]] + t[2:],
+            r"admissions.csv.gz: .*column #0 \('subject_id'\).*invalid value 'x",
+        ),
+        (
+            "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz",
+            lambda t: t[:1] + [t[1][:3] + ["val"]] + t[2:],
+            r"split.csv.gz: column 'split': unexpected value 'val'",
+        ),
+        (
+            "mimiciv/hosp/diagnoses_icd.csv.gz",
+            lambda t: t[:1] + [t[1][:4] + ["11"]] + t[2:],
+            r"diagnoses_icd.csv.gz: column 'icd_version': unexpected value 11",
+        ),
         ("mimiciv/hosp/labevents.csv.gz", None, r"--mimic-iv .*labevents.csv.gz not found"),
     ],
 )
@@ -387,9 +458,16 @@ def test_nearest_before_is_exact_and_order_independent():
     study_subject = rng.integers(0, 6, 25)  # any order
     study_time = rng.integers(100_000, 200_000, 25)
     n = 4000
-    rows_ = dict(subject=rng.integers(0, 8, n), item=rng.integers(0, 3, n), time_s=rng.integers(50_000, 210_000, n),
-                 value=rng.normal(size=n), unit=np.zeros(n, np.int32), lo=np.zeros(n), hi=np.ones(n),
-                 tie=rng.permutation(n))
+    rows_ = dict(
+        subject=rng.integers(0, 8, n),
+        item=rng.integers(0, 3, n),
+        time_s=rng.integers(50_000, 210_000, n),
+        value=rng.normal(size=n),
+        unit=np.zeros(n, np.int32),
+        lo=np.zeros(n),
+        hi=np.ones(n),
+        tie=rng.permutation(n),
+    )
     window = 20_000
 
     def reduce(order: np.ndarray, batches: int) -> np.ndarray:

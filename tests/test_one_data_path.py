@@ -74,11 +74,23 @@ def small_data(tmp_path_factory) -> Path:
 def cfg_for(data: Path, out: Path, **extra):
     from datasets_io.config import load_config
 
-    sets = {"train.micro_batch_size": MB, "train.global_batch_size": GLOBAL_BATCH, "train.max_steps": STEPS,
-            "train.record_data_order": "true", "train.save_every": 4, "train.warmup_steps": 2,
-            "curriculum.stage_split": 0.5, "curriculum.replay_fraction": 0.3, "curriculum.ehr_dropout": 0.3,
-            "ray.num_workers": 2, "ray.cpus_per_worker": 0.5, "ray.name": out.name, "ray.max_failures": 1,
-            "deepspeed.zero_stage": 2, **extra}
+    sets = {
+        "train.micro_batch_size": MB,
+        "train.global_batch_size": GLOBAL_BATCH,
+        "train.max_steps": STEPS,
+        "train.record_data_order": "true",
+        "train.save_every": 4,
+        "train.warmup_steps": 2,
+        "curriculum.stage_split": 0.5,
+        "curriculum.replay_fraction": 0.3,
+        "curriculum.ehr_dropout": 0.3,
+        "ray.num_workers": 2,
+        "ray.cpus_per_worker": 0.5,
+        "ray.name": out.name,
+        "ray.max_failures": 1,
+        "deepspeed.zero_stage": 2,
+        **extra,
+    }
     return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(data, out, **sets))
 
 
@@ -88,7 +100,8 @@ def order_lines(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_local_and_ray_train_the_planned_order_with_the_same_losses_through_a_restart(
-        ray_local, small_data, tmp_path, test_hooks):
+    ray_local, small_data, tmp_path, test_hooks
+):
     from launcher.commands.data import data_plan
     from launcher.local import run_local
     from launcher.ray_train import run_ray

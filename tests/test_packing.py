@@ -46,8 +46,15 @@ def tiny_batches(cfg, rows: int, budget: int):
 
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, budget,
-                       "shorten_ehr", cfg.data.root)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        budget,
+        "shorten_ehr",
+        cfg.data.root,
+    )
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
     out = [pre.sample(*stream.item(i)) for i in range(rows)]
     pixels, toks = [p for p, _ in out], [t for _, t in out]
@@ -82,8 +89,9 @@ def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg):
     loss_padded, loss_packed = label_loss(model, padded), label_loss(model, packed)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-5, atol=1e-5)
     g_padded, g_packed = grads(model, loss_padded), grads(model, loss_packed)
-    assert len(g_padded) == len(g_packed) and any("vision_tower" in n for n, p in model.named_parameters()
-                                                   if p.requires_grad)
+    assert len(g_padded) == len(g_packed) and any(
+        "vision_tower" in n for n, p in model.named_parameters() if p.requires_grad
+    )
     worst = max(float(((a - b).abs() - 1e-4 * b.abs()).max()) for a, b in zip(g_padded, g_packed))
     assert worst <= 1e-6, worst
 
@@ -98,10 +106,13 @@ def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg):
 def test_packed_run_matches_padded_run_and_resumes_exactly(tiny_cfg, tmp_path):
     from launcher.local import run_local
 
-    steps = {"train.max_steps": "4", "train.micro_batch_size": "6", "curriculum.ehr_dropout": "0.5",
-             "curriculum.stage_split": "0.25"}
-    padded = run_local(tiny_cfg(**steps, **{"output.dir": str(tmp_path / "padded")}), device="cpu",
-                       show_progress=False)
+    steps = {
+        "train.max_steps": "4",
+        "train.micro_batch_size": "6",
+        "curriculum.ehr_dropout": "0.5",
+        "curriculum.stage_split": "0.25",
+    }
+    padded = run_local(tiny_cfg(**steps, **{"output.dir": str(tmp_path / "padded")}), device="cpu", show_progress=False)
     packed_cfg = tiny_cfg(**steps, **{"train.packing": "true", "output.dir": str(tmp_path / "packed")})
     packed = run_local(packed_cfg, device="cpu", show_progress=False)
     np.testing.assert_allclose(packed["losses"], padded["losses"], rtol=1e-4)  # same samples, same steps
@@ -123,10 +134,17 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
 
     samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]
     p = pack_samples(samples, budget=8, pad_id=0)
-    batch = {"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids,
-             "segment_ids": p.segment_ids, "pixel_values": np.zeros((3, 1))}
+    batch = {
+        "input_ids": p.input_ids,
+        "labels": p.labels,
+        "position_ids": p.position_ids,
+        "segment_ids": p.segment_ids,
+        "pixel_values": np.zeros((3, 1)),
+    }
     batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-    flash = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    flash = SimpleNamespace(
+        config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    )
     inputs, labels, owner = model_layout(flash, batch)
     assert inputs["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 100, 101, 102, 103, 300, 301, 302]]
     assert labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
@@ -147,7 +165,7 @@ def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
         tiny_cfg(**{"train.packing": "true", "model.attn_implementation": "paged|sdpa"})
 
 
-DEEPSPEED_CHECK = r'''
+DEEPSPEED_CHECK = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
@@ -178,7 +196,7 @@ result = {{"attn": attn_implementation(eng.engine), "rows": packed["input_ids"].
           "padded": float(eng.eval_loss(padded)), "packed": float(eng.eval_loss(packed))}}
 json.dump(result, open(Path(sys.argv[1]) / "result.json", "w"))
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -194,15 +212,26 @@ def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path)
 
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "check.py"
-    script.write_text(DEEPSPEED_CHECK.format(tests=str(repo / "tests"), config=str(repo / "configs" / "tiny.yaml"),
-                                             data=str(synth_dir)))
+    script.write_text(
+        DEEPSPEED_CHECK.format(
+            tests=str(repo / "tests"), config=str(repo / "configs" / "tiny.yaml"), data=str(synth_dir)
+        )
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=repo, capture_output=True,
-                          text=True, timeout=400)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, cwd=repo, capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["attn"] == "sdpa" and r["rows"] < 6

@@ -42,8 +42,14 @@ def train_data(tmp_path_factory) -> Path:
 def ray_cfg(data: Path, out: Path, **extra):
     from datasets_io.config import load_config
 
-    sets = {"ray.num_workers": 2, "ray.cpus_per_worker": 0.5, "ray.name": out.name, "ray.max_failures": 1,
-            "curriculum.ehr_dropout": 0.25, **extra}
+    sets = {
+        "ray.num_workers": 2,
+        "ray.cpus_per_worker": 0.5,
+        "ray.name": out.name,
+        "ray.max_failures": 1,
+        "curriculum.ehr_dropout": 0.25,
+        **extra,
+    }
     return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(data, out, **sets))
 
 
@@ -100,8 +106,18 @@ def test_resume_on_another_worker_count_is_refused_with_the_reason(train_data, t
     from training.curriculum import make_plan
 
     cfg = ray_cfg(train_data, tmp_path / "r")
-    plan = make_plan(max_steps=10, epochs=1.0, n_rows_a=50, n_rows_b=50, micro_batch_size=4, grad_accum=1,
-                     world_size=2, stage_split=0.35, warmup_steps=2, min_lr_ratio=0.1)
+    plan = make_plan(
+        max_steps=10,
+        epochs=1.0,
+        n_rows_a=50,
+        n_rows_b=50,
+        micro_batch_size=4,
+        grad_accum=1,
+        world_size=2,
+        stage_split=0.35,
+        warmup_steps=2,
+        min_lr_ratio=0.1,
+    )
     key = resume_key(cfg, plan, 2, "abc")
     saved = {"resume_key": key, "world_size": 2, "cursor_unit": "global_positions"}
     where = f"run {cfg.ray.storage_path}/{cfg.ray.name}"
@@ -124,9 +140,21 @@ def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path):
     from launcher.submit import build_entrypoint, build_runtime_env
 
     entry = build_entrypoint(["train.max_steps=5", "mlflow.run_name=a b"], num_workers=4, use_gpu=True)
-    assert shlex.split(entry) == ["python", "-m", "launcher.cli", "ray", "--config", "env:LAUNCHER_CONFIG_YAML",
-                                  "--num-workers", "4", "--use-gpu", "--set", "train.max_steps=5",
-                                  "--set", "mlflow.run_name=a b"]
+    assert shlex.split(entry) == [
+        "python",
+        "-m",
+        "launcher.cli",
+        "ray",
+        "--config",
+        "env:LAUNCHER_CONFIG_YAML",
+        "--num-workers",
+        "4",
+        "--use-gpu",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        "mlflow.run_name=a b",
+    ]
     env = build_runtime_env("train:\n  max_steps: 5\n", str(tmp_path), str(REPO / "cluster" / "runtime_env.yaml"))
     assert env["working_dir"] == str(tmp_path) and env["env_vars"]["LAUNCHER_CONFIG_YAML"].startswith("train:")
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and ".venv/" in env["excludes"]
@@ -156,8 +184,11 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     from launcher.ray_train import run_ray
 
     out = tmp_path / "z3"
-    cfg = ray_cfg(train_data, out, **{"deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
-                                      "train.max_steps": 8})
+    cfg = ray_cfg(
+        train_data,
+        out,
+        **{"deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0, "train.max_steps": 8},
+    )
     summary = run_ray(cfg, debug={"logits_probe": str(tmp_path / "probe.safetensors")})
 
     assert summary["global_step"] == summary["total_steps"] == 8 and len(summary["losses"]) == 8
@@ -172,8 +203,14 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     ckpt = Path(summary["ray_checkpoint"])
     assert ckpt.name == "final" and ckpt.parent == Path(cfg.output.dir).resolve() / "ray" / cfg.ray.name
     names = {p.name for p in ckpt.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "config.yaml",
-            "tokenizer.json", "engine"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "config.yaml",
+        "tokenizer.json",
+        "engine",
+    } <= names
     engine_files = {p.name for p in (ckpt / "engine").iterdir()}
     partitions = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")}
     assert partitions <= engine_files
@@ -187,8 +224,9 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
     probe = load_file(str(tmp_path / "probe.safetensors"))
     with torch.no_grad():
-        logits = model(pixel_values=probe["pixel_values"], input_ids=probe["input_ids"],
-                       attention_mask=probe["attention_mask"]).logits
+        logits = model(
+            pixel_values=probe["pixel_values"], input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]
+        ).logits
     assert logits.shape == probe["logits"].shape
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
 
@@ -203,24 +241,68 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     gcs, dash, client, agent, metrics, worker_lo = free_ports(6)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: tear down now, not after a 30 s drain
-           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: tear down now, not after a 30 s drain
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
-         "--num-cpus", "4", "--temp-dir", temp, "--object-store-memory", str(400 * 2**20),
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--ray-client-server-port",
+            str(client),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--metrics-export-port",
+            str(metrics),
+            "--num-cpus",
+            "4",
+            "--temp-dir",
+            temp,
+            "--object-store-memory",
+            str(400 * 2**20),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out = tmp_path / "job"
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
-        overrides = tiny_overrides(train_data, out, **{"train.max_steps": 2, "ray.num_workers": 1,
-                                                       "ray.cpus_per_worker": 1.0, "ray.name": "job"})
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-               "launcher", "ray", "--config", str(REPO / "configs" / "tiny.yaml")]
+        overrides = tiny_overrides(
+            train_data,
+            out,
+            **{"train.max_steps": 2, "ray.num_workers": 1, "ray.cpus_per_worker": 1.0, "ray.name": "job"},
+        )
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--",
+            "launcher",
+            "ray",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+        ]
         for item in overrides:
             cmd += ["--set", item]
         job = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)

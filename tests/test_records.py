@@ -27,7 +27,9 @@ def row(kind="A", **kw):
         "study_id": "54951608",
         "image": "files/p10/p10074434/s54951608/x.jpg",
         "prompt": prompt_a() if stage == "A" else prompt_b(EHR),
-        "target": target_a("Enlarged heart.", CHEX) if stage == "A" else target_b("Enlarged heart.", CHEX, {"chf_exacerbation": True}),
+        "target": target_a("Enlarged heart.", CHEX)
+        if stage == "A"
+        else target_b("Enlarged heart.", CHEX, {"chf_exacerbation": True}),
         "mode": "image_only" if stage == "A" else "image_ehr",
         "stage": stage,
     }
@@ -37,7 +39,10 @@ def row(kind="A", **kw):
 
 def test_templates_are_exactly_the_seed_format():
     assert prompt_a() == "Image:<image>\nAnswer Impression & CheXpert."
-    assert prompt_b(EHR) == "Patient Data:\n" + json.dumps(EHR, indent=2) + "\n\nImage:<image>\nAnswer Impression, CheXpert & ICD."
+    assert (
+        prompt_b(EHR)
+        == "Patient Data:\n" + json.dumps(EHR, indent=2) + "\n\nImage:<image>\nAnswer Impression, CheXpert & ICD."
+    )
     assert target_a("X.", {"Edema": "Positive"}) == 'Impression: X.\n\nCheXpert:\n{\n  "Edema": "Positive"\n}'
     assert target_b("X.", {}, {}).endswith('ICD:\n{\n  "findings": "None"\n}')
     assert target_b("X.", {}, {"pneumonia": True, "sepsis": False}).endswith('ICD:\n{\n  "pneumonia": true\n}')
@@ -55,7 +60,7 @@ def test_parse_target_roundtrip_and_subsets():
     "text, problem",
     [
         ("", "empty text"),
-        ("Impression: x\n\nCheXpert:\n{\"Edema\": \"Positive\"", "CheXpert: malformed JSON"),
+        ('Impression: x\n\nCheXpert:\n{"Edema": "Positive"', "CheXpert: malformed JSON"),
         ("CheXpert:\n{}", "missing Impression"),
         ("Impression: x", "missing CheXpert"),
         ('Impression: x\nCheXpert:\n{"Edema": "Maybe"}', "values not in"),

@@ -83,17 +83,36 @@ def test_lineage_pieces(tmp_path):
     assert (tmp_path / "code" / "training" / "pyfunc.py").is_file() and not list(tmp_path.rglob("__pycache__"))
     ckpt = tmp_path / "ckpt"
     (ckpt / "engine_state").mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
-                 "trainer_state.json", "optimizer.safetensors", "rng_state.safetensors"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "config.yaml",
+        "trainer_state.json",
+        "optimizer.safetensors",
+        "rng_state.safetensors",
+    ):
         (ckpt / name).write_text("x")
     staged = stage_bundle(ckpt, tmp_path / "staged")  # only what inference needs goes to the registry
-    assert sorted(p.name for p in staged.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                        "config.yaml", "tokenizer.json", "trainer_state.json"]
-    state = {"global_step": 6, "stage_switch_step": 2, "losses": [3.0, 2.5],
-             "val_history": [{"step": 2, "val/loss_A": 3.25}, {"step": 6, "val/loss_A": 2.5, "val/loss_B": 2.75}]}
+    assert sorted(p.name for p in staged.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "tokenizer.json",
+        "trainer_state.json",
+    ]
+    state = {
+        "global_step": 6,
+        "stage_switch_step": 2,
+        "losses": [3.0, 2.5],
+        "val_history": [{"step": 2, "val/loss_A": 3.25}, {"step": 6, "val/loss_A": 2.5, "val/loss_B": 2.75}],
+    }
     assert stage_end_metrics(state) == {
-        "metrics.stage_A_end.val_loss_A": "3.25", "metrics.checkpoint.val_loss_A": "2.5",
-        "metrics.checkpoint.val_loss_B": "2.75", "metrics.checkpoint.train_loss": "2.5"}
+        "metrics.stage_A_end.val_loss_A": "3.25",
+        "metrics.checkpoint.val_loss_A": "2.5",
+        "metrics.checkpoint.val_loss_B": "2.75",
+        "metrics.checkpoint.train_loss": "2.5",
+    }
 
 
 @pytest.mark.parametrize("before", ["unset", "env", "global"])
@@ -116,8 +135,12 @@ def test_registering_leaves_no_tracking_target_behind(before, tmp_path, monkeypa
         mlflow.set_tracking_uri(prev)
 
     def state() -> tuple:
-        return (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
-                os.environ.get("MLFLOW_REGISTRY_URI"))
+        return (
+            mlflow.get_tracking_uri(),
+            mlflow.get_registry_uri(),
+            os.environ.get("MLFLOW_TRACKING_URI"),
+            os.environ.get("MLFLOW_REGISTRY_URI"),
+        )
 
     expected = state()
     try:
@@ -156,10 +179,25 @@ def mlflow_server(tmp_path_factory):
     port = free_ports(1)[0]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     yield {"uri": f"http://127.0.0.1:{port}", "proc": proc, "log": root / "server.log"}
     proc.send_signal(signal.SIGTERM)
@@ -189,19 +227,33 @@ def _load_in_new_process(model_uri: str, tracking_uri: str, synth_dir: Path, cwd
     """The registered model, loaded by a fresh interpreter that is not in the project directory."""
     from datasets_io.records import ehr_from_prompt
 
-    row = next(json.loads(line) for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()
-               if json.loads(line)["stage"] == "B")
+    row = next(
+        json.loads(line)
+        for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()
+        if json.loads(line)["stage"] == "B"
+    )
     image = synth_dir / row["image"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_REGISTRY_URI")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
     proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, model_uri, str(image), base64.b64encode(image.read_bytes()).decode(),
-         json.dumps(ehr_from_prompt(row["prompt"]))],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            LOAD_AND_PREDICT,
+            model_uri,
+            str(image),
+            base64.b64encode(image.read_bytes()).decode(),
+            json.dumps(ehr_from_prompt(row["prompt"])),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _check_prediction(result: dict) -> None:
@@ -218,8 +270,9 @@ def _check_prediction(result: dict) -> None:
 
 
 @pytest.mark.slow
-def test_register_at_end_and_load_by_alias_in_a_new_process(synth_dir, tmp_path_factory, tmp_path, mlflow_server,
-                                                            capsys):
+def test_register_at_end_and_load_by_alias_in_a_new_process(
+    synth_dir, tmp_path_factory, tmp_path, mlflow_server, capsys
+):
     import mlflow
 
     from datasets_io.config import config_hash, load_config
@@ -250,31 +303,64 @@ def test_register_at_end_and_load_by_alias_in_a_new_process(synth_dir, tmp_path_
     assert_no_patient_data(uri, [synth_dir / "curriculum_val.jsonl", synth_dir / "curriculum_train.jsonl"])
 
 
-def _predict_and_evaluate_commands(model_uri: str, uri: str, final: Path, synth_dir: Path, tmp_path: Path,
-                                   capsys) -> None:
+def _predict_and_evaluate_commands(
+    model_uri: str, uri: str, final: Path, synth_dir: Path, tmp_path: Path, capsys
+) -> None:
     """`launcher predict` from the registry and from the checkpoint agree; `launcher evaluate --model` runs."""
     from datasets_io.records import ehr_from_prompt
     from launcher.cli import main
 
-    row = next(json.loads(line) for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()
-               if json.loads(line)["stage"] == "B")
+    row = next(
+        json.loads(line)
+        for line in (synth_dir / "curriculum_val.jsonl").read_text().splitlines()
+        if json.loads(line)["stage"] == "B"
+    )
     ehr_file = tmp_path / "ehr.json"
     ehr_file.write_text(json.dumps(ehr_from_prompt(row["prompt"])))
-    common = ["predict", "--image", str(synth_dir / row["image"]), "--ehr", str(ehr_file), "--format", "json",
-              "--max-new-tokens", "5"]
+    common = [
+        "predict",
+        "--image",
+        str(synth_dir / row["image"]),
+        "--ehr",
+        str(ehr_file),
+        "--format",
+        "json",
+        "--max-new-tokens",
+        "5",
+    ]
     answers = []
     for source in (["--model", model_uri, "--tracking-uri", uri], ["--checkpoint", str(final)]):
         capsys.readouterr()
         assert main([*common, *source]) == 0
         out = capsys.readouterr().out
-        answers.append(json.loads(out[out.index("{\n"):]))
+        answers.append(json.loads(out[out.index("{\n") :]))
     assert answers[0] == answers[1]  # the registered model is the checkpoint
     assert set(answers[0]) == {"report", "valid", "problems", "impression", "chexpert", "icd"}
 
     out_dir = tmp_path / "eval_registered"
-    assert main(["evaluate", "--model", model_uri, "--tracking-uri", uri, "--data",
-                 str(synth_dir / "curriculum_val.jsonl"), "--limit", "2", "--max-new-tokens", "4", "--bootstrap",
-                 "50", "--no-progress", "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                model_uri,
+                "--tracking-uri",
+                uri,
+                "--data",
+                str(synth_dir / "curriculum_val.jsonl"),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--bootstrap",
+                "50",
+                "--no-progress",
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out_dir / "metrics.json").read_text())
     assert m["evaluation"]["models"] == {"model": model_uri} and m["baseline"]["fit_on"] == "training data"
     assert m["models"]["model"]["arms"]["ehr_on"]["n"] == 2
@@ -290,13 +376,30 @@ def test_register_command_against_a_tracking_server(synth_dir, tmp_path_factory,
     import mlflow
 
     before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
-    assert main(["register", "--checkpoint", str(run / "checkpoints" / "final"), "--name", "cxr-srv",
-                 "--alias", "prod", "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--checkpoint",
+                str(run / "checkpoints" / "final"),
+                "--name",
+                "cxr-srv",
+                "--alias",
+                "prod",
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     # the server stays this command's: the next run in this process goes where it went before
-    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
-            os.environ.get("MLFLOW_REGISTRY_URI")) == before
+    assert (
+        mlflow.get_tracking_uri(),
+        os.environ.get("MLFLOW_TRACKING_URI"),
+        os.environ.get("MLFLOW_REGISTRY_URI"),
+    ) == before
     out = capsys.readouterr().out
-    info = json.loads(out[out.index("{\n"):])  # libraries may log to stdout before it
+    info = json.loads(out[out.index("{\n") :])  # libraries may log to stdout before it
     assert info["version"] == "1" and info["tracking_uri"] == uri and info["alias"] == "prod"
 
     client = mlflow.MlflowClient(uri)

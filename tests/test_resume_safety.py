@@ -61,15 +61,18 @@ def test_replayed_steps_are_not_logged_twice_and_dropout_resumes_exactly(synth_d
     assert metric_steps(resumed, "train/loss") == [1, 2, 3, 4, 5, 6]  # step 5 once
 
 
-@pytest.mark.parametrize("key,value,shown", [
-    ("train.max_steps", "8", "total_steps: checkpoint 4, now 8"),
-    ("train.micro_batch_size", "2", "train.micro_batch_size: checkpoint 4, now 2"),
-    ("train.grad_accum", "2", "samples_per_step: checkpoint 4, now 8"),
-    ("curriculum.stage_split", "0.5", "stage_a_steps: checkpoint 1, now 2"),
-    ("curriculum.ehr_dropout", "0.3", "curriculum.ehr_dropout: checkpoint 0.15, now 0.3"),
-    ("curriculum.replay_fraction", "0.25", "curriculum.replay_fraction: checkpoint 0.0, now 0.25"),
-    ("train.seed", "7", "train.seed 0 (now 7)"),  # the tiny base is drawn with the seed: refused there first
-])
+@pytest.mark.parametrize(
+    "key,value,shown",
+    [
+        ("train.max_steps", "8", "total_steps: checkpoint 4, now 8"),
+        ("train.micro_batch_size", "2", "train.micro_batch_size: checkpoint 4, now 2"),
+        ("train.grad_accum", "2", "samples_per_step: checkpoint 4, now 8"),
+        ("curriculum.stage_split", "0.5", "stage_a_steps: checkpoint 1, now 2"),
+        ("curriculum.ehr_dropout", "0.3", "curriculum.ehr_dropout: checkpoint 0.15, now 0.3"),
+        ("curriculum.replay_fraction", "0.25", "curriculum.replay_fraction: checkpoint 0.0, now 0.25"),
+        ("train.seed", "7", "train.seed 0 (now 7)"),  # the tiny base is drawn with the seed: refused there first
+    ],
+)
 def test_a_changed_plan_is_refused_naming_the_key(finished_run, synth_dir, key, value, shown):
     from datasets_io.config import load_config
 
@@ -95,13 +98,15 @@ def test_other_training_data_is_refused(finished_run, synth_dir, tmp_path):
     rows[a[0]]["image"], rows[a[1]]["image"] = rows[a[1]]["image"], rows[a[0]]["image"]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LauncherError, match="training data: checkpoint '[0-9a-f]+', now '[0-9a-f]+'"):
-        run_local(make_cfg(moved, finished_run, **{"train.max_steps": "4"}), device="cpu", resume="auto",
-                  show_progress=False)
+        run_local(
+            make_cfg(moved, finished_run, **{"train.max_steps": "4"}), device="cpu", resume="auto", show_progress=False
+        )
     # other texts in the same output dir: the tiny base (its tokenizer) is not silently reused, fresh or resumed
     other = tmp_path / "other"
     write_synthetic(other, 30, seed=5, image_size=(128, 128), progress=False)
-    with pytest.raises(LauncherError, match="does not belong to this run's data and settings: it was built from "
-                                            "corpus_texts"):
+    with pytest.raises(
+        LauncherError, match="does not belong to this run's data and settings: it was built from corpus_texts"
+    ):
         run_local(make_cfg(other, finished_run, **{"train.max_steps": "4"}), device="cpu", show_progress=False)
 
 
@@ -109,8 +114,12 @@ def test_resuming_a_finished_run_does_nothing(finished_run, synth_dir, capsys):
     final = finished_run / "checkpoints" / "final" / "trainer_state.json"
     before = final.stat().st_mtime_ns
     steps_before = len(metric_steps(_summary(finished_run), "train/loss"))
-    out = run_local(make_cfg(synth_dir, finished_run, **{"train.max_steps": "4", "mlflow.register_at_end": "true"}),
-                    device="cpu", resume="auto", show_progress=False)
+    out = run_local(
+        make_cfg(synth_dir, finished_run, **{"train.max_steps": "4", "mlflow.register_at_end": "true"}),
+        device="cpu",
+        resume="auto",
+        show_progress=False,
+    )
     assert out["already_complete"] is True and out["global_step"] == 4 and "registered" not in out
     assert "already complete (4/4 steps); nothing to do" in capsys.readouterr().out
     assert final.stat().st_mtime_ns == before  # `final` not saved again
@@ -140,6 +149,9 @@ def test_missing_adapter_tensors_are_an_error(finished_run, synth_dir, tmp_path)
 
     cfg = make_cfg(synth_dir, out, **{"train.max_steps": "4"})
     bundle = build_model(cfg, corpus_texts(load_run_data(cfg)))
-    with pytest.raises(LauncherError, match="trained tensor\\(s\\) missing from adapter_model.safetensors, e.g. "
-                                            "\\['base_model.model.model.multi_modal_projector"):
+    with pytest.raises(
+        LauncherError,
+        match="trained tensor\\(s\\) missing from adapter_model.safetensors, e.g. "
+        "\\['base_model.model.model.multi_modal_projector",
+    ):
         load_adapter_weights(bundle.model, ckpt)

@@ -15,7 +15,7 @@ from training.curriculum import grad_accum_for
 def test_each_epoch_is_a_fresh_full_permutation():
     spec = SamplerSpec(seed=3, n_rows={"A": 10, "B": 7})
     rows = [draw(spec, "A", p).row for p in range(30)]
-    epochs = [rows[i:i + 10] for i in (0, 10, 20)]
+    epochs = [rows[i : i + 10] for i in (0, 10, 20)]
     assert all(sorted(e) == list(range(10)) for e in epochs)  # every row once per epoch
     assert epochs[0] != epochs[1] != epochs[2]  # a new order each epoch
     assert draws(spec, "A", range(30)) == draws(spec, "A", range(30))  # pure
@@ -57,10 +57,15 @@ def test_a_rank_resumes_at_the_global_cursor():
         list(layout.rank_micro_batches(0, 4, 3))
 
 
-@pytest.mark.parametrize("micro, accum, global_, world, want", [
-    (4, 3, 0, 2, 3),  # no global batch stated: the config's accumulation
-    (4, 1, 32, 1, 8), (4, 1, 32, 2, 4), (4, 1, 32, 8, 1),
-])
+@pytest.mark.parametrize(
+    "micro, accum, global_, world, want",
+    [
+        (4, 3, 0, 2, 3),  # no global batch stated: the config's accumulation
+        (4, 1, 32, 1, 8),
+        (4, 1, 32, 2, 4),
+        (4, 1, 32, 8, 1),
+    ],
+)
 def test_grad_accum_is_derived_from_the_global_batch(micro, accum, global_, world, want):
     assert grad_accum_for(micro, accum, global_, world) == want
 
@@ -77,11 +82,11 @@ def test_subject_sorted_curriculum_gets_patient_diverse_batches():
     n, g = len(subjects), 32
     spec = SamplerSpec(seed=0, n_rows={"A": n})
     rows = [d.row for d in draws(spec, "A", range(3 * n))]  # three epochs
-    ours = np.mean([len(set(subjects[rows[i:i + g]])) for i in range(0, len(rows) - g + 1, g)])
+    ours = np.mean([len(set(subjects[rows[i : i + g]])) for i in range(0, len(rows) - g + 1, g)])
     rand = np.random.default_rng(123).permutation(n)
-    reference = np.mean([len(set(subjects[rand[i:i + g]])) for i in range(0, n - g + 1, g)])
+    reference = np.mean([len(set(subjects[rand[i : i + g]])) for i in range(0, n - g + 1, g)])
     assert ours >= 0.9 * reference, (ours, reference)
-    file_order = np.mean([len(set(subjects[i:i + g])) for i in range(0, n - g + 1, g)])
+    file_order = np.mean([len(set(subjects[i : i + g])) for i in range(0, n - g + 1, g)])
     assert file_order < 0.5 * reference  # what reading the file in order would give
 
 
@@ -89,13 +94,29 @@ def test_data_plan_gives_the_same_global_batches_for_1_2_4_workers(synth_dir, tm
     from conftest import REPO, tiny_overrides
     from launcher.cli import main
 
-    sets = tiny_overrides(synth_dir, tmp_path / "plan", **{"train.global_batch_size": 8, "train.micro_batch_size": 2,
-                                                            "train.max_steps": 12, "curriculum.replay_fraction": 0.2,
-                                                            "curriculum.ehr_dropout": 0.3})
+    sets = tiny_overrides(
+        synth_dir,
+        tmp_path / "plan",
+        **{
+            "train.global_batch_size": 8,
+            "train.micro_batch_size": 2,
+            "train.max_steps": 12,
+            "curriculum.replay_fraction": 0.2,
+            "curriculum.ehr_dropout": 0.3,
+        },
+    )
     plans = {}
     for workers in (1, 2, 4):
-        argv = ["data", "plan", "--config", str(REPO / "configs" / "tiny.yaml"), "--num-workers", str(workers),
-                "--format", "json"]
+        argv = [
+            "data",
+            "plan",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--num-workers",
+            str(workers),
+            "--format",
+            "json",
+        ]
         assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
         plans[workers] = json.loads(capsys.readouterr().out)
     assert [plans[w]["grad_accum"] for w in (1, 2, 4)] == [4, 2, 1]
@@ -104,6 +125,11 @@ def test_data_plan_gives_the_same_global_batches_for_1_2_4_workers(synth_dir, tm
     assert plans[4]["steps"][5]["ranks"] == [[8, 10], [10, 12], [12, 14], [14, 16]]  # Stage B (from step 4), step 1
     flat = [st for st in strip[0] if st["stage"] == "B"]
     assert any(any(st["replay"]) for st in flat) and any(any(st["ehr_dropped"]) for st in flat)
-    assert main(["data", "plan", "--config", str(REPO / "configs" / "tiny.yaml"), "--num-workers", "3"]
-                + [a for s in sets for a in ("--set", s)]) == 2
+    assert (
+        main(
+            ["data", "plan", "--config", str(REPO / "configs" / "tiny.yaml"), "--num-workers", "3"]
+            + [a for s in sets for a in ("--set", s)]
+        )
+        == 2
+    )
     assert "not a multiple of micro_batch_size x workers" in capsys.readouterr().err

@@ -29,8 +29,16 @@ from PIL import Image
 
 from conftest import free_ports
 from test_evaluate import REGISTERED_ALIAS, REGISTERED_NAME, tiny_trained_run
-from training.pyfunc import (InputError, ServingLimits, check_image_header, ehr_value, generation_params,
-                             image_bytes, json_depth, requests_from_frame)
+from training.pyfunc import (
+    InputError,
+    ServingLimits,
+    check_image_header,
+    ehr_value,
+    generation_params,
+    image_bytes,
+    json_depth,
+    requests_from_frame,
+)
 
 NO_PATHS = "the served model does not read file paths"
 
@@ -39,6 +47,7 @@ NO_PATHS = "the served model does not read file paths"
 def png_of_size(width: int, height: int) -> bytes:
     """A valid all-black 1-bit PNG of any size, written chunk by chunk: a 20000x20000 one (400 M pixels, 50 MB of
     rows) compresses to ~50 kB and never exists uncompressed, here or in Pillow."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -69,8 +78,15 @@ def test_paths_are_refused_without_touching_the_file_system(tmp_path, monkeypatc
         touched.append(args[:1])
         raise AssertionError("the file system was touched")
 
-    for target, name in ((builtins, "open"), (os, "stat"), (os, "open"), (Path, "read_bytes"), (Path, "is_file"),
-                         (Path, "exists"), (Path, "open")):
+    for target, name in (
+        (builtins, "open"),
+        (os, "stat"),
+        (os, "open"),
+        (Path, "read_bytes"),
+        (Path, "is_file"),
+        (Path, "exists"),
+        (Path, "open"),
+    ):
         monkeypatch.setattr(target, name, forbidden)
     answers = []
     for value in (str(real), str(tmp_path / "missing.jpg"), "/etc/passwd", "file:///etc/passwd", "~/x.png"):
@@ -158,14 +174,17 @@ def test_a_bad_row_fails_the_request_naming_every_bad_row():
     noise = io.BytesIO()
     Image.effect_noise((300, 300), 60).save(noise, format="PNG")
     truncated = noise.getvalue()[:2000]  # the header passes, the pixel data does not decode
-    frame = pd.DataFrame({"image": [good, b64(b"GIF89a...."), good, b64(truncated)],
-                          "ehr": [None, "[1]", "{bad", None]})
+    frame = pd.DataFrame(
+        {"image": [good, b64(b"GIF89a...."), good, b64(truncated)], "ehr": [None, "[1]", "{bad", None]}
+    )
     with pytest.raises(MlflowException) as e:
         requests_from_frame(frame, limits, decode)
     assert e.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and e.value.get_http_status_code() == 400
     msg = e.value.message
-    assert msg.startswith("3 of 4 rows rejected, nothing was generated: row 1: `image` is not a JPEG or PNG image, "
-                          "`ehr` must be a JSON object, got list; row 2: `ehr` is not valid JSON")  # both columns
+    assert msg.startswith(
+        "3 of 4 rows rejected, nothing was generated: row 1: `image` is not a JPEG or PNG image, "
+        "`ehr` must be a JSON object, got list; row 2: `ehr` is not valid JSON"
+    )  # both columns
     assert "row 3: `image` is a PNG whose data does not decode" in msg and "row 0" not in msg
     assert "Traceback" not in msg and "/" not in msg.replace("JPEG or PNG", "")
 
@@ -185,9 +204,11 @@ def test_params_and_limits_config(monkeypatch):
     assert generation_params(None, limits, 4) == (None, 4)
     assert generation_params({"max_new_tokens": 100, "batch_size": 2}, limits, 4) == (100, 2)
     assert generation_params({"batch_size": 8}, limits, 4) == (None, 8)  # the signature's default, > max_rows
-    for params, reason in (({"max_new_tokens": 101}, "max_new_tokens=101: expected 0"),
-                           ({"max_new_tokens": -1}, "max_new_tokens=-1"),
-                           ({"batch_size": -2}, "batch_size=-2: expected an integer >= 1")):
+    for params, reason in (
+        ({"max_new_tokens": 101}, "max_new_tokens=101: expected 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+        ({"batch_size": -2}, "batch_size=-2: expected an integer >= 1"),
+    ):
         with pytest.raises(MlflowException, match=reason):
             generation_params(params, limits, 4)
 
@@ -195,9 +216,15 @@ def test_params_and_limits_config(monkeypatch):
     for bad in ({"max_rows": 0}, {"max_rows": "3"}, {"max_rows": True}, {"allow_local_paths": "yes"}):
         with pytest.raises(ValueError, match=f"model_config {next(iter(bad))}"):
             ServingLimits.from_model_config(bad)
-    assert set(ServingLimits().as_model_config()) == {"max_rows", "max_image_bytes", "max_image_pixels",
-                                                      "max_ehr_chars", "max_ehr_depth", "max_new_tokens",
-                                                      "allow_local_paths"}
+    assert set(ServingLimits().as_model_config()) == {
+        "max_rows",
+        "max_image_bytes",
+        "max_image_pixels",
+        "max_ehr_chars",
+        "max_ehr_depth",
+        "max_new_tokens",
+        "allow_local_paths",
+    }
 
     model = ReportGenerator.__new__(ReportGenerator)  # no weights needed for the limits
     model.limits = ServingLimits(allow_local_paths=True)
@@ -243,15 +270,40 @@ def served(synth_dir, tmp_path_factory):
     run = tiny_trained_run(synth_dir, tmp_path_factory)
     port = free_ports(1)[0]
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVER_CONFIG), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{run / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVER_CONFIG),
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("PYTHONPATH", None)  # the model's own code (code_paths) is what serves
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # it execs `uvicorn` by name
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED_NAME}@{REGISTERED_ALIAS}",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path_factory.mktemp("cwd"))
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                f"models:/{REGISTERED_NAME}@{REGISTERED_ALIAS}",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=tmp_path_factory.mktemp("cwd"),
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -285,8 +337,9 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def invoke(served: dict, records: list[dict], params: dict | None = None) -> tuple[int, dict]:
     body = json.dumps({"dataframe_records": records, "params": {"max_new_tokens": 4, **(params or {})}}).encode()
-    req = urllib.request.Request(served["url"] + "/invocations", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        served["url"] + "/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -324,20 +377,26 @@ def test_served_model_refuses_paths_even_when_configured_to_read_them(served, sy
         status, answer = invoke(served, [{"image": str(path)}])
         assert status == 400, answer
         errors.append(model_error(answer))
-    assert errors[0] == errors[1] == f"1 of 1 rows rejected, nothing was generated: row 0: `image` is not valid " \
-                                     f"base64; {NO_PATHS}, send the image bytes base64-encoded"
+    assert (
+        errors[0] == errors[1] == f"1 of 1 rows rejected, nothing was generated: row 0: `image` is not valid "
+        f"base64; {NO_PATHS}, send the image bytes base64-encoded"
+    )
 
 
 @pytest.mark.slow
 def test_served_model_bad_inputs_are_400s_naming_row_and_reason(served, synth_dir):
     good = b64(synth_image(synth_dir).read_bytes())
     cases = [
-        ([{"image": good}, {"image": b64(b"\xff\xd8" + b"\0" * 300_001)}],
-         "row 1: `image` is 300003 bytes, more than max_image_bytes=300000"),
+        (
+            [{"image": good}, {"image": b64(b"\xff\xd8" + b"\0" * 300_001)}],
+            "row 1: `image` is 300003 bytes, more than max_image_bytes=300000",
+        ),
         ([{"image": b64(png_of_size(20000, 20000))}], "row 0: `image` has more than max_image_pixels=25000000 pixels"),
         ([{"image": b64(png_of_size(6000, 5000))}], "row 0: `image` is 6000x5000 = 30000000 pixels"),
-        ([{"image": good}, {"image": good}, {"image": b64(b"just some text, not an image")}],
-         "row 2: `image` is not a JPEG or PNG image"),
+        (
+            [{"image": good}, {"image": good}, {"image": b64(b"just some text, not an image")}],
+            "row 2: `image` is not a JPEG or PNG image",
+        ),
         ([{"image": good, "ehr": '{"Age": 70,'}], "row 0: `ehr` is not valid JSON"),
         ([{"image": good, "ehr": "[" * 5000}], "row 0: `ehr` is nested deeper than max_ehr_depth=8"),
         ([{"image": good}] * 4, "the request has 4 rows, more than max_rows=3"),

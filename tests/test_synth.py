@@ -35,7 +35,9 @@ def test_split_by_patient_and_both_stages_per_study(synth_dir):
         by_study = {}
         for r in records:
             by_study.setdefault(r.study_id, set()).add((r.stage, r.image))
-        assert all(len(v) == 2 and {s for s, _ in v} == {"A", "B"} and len({i for _, i in v}) == 1 for v in by_study.values())
+        assert all(
+            len(v) == 2 and {s for s, _ in v} == {"A", "B"} and len({i for _, i in v}) == 1 for v in by_study.values()
+        )
         assert all(len(parse_target(r.target, expect_icd=r.stage == "B").chexpert) == 14 for r in records)
     assert subjects["val"] and not (subjects["train"] & subjects["val"])
 
@@ -43,7 +45,12 @@ def test_split_by_patient_and_both_stages_per_study(synth_dir):
 def test_image_layout_is_mimic_like(synth_dir):
     row = json.loads((synth_dir / "curriculum_train.jsonl").read_text().splitlines()[0])
     parts = row["image"].split("/")
-    assert parts[0] == "files" and parts[1] == "p" + parts[2][1:3] and parts[3].startswith("s") and parts[4].endswith(".jpg")
+    assert (
+        parts[0] == "files"
+        and parts[1] == "p" + parts[2][1:3]
+        and parts[3].startswith("s")
+        and parts[4].endswith(".jpg")
+    )
     assert Image.open(synth_dir / row["image"]).mode == "L"
 
 
@@ -63,7 +70,9 @@ def test_pixels_carry_the_findings():
 def test_ehr_values_decide_icd_flags():
     studies = make_studies(400, seed=1)
     bnp_chf = [s.ehr["Labs"]["BNP"]["value"] for s in studies if s.icd["chf_exacerbation"]]
-    bnp_no = [s.ehr["Labs"]["BNP"]["value"] for s in studies if not s.icd["chf_exacerbation"] and "BNP" in s.ehr["Labs"]]
+    bnp_no = [
+        s.ehr["Labs"]["BNP"]["value"] for s in studies if not s.icd["chf_exacerbation"] and "BNP" in s.ehr["Labs"]
+    ]
     assert min(bnp_chf) > 400 > max(bnp_no)
     fever = [s.ehr["Vitals"]["temperature"]["value"] > 38.0 for s in studies]
     assert fever == [s.icd["pneumonia"] for s in studies]
@@ -102,7 +111,9 @@ def test_ehr_detail_mimic_is_the_builds_size_with_the_same_studies_and_labels():
     for b, m in zip(basic, mimic):  # the signal of the basic block survives (BNP -> NT-proBNP, degC -> degF)
         if "BNP" in b.ehr["Labs"]:
             assert m.ehr["Labs"]["NT-proBNP"]["value"] == round(b.ehr["Labs"]["BNP"]["value"] * 3.0, 0)
-        assert abs(m.ehr["Vitals"]["temperature"]["value"] - (b.ehr["Vitals"]["temperature"]["value"] * 9 / 5 + 32)) < 0.06
+        assert (
+            abs(m.ehr["Vitals"]["temperature"]["value"] - (b.ehr["Vitals"]["temperature"]["value"] * 9 / 5 + 32)) < 0.06
+        )
     with pytest.raises(ValueError, match="ehr_detail"):
         make_studies(2, 0, "full")
 

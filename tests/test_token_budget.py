@@ -30,8 +30,11 @@ IMAGE_TOKENS = 576  # (336 / 14) ** 2, the 7B config's vision tower
 
 def long_text(sentences: int) -> str:
     """Report text no tokenizer can pack (numbers are split into single digits): ~30 tokens a sentence."""
-    return "".join(f" Nodule {k} measures {(k * 7919) % 10**7:07d}.{(k * 104729) % 10**6:06d} mm, series "
-                   f"{(k * 15485863) % 10**7:07d}." for k in range(1, sentences + 1))
+    return "".join(
+        f" Nodule {k} measures {(k * 7919) % 10**7:07d}.{(k * 104729) % 10**6:06d} mm, series "
+        f"{(k * 15485863) % 10**7:07d}."
+        for k in range(1, sentences + 1)
+    )
 
 
 def records_of(rows: list[dict], name: str = "train.jsonl") -> list[Record]:
@@ -42,8 +45,11 @@ def lengthen(row: dict, sentences: int) -> dict:
     """The same record with a longer impression (a verbose report): the target grows, the format stays valid."""
     parsed = parse_target(row["target"], expect_icd=row["stage"] == "B")
     impression = parsed.impression + long_text(sentences)
-    target = (target_b(impression, parsed.chexpert, parsed.icd) if row["stage"] == "B"
-              else target_a(impression, parsed.chexpert))
+    target = (
+        target_b(impression, parsed.chexpert, parsed.icd)
+        if row["stage"] == "B"
+        else target_a(impression, parsed.chexpert)
+    )
     return {**row, "target": target}
 
 
@@ -66,16 +72,35 @@ def image_id(tok) -> int:
 
 # ------------------------------------------------------------------------------------------------ the rule
 def test_removal_order_is_farthest_measurement_first_then_fields_by_priority():
-    ehr = {"Age": 70, "Sex": "F", "Admission_type": "URGENT", "Extra": 1,
-           "Vitals": {"heart_rate": {"value": 90, "hours_before": 2.0}, "o2_sat": {"value": 93, "hours_before": 9.5}},
-           "Labs": {"BNP": {"value": 900, "hours_before": 9.5}, "WBC": {"value": 12, "hours_before": 30.0},
-                    "Lactate": {"value": 1.1}},  # no hours_before (the seed's format): counts as farthest
-           "O2_device": None, "Chronic_conditions": ["copd"]}
+    ehr = {
+        "Age": 70,
+        "Sex": "F",
+        "Admission_type": "URGENT",
+        "Extra": 1,
+        "Vitals": {"heart_rate": {"value": 90, "hours_before": 2.0}, "o2_sat": {"value": 93, "hours_before": 9.5}},
+        "Labs": {
+            "BNP": {"value": 900, "hours_before": 9.5},
+            "WBC": {"value": 12, "hours_before": 30.0},
+            "Lactate": {"value": 1.1},
+        },  # no hours_before (the seed's format): counts as farthest
+        "O2_device": None,
+        "Chronic_conditions": ["copd"],
+    }
     assert removal_steps(ehr) == [
-        ("Labs", "Lactate"), ("Labs", "WBC"), ("Labs", "BNP"), ("Vitals", "o2_sat"),  # 9.5 h tie: Labs first
+        ("Labs", "Lactate"),
+        ("Labs", "WBC"),
+        ("Labs", "BNP"),
+        ("Vitals", "o2_sat"),  # 9.5 h tie: Labs first
         ("Vitals", "heart_rate"),
-        ("Vitals", None), ("Labs", None), ("O2_device", None), ("Admission_type", None), ("Chronic_conditions", None),
-        ("Extra", None), ("Sex", None), ("Age", None)]
+        ("Vitals", None),
+        ("Labs", None),
+        ("O2_device", None),
+        ("Admission_type", None),
+        ("Chronic_conditions", None),
+        ("Extra", None),
+        ("Sex", None),
+        ("Age", None),
+    ]
     assert apply_steps(ehr, removal_steps(ehr)[:3])["Labs"] == {}  # a copy: the input keeps its labs
     assert len(ehr["Labs"]) == 3
 
@@ -99,24 +124,35 @@ def test_production_length_sample_keeps_its_whole_target_and_shortens_patient_da
     prompt_n = len(encode_prompt(tokenizer, row["prompt"], image_id(tokenizer), IMAGE_TOKENS))
     target_n = len(encode_target(tokenizer, row["target"]))
     assert prompt_n - IMAGE_TOKENS > 900 and prompt_n + target_n > 2048  # a MIMIC-size block that does not fit
-    s = build_sample(tokenizer, row["prompt"], row["target"], image_token_id=image_id(tokenizer),
-                     num_image_tokens=IMAGE_TOKENS, max_len=2048)
+    s = build_sample(
+        tokenizer,
+        row["prompt"],
+        row["target"],
+        image_token_id=image_id(tokenizer),
+        num_image_tokens=IMAGE_TOKENS,
+        max_len=2048,
+    )
     assert s.shortened and len(s.input_ids) <= 2048 and s.input_ids.count(image_id(tokenizer)) == IMAGE_TOKENS
     supervised = [t for t in s.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(supervised) == row["target"] + tokenizer.eos_token  # the whole target, then EOS
-    shortened, _ = shorten_prompt(row["prompt"], lambda p: len(encode_prompt(
-        tokenizer, p, image_id(tokenizer), IMAGE_TOKENS)) <= 2048 - target_n)
-    assert s.input_ids[: len(s.input_ids) - target_n] == encode_prompt(tokenizer, shortened, image_id(tokenizer),
-                                                                       IMAGE_TOKENS)
+    shortened, _ = shorten_prompt(
+        row["prompt"], lambda p: len(encode_prompt(tokenizer, p, image_id(tokenizer), IMAGE_TOKENS)) <= 2048 - target_n
+    )
+    assert s.input_ids[: len(s.input_ids) - target_n] == encode_prompt(
+        tokenizer, shortened, image_id(tokenizer), IMAGE_TOKENS
+    )
     assert ehr_from_prompt(shortened)["Age"] == ehr_from_prompt(row["prompt"])["Age"]
 
 
 def test_a_record_that_cannot_fit_is_a_bad_record_with_its_lengths(tokenizer, mimic_rows):
     b = lengthen(next(r for r in mimic_rows if r["stage"] == "B"), 60)  # the target alone is over the budget
     kw = dict(image_token_id=image_id(tokenizer), num_image_tokens=IMAGE_TOKENS, max_len=2048, where="train.jsonl:7")
-    with pytest.raises(OverBudgetError, match=r"train.jsonl:7: field 'length': \d+ tokens > data.max_seq_len=2048 "
-                                              r"\(prompt \d+ incl. 576 image tokens, target \d+ incl. EOS\); "
-                                              r"\d+ even with the Patient Data block emptied"):
+    with pytest.raises(
+        OverBudgetError,
+        match=r"train.jsonl:7: field 'length': \d+ tokens > data.max_seq_len=2048 "
+        r"\(prompt \d+ incl. 576 image tokens, target \d+ incl. EOS\); "
+        r"\d+ even with the Patient Data block emptied",
+    ):
         build_sample(tokenizer, b["prompt"], b["target"], **kw)
     a = lengthen(next(r for r in mimic_rows if r["stage"] == "A"), 60)
     with pytest.raises(OverBudgetError, match="a Stage A prompt has nothing to shorten"):
@@ -155,8 +191,11 @@ def test_shared_subjects_are_an_error_unless_allowed(mimic_rows):
     train, val = records_of(mimic_rows[:20]), records_of(mimic_rows[16:30], "val.jsonl")
     overlap = subject_overlap(train, val)
     assert overlap.count >= 1 and overlap.other_rows_affected >= 4
-    with pytest.raises(LauncherError, match=rf"patient leakage: {overlap.count} subject\(s\) of val.jsonl .* also in "
-                                            rf"train.jsonl .*: p1\d+"):
+    with pytest.raises(
+        LauncherError,
+        match=rf"patient leakage: {overlap.count} subject\(s\) of val.jsonl .* also in "
+        rf"train.jsonl .*: p1\d+",
+    ):
         check_subject_overlap(overlap, "train.jsonl", "val.jsonl", allow=False)
     assert check_subject_overlap(overlap, "train.jsonl", "val.jsonl", allow=True) is overlap
     assert subject_overlap(records_of(mimic_rows[:2]), records_of(mimic_rows[30:32])).count == 0
@@ -176,8 +215,19 @@ def test_validate_with_config_reports_the_budget_and_overlap(synth_dir, tmp_path
     root = synth_copy(synth_dir, tmp_path / "data", train_extra=[lengthen(first, 40)], val_extra=[first])
     n_train = len((root / "curriculum_train.jsonl").read_text().splitlines())
     files = [str(root / "curriculum_train.jsonl"), str(root / "curriculum_val.jsonl")]
-    args = ["data", "validate", *files, "--images", "none", "--config", str(REPO / "configs" / "tiny.yaml"),
-            "--set", f"data.root={root}", "--set", f"output.dir={tmp_path / 'run'}"]
+    args = [
+        "data",
+        "validate",
+        *files,
+        "--images",
+        "none",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"output.dir={tmp_path / 'run'}",
+    ]
     assert cli(args) == 1  # an over-budget row is a bad record
     out = capsys.readouterr().out
     assert f"{files[0]}:{n_train}: field 'length'" in out and "rows over budget (cannot fit" in out
@@ -203,9 +253,14 @@ def test_over_budget_record_stops_local_before_the_first_step_or_is_skipped(synt
     over = f"{root / 'curriculum_train.jsonl'}:{len(lines) + 1}"
 
     def cfg(out: str, **extra):
-        return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(
-            root, tmp_path / out, **{"train.max_steps": 2, "mlflow.tracking_uri": f"sqlite:///{tmp_path}/ml.db",
-                                     **extra}))
+        return load_config(
+            REPO / "configs" / "tiny.yaml",
+            tiny_overrides(
+                root,
+                tmp_path / out,
+                **{"train.max_steps": 2, "mlflow.tracking_uri": f"sqlite:///{tmp_path}/ml.db", **extra},
+            ),
+        )
 
     with pytest.raises(LauncherError, match=rf"1 record\(s\) do not fit data.max_seq_len=384 .* first: {over}: "):
         run_local(cfg("err"), device="cpu", show_progress=False)
@@ -215,8 +270,11 @@ def test_over_budget_record_stops_local_before_the_first_step_or_is_skipped(synt
     (root / "curriculum_val.jsonl").write_text((root / "curriculum_val.jsonl").read_text() + lines[0] + "\n")
     with pytest.raises(LauncherError, match="patient leakage: 1 subject"):
         run_local(cfg("leak", **{"data.bad_records": "skip"}), device="cpu", show_progress=False)
-    summary = run_local(cfg("skip", **{"data.bad_records": "skip", "data.allow_subject_overlap": "true"}),
-                        device="cpu", show_progress=False)
+    summary = run_local(
+        cfg("skip", **{"data.bad_records": "skip", "data.allow_subject_overlap": "true"}),
+        device="cpu",
+        show_progress=False,
+    )
     assert summary["skipped_records"] == 1 and summary["global_step"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/ml.db")
     run = client.get_run(summary["mlflow_run_id"])
@@ -241,10 +299,20 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
     path = root / "curriculum_train.jsonl"
     rows = [lengthen(json.loads(line), 12) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = tiny_overrides(root, tmp_path / "run", **{
-        "train.max_steps": 2, "train.micro_batch_size": 2, "data.max_seq_len": 2048, "model.tiny.image_size": 336,
-        "model.tiny.patch_size": 14, "model.tiny.vocab_size": 400, "curriculum.stage_split": 0.5,
-        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/ml.db"})
+    overrides = tiny_overrides(
+        root,
+        tmp_path / "run",
+        **{
+            "train.max_steps": 2,
+            "train.micro_batch_size": 2,
+            "data.max_seq_len": 2048,
+            "model.tiny.image_size": 336,
+            "model.tiny.patch_size": 14,
+            "model.tiny.vocab_size": 400,
+            "curriculum.stage_split": 0.5,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path}/ml.db",
+        },
+    )
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     # the base's tokenizer is trained on the demo corpus (Mistral-like lengths for the MIMIC block, see the top)
     basic = [r for s in make_studies(60, 0) for r in study_rows(s)]
@@ -265,8 +333,15 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
 
     bundle = build_model(cfg)
     assert bundle.num_image_tokens == IMAGE_TOKENS
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 2048,
-                       "shorten_ehr", str(root))
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        2048,
+        "shorten_ehr",
+        str(root),
+    )
     for r in records:
         if r.stage == "B":
             pixels, tok = pre.sample(r.prompt, r.target, r.image, r.where)
@@ -287,8 +362,12 @@ def test_ray_stops_before_any_worker_on_an_over_budget_record(ray_local, synth_d
     over = f"{root / 'curriculum_train.jsonl'}:{len(lines) + 1}"
 
     def cfg(name: str, **extra):
-        return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp_path / name, **{
-            "ray.num_workers": 1, "ray.cpus_per_worker": 1.0, "ray.name": name, **extra}))
+        return load_config(
+            REPO / "configs" / "tiny.yaml",
+            tiny_overrides(
+                root, tmp_path / name, **{"ray.num_workers": 1, "ray.cpus_per_worker": 1.0, "ray.name": name, **extra}
+            ),
+        )
 
     with pytest.raises(LauncherError, match=rf"1 record\(s\) do not fit data.max_seq_len=384 .* first: {over}: "):
         run_ray(cfg("err"))

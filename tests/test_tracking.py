@@ -23,8 +23,15 @@ def test_log_run_writes_everything_and_finishes(tmp_path):
     report = tmp_path / "report.md"
     report.write_text("# report\n")
     metrics = {f"m/{i}": i / 10 for i in range(METRICS_PER_BATCH + 5)}  # more than one log_batch holds
-    run_id = log_run(uri, "exp", "eval-x", tags={"kind": "evaluation"}, params={"eval.limit": 3, "long": "x" * 7000},
-                     metrics=metrics, files=[(report, "evaluation")])
+    run_id = log_run(
+        uri,
+        "exp",
+        "eval-x",
+        tags={"kind": "evaluation"},
+        params={"eval.limit": 3, "long": "x" * 7000},
+        metrics=metrics,
+        files=[(report, "evaluation")],
+    )
 
     run = _client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "eval-x"
@@ -42,8 +49,15 @@ def test_a_failed_write_leaves_the_run_failed_and_raises(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FileNotFoundError):
-        log_run(uri, "exp", "eval-x", tags={}, params={"a": 1}, metrics={"m": 1.0},
-                files=[(tmp_path / "missing.md", "evaluation")])
+        log_run(
+            uri,
+            "exp",
+            "eval-x",
+            tags={},
+            params={"a": 1},
+            metrics={"m": 1.0},
+            files=[(tmp_path / "missing.md", "evaluation")],
+        )
     client = _client(uri)
     runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -11,8 +11,15 @@ from datasets_io.errors import LauncherError
 from launcher.local import resolve_device, run_local
 
 EXPECTED_BUNDLE = {
-    "adapter_config.json", "adapter_model.safetensors", "config.yaml", "optimizer.safetensors",
-    "rng_state.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "config.yaml",
+    "optimizer.safetensors",
+    "rng_state.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "trainer_state.json",
+    "README.md",
 }
 
 
@@ -49,8 +56,15 @@ def model_and_stage_b_batch(cfg, rows: int, spec):
 
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
-                       "shorten_ehr", cfg.data.root)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        512,
+        "shorten_ehr",
+        cfg.data.root,
+    )
     stream = StageStream("B", data.train["B"], spec)
     return bundle, to_torch(pre.batch([stream.item(i) for i in range(rows)]))
 
@@ -86,7 +100,7 @@ def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
     assert [a is None for a in g_ours] == [b is None for b in g_theirs]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_ours, g_theirs) if a is not None)
     first = int((batch["labels"][0] != -100).nonzero()[0])
-    batch["labels"][0, first:first + 3] = -100  # it follows the labels, not a fixed layout
+    batch["labels"][0, first : first + 3] = -100  # it follows the labels, not a fixed layout
     changed = label_loss(model, batch)
     assert not torch.allclose(changed, theirs) and torch.allclose(changed, model(**batch).loss, rtol=1e-5)
     batch["labels"][:] = -100  # nothing to learn from: zero loss and zero gradients, not NaN poisoning the step
@@ -141,8 +155,15 @@ def test_bundle_loads_with_plain_peft_and_gives_the_same_logits(tiny_cfg):
     # the same trained weights, reached a second way: the run's own model after training, rebuilt from the bundle
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens, 512,
-                       "shorten_ehr", cfg.data.root)
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        512,
+        "shorten_ehr",
+        cfg.data.root,
+    )
     batch = to_torch(pre.batch([StageStream("B", data.train["B"], StreamSpec(0)).item(i) for i in range(2)]))
     batch.pop("labels")
     with torch.no_grad():
@@ -152,8 +173,15 @@ def test_bundle_loads_with_plain_peft_and_gives_the_same_logits(tiny_cfg):
 
     saved = load_file(str(Path(final) / "adapter_model.safetensors"))
     assert any("multi_modal_projector" in k for k in saved)  # projector travels with the adapter
-    assert not any("lora" not in k and "modules_to_save" not in k and "multi_modal_projector" not in k
-                   and "vision_tower" not in k and "embed_tokens" not in k and "lm_head" not in k for k in saved)
+    assert not any(
+        "lora" not in k
+        and "modules_to_save" not in k
+        and "multi_modal_projector" not in k
+        and "vision_tower" not in k
+        and "embed_tokens" not in k
+        and "lm_head" not in k
+        for k in saved
+    )
     assert not torch.allclose(trained, untrained)  # the bundle carries the training
     model.load_adapter(final, adapter_name="again")
     model.set_adapter("again")
@@ -197,9 +225,12 @@ def test_cli_local_reports_clear_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_end_to_end_loss_goes_down(tiny_cfg):
-    summary = run_local(tiny_cfg(**{"train.max_steps": "40", "train.lr": "0.003", "train.warmup_steps": "4"}),
-                        device="cpu", show_progress=False)
+    summary = run_local(
+        tiny_cfg(**{"train.max_steps": "40", "train.lr": "0.003", "train.warmup_steps": "4"}),
+        device="cpu",
+        show_progress=False,
+    )
     losses = summary["losses"]
     a_end = summary["stage_switch_step"]
-    assert sum(losses[:3]) / 3 > 1.5 * sum(losses[a_end - 3:a_end]) / 3  # Stage A learns
-    assert sum(losses[-3:]) / 3 < sum(losses[a_end:a_end + 3]) / 3  # and Stage B keeps learning
+    assert sum(losses[:3]) / 3 > 1.5 * sum(losses[a_end - 3 : a_end]) / 3  # Stage A learns
+    assert sum(losses[-3:]) / 3 < sum(losses[a_end : a_end + 3]) / 3  # and Stage B keeps learning

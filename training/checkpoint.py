@@ -118,12 +118,20 @@ def resume_key(cfg: Config, plan: Any, world_size: int, train_fingerprint: str) 
     Stored in trainer_state.json; `check_resume` compares it with the current run's."""
     t, c = cfg.train, cfg.curriculum
     return {
-        "train.max_steps": t.max_steps, "train.epochs": t.epochs, "train.seed": t.seed,
-        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum, "world_size": world_size,
-        "samples_per_step": plan.samples_per_step, "total_steps": plan.total_steps,
-        "stage_a_steps": plan.stage_a_steps, "curriculum.stage_split": c.stage_split,
-        "curriculum.replay_fraction": c.replay_fraction, "curriculum.ehr_dropout": c.ehr_dropout,
-        "train.warmup_steps": plan.warmup_steps, "train.min_lr_ratio": plan.min_lr_ratio,
+        "train.max_steps": t.max_steps,
+        "train.epochs": t.epochs,
+        "train.seed": t.seed,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum": t.grad_accum,
+        "world_size": world_size,
+        "samples_per_step": plan.samples_per_step,
+        "total_steps": plan.total_steps,
+        "stage_a_steps": plan.stage_a_steps,
+        "curriculum.stage_split": c.stage_split,
+        "curriculum.replay_fraction": c.replay_fraction,
+        "curriculum.ehr_dropout": c.ehr_dropout,
+        "train.warmup_steps": plan.warmup_steps,
+        "train.min_lr_ratio": plan.min_lr_ratio,
         "training data": train_fingerprint,
     }
 
@@ -134,11 +142,14 @@ def check_resume(saved_state: dict, current_key: dict[str, Any], ckpt: str | Pat
     what the saved cursor points at)."""
     saved = saved_state.get("resume_key")
     if saved is None:
-        raise LauncherError(f"cannot resume from {ckpt}: it records no plan (written by an older version), so "
-                            "an exact resume cannot be verified; start a new run (another output.dir)")
+        raise LauncherError(
+            f"cannot resume from {ckpt}: it records no plan (written by an older version), so "
+            "an exact resume cannot be verified; start a new run (another output.dir)"
+        )
     changed = [f"  {k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current_key.items() if saved.get(k) != v]
     if changed:
         raise LauncherError(
             f"cannot resume from {ckpt}: the run's plan changed, so its step, stage and data cursor would mean "
             "something else:\n" + "\n".join(changed) + "\nResume with the original settings, or start a new run "
-            "(another output.dir, or ray.name on Ray).")
+            "(another output.dir, or ray.name on Ray)."
+        )

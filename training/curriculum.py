@@ -66,8 +66,10 @@ def grad_accum_for(micro_batch_size: int, grad_accum: int, global_batch_size: in
         return grad_accum
     per_round = micro_batch_size * world_size
     if global_batch_size % per_round:
-        raise ValueError(f"train.global_batch_size: {global_batch_size} is not a multiple of micro_batch_size x "
-                         f"workers = {micro_batch_size} x {world_size} = {per_round}")
+        raise ValueError(
+            f"train.global_batch_size: {global_batch_size} is not a multiple of micro_batch_size x "
+            f"workers = {micro_batch_size} x {world_size} = {per_round}"
+        )
     return global_batch_size // per_round
 
 
@@ -83,9 +85,16 @@ def plan_steps(cfg, n_rows_a: int, n_rows_b: int, world_size: int = 1) -> StepPl
     t = cfg.train
     accum = grad_accum_for(t.micro_batch_size, t.grad_accum, t.global_batch_size, world_size)
     return make_plan(
-        max_steps=t.max_steps, epochs=t.epochs, n_rows_a=n_rows_a, n_rows_b=n_rows_b,
-        micro_batch_size=t.micro_batch_size, grad_accum=accum, world_size=world_size,
-        stage_split=cfg.curriculum.stage_split, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+        max_steps=t.max_steps,
+        epochs=t.epochs,
+        n_rows_a=n_rows_a,
+        n_rows_b=n_rows_b,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=accum,
+        world_size=world_size,
+        stage_split=cfg.curriculum.stage_split,
+        warmup_steps=t.warmup_steps,
+        min_lr_ratio=t.min_lr_ratio,
     )
 
 

@@ -65,8 +65,14 @@ class Preprocessor:
         cache, spec = self.image_cache, self.image_spec
         pixels = cache.pixels(path, spec) if cache is not None else preprocess_image(read_bytes(path), spec)  # (3,S,S)
         tok = build_sample(
-            self.tokenizer, prompt, target, image_token_id=self.image_token_id,
-            num_image_tokens=self.num_image_tokens, max_len=self.max_len, overlong=self.overlong, where=where,
+            self.tokenizer,
+            prompt,
+            target,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            max_len=self.max_len,
+            overlong=self.overlong,
+            where=where,
         )
         return pixels, tok
 
@@ -111,8 +117,9 @@ def sampler_spec(cfg: Any, n_rows: dict[str, int]) -> SamplerSpec:
     return SamplerSpec(cfg.train.seed, dict(n_rows), cfg.curriculum.replay_fraction, cfg.curriculum.ehr_dropout)
 
 
-def micro_batch(pre: Preprocessor, tables: dict[str, dict[str, list]], spec: SamplerSpec, stage: str,
-                positions: range) -> dict[str, np.ndarray]:
+def micro_batch(
+    pre: Preprocessor, tables: dict[str, dict[str, list]], spec: SamplerSpec, stage: str, positions: range
+) -> dict[str, np.ndarray]:
     """The micro-batch at global `positions` of `stage` (local path; the Ray path builds the same one in
     datasets_io.ray_datasets)."""
     ds = draws(spec, stage, positions)
@@ -135,15 +142,20 @@ class _MicroBatches:
         return micro_batch(self.pre, self.tables, self.spec, self.stage, self.micro[k])
 
 
-def local_batches(pre: Preprocessor, tables: dict, spec: SamplerSpec, stage: str, micro: list[range],
-                  num_workers: int = 0) -> Iterator[dict[str, Any]]:
+def local_batches(
+    pre: Preprocessor, tables: dict, spec: SamplerSpec, stage: str, micro: list[range], num_workers: int = 0
+) -> Iterator[dict[str, Any]]:
     """The micro-batches at the position ranges `micro`, decoded by `num_workers` DataLoader processes."""
     import torch
 
     loader = torch.utils.data.DataLoader(
         _MicroBatches(pre, tables, spec, stage, micro),
-        batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=lambda b: b,
-        persistent_workers=False, prefetch_factor=2 if num_workers else None,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=lambda b: b,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
         generator=torch.Generator(),  # its own: a new iterator must not draw from the global RNG (LoRA dropout's)
     )
     for batch in loader:
@@ -205,8 +217,9 @@ class DataOrderLog:
                 f.write(json.dumps(line) + "\n")
 
 
-def planned_order(spec: SamplerSpec, tables: dict[str, dict[str, list]], plan: Any, layout: BatchLayout,
-                  steps: int | None = None) -> list[dict]:
+def planned_order(
+    spec: SamplerSpec, tables: dict[str, dict[str, list]], plan: Any, layout: BatchLayout, steps: int | None = None
+) -> list[dict]:
     """What `data_order.jsonl` should hold: per optimizer step, the stage, the global batch (study ids, flags) and
     each rank's positions. Pure: the `launcher data plan` command prints it, tests compare runs with it."""
     out = []
@@ -215,8 +228,14 @@ def planned_order(spec: SamplerSpec, tables: dict[str, dict[str, list]], plan: A
         k = step if stage == "A" else step - plan.stage_a_steps
         ranks = [list(layout.rank_positions(k, r)) for r in range(layout.world_size)]
         ds = draws(spec, stage, [p for r in ranks for p in r])
-        out.append({"step": step, "stage": stage,
-                    "study_ids": [sample_fields(tables, stage, d)["study_id"] for d in ds],
-                    "ehr_dropped": [d.ehr_dropped for d in ds], "replay": [d.replay for d in ds],
-                    "ranks": [[r[0], r[-1] + 1] for r in ranks]})
+        out.append(
+            {
+                "step": step,
+                "stage": stage,
+                "study_ids": [sample_fields(tables, stage, d)["study_id"] for d in ds],
+                "ehr_dropped": [d.ehr_dropped for d in ds],
+                "replay": [d.replay for d in ds],
+                "ranks": [[r[0], r[-1] + 1] for r in ranks],
+            }
+        )
     return out

@@ -21,21 +21,34 @@ from datasets_io.config import Config, data_path
 
 def check_leakage(cfg: Config, train: list[Record], val: list[Record]) -> SubjectOverlap:
     """Subjects shared by the training and validation files: LauncherError unless data.allow_subject_overlap."""
-    return check_subject_overlap(subject_overlap(train, val), data_path(cfg, "train_file"),
-                                 data_path(cfg, "val_file"), allow=cfg.data.allow_subject_overlap)
+    return check_subject_overlap(
+        subject_overlap(train, val),
+        data_path(cfg, "train_file"),
+        data_path(cfg, "val_file"),
+        allow=cfg.data.allow_subject_overlap,
+    )
 
 
-def fit_token_budget(cfg: Config, records: list[Record], bundle: Any, file_key: str = "train_file"
-                     ) -> tuple[list[Record], BudgetReport]:
+def fit_token_budget(
+    cfg: Config, records: list[Record], bundle: Any, file_key: str = "train_file"
+) -> tuple[list[Record], BudgetReport]:
     """Measure every record against data.max_seq_len as training will tokenize it; over-budget records stop the run
     (data.bad_records=error) or are dropped and counted (skip). Returns (records kept, report)."""
-    report = budget_report(records, bundle.tokenizer, bundle.image_token_id, bundle.num_image_tokens,
-                           cfg.data.max_seq_len, cfg.data.overlong)
+    report = budget_report(
+        records,
+        bundle.tokenizer,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        cfg.data.max_seq_len,
+        cfg.data.overlong,
+    )
     source = data_path(cfg, file_key)
     kept = apply_bad_records_policy(records, report, cfg.data.bad_records, source)
-    print(f"[data] {source}: token budget {cfg.data.max_seq_len}: {report.rows} rows, {report.shortened} with "
-          f"Patient Data shortened, {len(report.over_budget)} over budget"
-          + (" (skipped, data.bad_records=skip)" if report.over_budget else ""))
+    print(
+        f"[data] {source}: token budget {cfg.data.max_seq_len}: {report.rows} rows, {report.shortened} with "
+        f"Patient Data shortened, {len(report.over_budget)} over budget"
+        + (" (skipped, data.bad_records=skip)" if report.over_budget else "")
+    )
     return kept, report
 
 
@@ -89,8 +102,12 @@ def token_spec(cfg: Config, corpus: Callable[[], list[str]]) -> TokenSpec:
 
     tokenizer = train_tokenizer(corpus(), cfg.model.tiny.vocab_size)
     tiny = cfg.model.tiny
-    return TokenSpec(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), (tiny.image_size // tiny.patch_size) ** 2,
-                     f"tiny tokenizer trained in memory on {data_path(cfg, 'train_file')}")
+    return TokenSpec(
+        tokenizer,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        (tiny.image_size // tiny.patch_size) ** 2,
+        f"tiny tokenizer trained in memory on {data_path(cfg, 'train_file')}",
+    )
 
 
 def check_eval_leakage(train_cfg: Config | None, eval_file: str, data_root: str) -> SubjectOverlap | None:
@@ -101,10 +118,13 @@ def check_eval_leakage(train_cfg: Config | None, eval_file: str, data_root: str)
 
     train_file = data_path(train_cfg, "train_file") if train_cfg is not None else None
     if train_file is None or not path_exists(train_file):
-        print(f"[leakage] the checkpoint's training file ({train_file or 'no config.yaml'}) is not readable here: "
-              "subject overlap with the evaluation data NOT checked")
+        print(
+            f"[leakage] the checkpoint's training file ({train_file or 'no config.yaml'}) is not readable here: "
+            "subject overlap with the evaluation data NOT checked"
+        )
         return None
     train, _ = read_records(train_file, train_cfg.data.root, policy="skip", check_images="none")
     other, _ = read_records(eval_file, data_root, policy="skip", check_images="none")
-    return check_subject_overlap(subject_overlap(train, other), train_file, eval_file,
-                                 allow=train_cfg.data.allow_subject_overlap)
+    return check_subject_overlap(
+        subject_overlap(train, other), train_file, eval_file, allow=train_cfg.data.allow_subject_overlap
+    )

@@ -58,11 +58,13 @@ def deepspeed_config(cfg: Any, world_size: int, dtype: str) -> dict:
         "reduce_scatter": True,
     }
     if ds.zero_stage == 3:
-        zero.update({
-            # Parameters smaller than this stay whole on every rank (fewer tiny all-gathers); 0 partitions all.
-            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
-            "stage3_gather_16bit_weights_on_model_save": False,  # the adapter is saved from gathered params instead
-        })
+        zero.update(
+            {
+                # Parameters smaller than this stay whole on every rank (fewer tiny all-gathers); 0 partitions all.
+                "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+                "stage3_gather_16bit_weights_on_model_save": False,  # the adapter is saved from gathered params instead
+            }
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -86,8 +88,10 @@ def resolve_ds_dtype(cfg_dtype: str, use_gpu: bool) -> str:
 
     choice = cfg_dtype if cfg_dtype != "auto" else ("bf16" if use_gpu else "fp32")
     if not use_gpu and choice != "fp32":
-        raise LauncherError(f"model.dtype={choice} with the CPU DeepSpeed path: use model.dtype=fp32 (or auto), "
-                            "or --use-gpu on a GPU cluster")
+        raise LauncherError(
+            f"model.dtype={choice} with the CPU DeepSpeed path: use model.dtype=fp32 (or auto), "
+            "or --use-gpu on a GPU cluster"
+        )
     return choice
 
 
@@ -140,8 +144,13 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_writer = self.rank == 0
         self.device = torch.device(self.engine.device)
-        self.compute_dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"]
-                              else torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)
+        self.compute_dtype = (
+            torch.bfloat16
+            if ds_config["bf16"]["enabled"]
+            else torch.float16
+            if ds_config["fp16"]["enabled"]
+            else torch.float32
+        )
         self._boundary_pending = False
 
     # ------------------------------------------------------------------------------------------- one step
@@ -154,8 +163,9 @@ class DeepSpeedEngine:
         """One micro-batch. `scale` (1/grad_accum from the loop) is applied by DeepSpeed itself: engine.backward
         divides by gradient_accumulation_steps, so it is only checked here."""
         if abs(scale * self.grad_accum - 1.0) > 1e-6:
-            raise ValueError(f"the loop's grad_accum (scale {scale}) != DeepSpeed's gradient_accumulation_steps "
-                             f"{self.grad_accum}")
+            raise ValueError(
+                f"the loop's grad_accum (scale {scale}) != DeepSpeed's gradient_accumulation_steps {self.grad_accum}"
+            )
         if not self.engine.training:  # train() walks every submodule: once after an evaluation, not every step
             self.engine.train()
         loss = label_loss(self.engine, self._to_device(batch))
@@ -228,21 +238,34 @@ class DeepSpeedEngine:
 
     def save_training_state(self, out_dir: Path) -> dict:
         """DeepSpeed's own checkpoint into <out_dir>/engine (collective; each rank writes its partitions)."""
-        self.engine.save_checkpoint(str(out_dir), tag=ENGINE_SUBDIR, save_latest=False,
-                                    exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(str(out_dir), tag=ENGINE_SUBDIR, save_latest=False, exclude_frozen_parameters=True)
         save_file(rng_tensors(), str(out_dir / ENGINE_SUBDIR / f"rng_rank{self.rank}.safetensors"))  # per rank
-        return {"kind": "deepspeed", "tag": ENGINE_SUBDIR, "zero_stage": self.zero_stage,
-                "world_size": self.world_size, "global_steps": int(self.engine.global_steps)}
+        return {
+            "kind": "deepspeed",
+            "tag": ENGINE_SUBDIR,
+            "zero_stage": self.zero_stage,
+            "world_size": self.world_size,
+            "global_steps": int(self.engine.global_steps),
+        }
 
     def load_training_state(self, ckpt_dir: Path, meta: dict) -> None:
         if meta.get("kind") != "deepspeed":
-            raise RuntimeError(f"{ckpt_dir}: not a DeepSpeed checkpoint (engine meta {meta}); "
-                               "a local-runtime checkpoint cannot resume a Ray/DeepSpeed run")
+            raise RuntimeError(
+                f"{ckpt_dir}: not a DeepSpeed checkpoint (engine meta {meta}); "
+                "a local-runtime checkpoint cannot resume a Ray/DeepSpeed run"
+            )
         if meta["world_size"] != self.world_size or meta["zero_stage"] != self.zero_stage:
-            raise RuntimeError(f"{ckpt_dir}: saved with {meta['world_size']} ranks / ZeRO-{meta['zero_stage']}, "
-                               f"now {self.world_size} / ZeRO-{self.zero_stage}: ZeRO partitions cannot be reloaded")
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=meta["tag"], load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+            raise RuntimeError(
+                f"{ckpt_dir}: saved with {meta['world_size']} ranks / ZeRO-{meta['zero_stage']}, "
+                f"now {self.world_size} / ZeRO-{self.zero_stage}: ZeRO partitions cannot be reloaded"
+            )
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=meta["tag"],
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt_dir}/{meta['tag']}")
         # each rank's generators as they were at the checkpoint (LoRA dropout), not a reseed; DeepSpeed's fp16 loss

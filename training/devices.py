@@ -1,7 +1,7 @@
 """Device resolution in one place: which accelerator a run, an evaluation or a prediction uses, and its dtype.
 
-    resolve_device("auto")          # cuda, then mps, then cpu
-    resolve_dtype("auto", "cuda")   # (torch.float32, "bf16"): fp32 weights, bf16 autocast
+resolve_device("auto")          # cuda, then mps, then cpu
+resolve_dtype("auto", "cuda")   # (torch.float32, "bf16"): fp32 weights, bf16 autocast
 """
 
 from __future__ import annotations

@@ -83,8 +83,10 @@ def restore_rng(saved: dict[str, torch.Tensor], where: Path) -> None:
     exactly: that is an error, never a silent reseed."""
     now = set(rng_tensors())
     if set(saved) != now:
-        raise RuntimeError(f"{where}: RNG state saved for devices {sorted(saved)}, this machine has {sorted(now)}; "
-                           "resume on the same kind and number of devices")
+        raise RuntimeError(
+            f"{where}: RNG state saved for devices {sorted(saved)}, this machine has {sorted(now)}; "
+            "resume on the same kind and number of devices"
+        )
     torch.set_rng_state(saved["torch_cpu"])
     cuda = sorted((k for k in saved if k.startswith("cuda_")), key=lambda k: int(k.split("_")[1]))
     if cuda:
@@ -147,8 +149,10 @@ class AccelerateEngine:
         self.trainable_model().save_pretrained(str(out_dir), safe_serialization=True)
 
     def save_training_state(self, out_dir: Path) -> dict:
-        meta = save_optimizer_state(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-                                    out_dir / "optimizer.safetensors")
+        meta = save_optimizer_state(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            out_dir / "optimizer.safetensors",
+        )
         save_file(rng_tensors(), str(out_dir / "rng_state.safetensors"))
         scaler = self.accelerator.scaler  # fp16 mixed precision only (its loss scale and growth tracker)
         return {**meta, "grad_scaler": scaler.state_dict() if scaler is not None else None}
@@ -161,7 +165,9 @@ class AccelerateEngine:
         restore_rng(load_file(str(ckpt_dir / "rng_state.safetensors")), ckpt_dir)
         scaler, saved = self.accelerator.scaler, meta.get("grad_scaler")
         if (scaler is None) != (saved is None):
-            raise RuntimeError(f"{ckpt_dir}: saved {'with' if saved else 'without'} an fp16 grad scaler, resumed "
-                               f"{'with' if scaler else 'without'}: resume with the same model.dtype and device")
+            raise RuntimeError(
+                f"{ckpt_dir}: saved {'with' if saved else 'without'} an fp16 grad scaler, resumed "
+                f"{'with' if scaler else 'without'}: resume with the same model.dtype and device"
+            )
         if scaler is not None:
             scaler.load_state_dict(saved)

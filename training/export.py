@@ -62,8 +62,9 @@ class MergedModel:
     source: dict = field(default_factory=dict)  # provenance written to export.json: no patient data
 
 
-def load_merged(checkpoint: str | Path | None = None, model_uri: str | None = None,
-                tracking_uri: str | None = None) -> MergedModel:
+def load_merged(
+    checkpoint: str | Path | None = None, model_uri: str | None = None, tracking_uri: str | None = None
+) -> MergedModel:
     """Base + adapter from a checkpoint directory or a registered `models:/NAME@ALIAS`, merged, in fp32."""
     from training.model import bundle_for, load_trained
 
@@ -80,8 +81,13 @@ def load_merged(checkpoint: str | Path | None = None, model_uri: str | None = No
         adapter_dir = Path(info["adapter_dir"])
         source = {"model_uri": model_uri, "run_id": info["run_id"]}
     state = _read_json(adapter_dir / "trainer_state.json")
-    source.update({"base_model": bundle.base_model_path, "global_step": state.get("global_step"),
-                   "lora": _read_json(adapter_dir / "adapter_config.json").get("r")})
+    source.update(
+        {
+            "base_model": bundle.base_model_path,
+            "global_step": state.get("global_step"),
+            "lora": _read_json(adapter_dir / "adapter_config.json").get("r"),
+        }
+    )
     merged = bundle.model.merge_and_unload()  # LoRA folded in, modules_to_save copies put in place
     merged.eval()
     return MergedModel(merged, bundle.tokenizer, bundle_for(merged, bundle.tokenizer, bundle.base_model_path), source)
@@ -116,14 +122,26 @@ def build_processor(merged: MergedModel) -> Any:
     config = merged.model.config
     spec = merged.bundle.image_spec
     image_processor = LlavaImageProcessorPil(
-        do_pad=True, size={"shortest_edge": spec.size}, crop_size={"height": spec.size, "width": spec.size},
-        image_mean=list(spec.mean), image_std=list(spec.std), resample=2, do_center_crop=True, do_convert_rgb=True)
+        do_pad=True,
+        size={"shortest_edge": spec.size},
+        crop_size={"height": spec.size, "width": spec.size},
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+        resample=2,
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
     template = chat_template(merged.tokenizer)
     merged.tokenizer.chat_template = template
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=merged.tokenizer, patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, image_token="<image>",
-        num_additional_image_tokens=1, chat_template=template)
+        image_processor=image_processor,
+        tokenizer=merged.tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
 
 
 def partial_dir(out: Path, overwrite: bool) -> Path:
@@ -153,11 +171,17 @@ def export_hf(merged: MergedModel, out: str | Path, dtype: str = "auto", overwri
     build_processor(merged).save_pretrained(partial)
     merged.tokenizer.save_pretrained(partial)  # tokenizer_config.json with the template, for AutoTokenizer alone
     tok = merged.tokenizer
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     do_sample=False).save_pretrained(partial)
-    summary = {"format": "hf", "out": str(out), "dtype": dtype, **merged.source,
-               "parameters": sum(p.numel() for p in merged.model.parameters()),
-               "files": sorted(p.name for p in partial.iterdir()) + [EXPORT_INFO]}
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+    ).save_pretrained(partial)
+    summary = {
+        "format": "hf",
+        "out": str(out),
+        "dtype": dtype,
+        **merged.source,
+        "parameters": sum(p.numel() for p in merged.model.parameters()),
+        "files": sorted(p.name for p in partial.iterdir()) + [EXPORT_INFO],
+    }
     (partial / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
     finish(partial, out)
     return summary

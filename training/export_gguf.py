@@ -77,7 +77,7 @@ def language_model_tensors(model: Any, ftype: str) -> list[GgufTensor]:
         if key == "lm_head.weight":
             hf = key
         elif key.startswith(LM_PREFIX):
-            hf = "model." + key[len(LM_PREFIX):]
+            hf = "model." + key[len(LM_PREFIX) :]
         else:
             continue
         if hf.endswith("rotary_emb.inv_freq"):
@@ -102,8 +102,10 @@ def write_language_model(path: Path, model: Any, tokenizer: Any, ftype: str, nam
     gguf = require_gguf()
     text = model.config.text_config
     if getattr(text, "sliding_window", None):
-        raise LauncherError(f"GGUF export: the language model uses a sliding window ({text.sliding_window}); "
-                            "llama.cpp's llama graph has none")
+        raise LauncherError(
+            f"GGUF export: the language model uses a sliding window ({text.sliding_window}); "
+            "llama.cpp's llama graph has none"
+        )
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -198,7 +200,7 @@ def mmproj_tensors(model: Any, ftype: str) -> list[GgufTensor]:
             continue
         if ".encoder.layers." in key and int(key.split(".encoder.layers.")[1].split(".")[0]) >= used:
             continue  # blocks after the feature layer are never run
-        inner = key[len(TOWER_PREFIX):].removeprefix("vision_model.")  # CLIPVisionModel or its inner transformer
+        inner = key[len(TOWER_PREFIX) :].removeprefix("vision_model.")  # CLIPVisionModel or its inner transformer
         name = names.get_name("vision_tower.vision_model." + inner, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LauncherError(f"GGUF export: no llama.cpp name for vision tensor {key}")
@@ -210,9 +212,11 @@ def write_mmproj(path: Path, model: Any, image_spec: Any, ftype: str, name: str)
     gguf = require_gguf()
     config, vision = model.config, model.config.vision_config
     if config.vision_feature_select_strategy != "default" or config.projector_hidden_act != "gelu":
-        raise LauncherError("GGUF export: llama.cpp's LLaVA 'mlp' projector drops CLS and uses GELU; this model has "
-                            f"select strategy {config.vision_feature_select_strategy!r}, "
-                            f"projector act {config.projector_hidden_act!r}")
+        raise LauncherError(
+            "GGUF export: llama.cpp's LLaVA 'mlp' projector drops CLS and uses GELU; this model has "
+            f"select strategy {config.vision_feature_select_strategy!r}, "
+            f"projector act {config.projector_hidden_act!r}"
+        )
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     writer.add_name(name)
     writer.add_description("image encoder for LLaVA")
@@ -281,10 +285,15 @@ def export_gguf(merged: Any, out: str | Path, dtype: str = "auto", overwrite: bo
     mm = write_mmproj(partial / mm_file, model, merged.bundle.image_spec, ftype, name)
     num_ctx = model.config.text_config.max_position_embeddings
     (partial / "Modelfile").write_text(modelfile(lm_file, mm_file, merged.tokenizer.eos_token, num_ctx))
-    summary = {"format": "gguf", "out": str(out), "dtype": dtype, **merged.source,
-               "files": [lm_file, mm_file, "Modelfile", EXPORT_INFO],
-               "tensors": {lm_file: len(lm), mm_file: len(mm)},
-               "bytes": {lm_file: (partial / lm_file).stat().st_size, mm_file: (partial / mm_file).stat().st_size}}
+    summary = {
+        "format": "gguf",
+        "out": str(out),
+        "dtype": dtype,
+        **merged.source,
+        "files": [lm_file, mm_file, "Modelfile", EXPORT_INFO],
+        "tensors": {lm_file: len(lm), mm_file: len(mm)},
+        "bytes": {lm_file: (partial / lm_file).stat().st_size, mm_file: (partial / mm_file).stat().st_size},
+    }
     (partial / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
     finish(partial, out)
     return summary

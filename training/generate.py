@@ -137,20 +137,29 @@ def predict_reports(
     """
     prompts = [request_prompt(ehr) for _, ehr in requests]
     if max_new_tokens is None:
-        longest = max(len(encode_prompt(bundle.tokenizer, p, bundle.image_token_id, bundle.num_image_tokens))
-                      for p in set(prompts))
+        longest = max(
+            len(encode_prompt(bundle.tokenizer, p, bundle.image_token_id, bundle.num_image_tokens))
+            for p in set(prompts)
+        )
         max_new_tokens = max_new_tokens_for(max_seq_len, longest) if max_seq_len else DEFAULT_MAX_NEW_TOKENS
-    texts = generate_reports(bundle, list(zip(prompts, [im for im, _ in requests])), batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, progress=progress)
+    texts = generate_reports(
+        bundle,
+        list(zip(prompts, [im for im, _ in requests])),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     out = []
     for text, (_, ehr) in zip(texts, requests):
         parsed = parse_report(text, expect_icd=ehr is not None)
-        out.append({
-            "report": text,
-            "valid": parsed.valid,
-            "problems": parsed.problems,
-            "impression": parsed.impression,
-            "chexpert": parsed.chexpert,
-            "icd": parsed.icd,
-        })
+        out.append(
+            {
+                "report": text,
+                "valid": parsed.valid,
+                "problems": parsed.problems,
+                "impression": parsed.impression,
+                "chexpert": parsed.chexpert,
+                "icd": parsed.icd,
+            }
+        )
     return out

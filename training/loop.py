@@ -41,9 +41,11 @@ CURSOR_UNIT = "global_positions"  # saved next to `cursor`; checkpoints from bef
 def check_cursor_unit(saved: dict, where: str) -> None:
     """A checkpoint whose cursor counts something else would resume at the wrong samples: refused, loudly."""
     if saved.get("cursor_unit") != CURSOR_UNIT:
-        raise LauncherError(f"{where}: its data cursor {saved.get('cursor')} counts micro-batches of one rank (written "
-                            f"before the cursor became global); it cannot be resumed at the same samples. Start a "
-                            "new run (a new output.dir / ray.name), or load its adapter for evaluation only")
+        raise LauncherError(
+            f"{where}: its data cursor {saved.get('cursor')} counts micro-batches of one rank (written "
+            f"before the cursor became global); it cannot be resumed at the same samples. Start a "
+            "new run (a new output.dir / ray.name), or load its adapter for evaluation only"
+        )
 
 
 @dataclass
@@ -59,16 +61,28 @@ class LoopState:
     def to_json(self, plan: StepPlan, **extra: Any) -> dict:
         stage = stage_at(self.global_step, plan) if self.global_step < plan.total_steps else "done"
         return {
-            "global_step": self.global_step, "stage": stage, "cursor": dict(self.cursor), "cursor_unit": CURSOR_UNIT,
+            "global_step": self.global_step,
+            "stage": stage,
+            "cursor": dict(self.cursor),
+            "cursor_unit": CURSOR_UNIT,
             "losses": self.losses,
-            "checkpoints": self.checkpoints, "stage_switch_step": self.stage_switch_step,
-            "val_history": self.val_history, "plan": plan.__dict__, **extra,
+            "checkpoints": self.checkpoints,
+            "stage_switch_step": self.stage_switch_step,
+            "val_history": self.val_history,
+            "plan": plan.__dict__,
+            **extra,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "LoopState":
-        return cls(d["global_step"], dict(d["cursor"]), list(d["losses"]), dict(d.get("checkpoints", {})),
-                   d.get("stage_switch_step"), list(d.get("val_history", [])))
+        return cls(
+            d["global_step"],
+            dict(d["cursor"]),
+            list(d["losses"]),
+            dict(d.get("checkpoints", {})),
+            d.get("stage_switch_step"),
+            list(d.get("val_history", [])),
+        )
 
 
 @dataclass
@@ -133,8 +147,14 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         return batch
 
     end = plan.total_steps if stop_after is None else min(stop_after, plan.total_steps)
-    bar = tqdm(total=plan.total_steps, initial=state.global_step, disable=not io.show_progress, unit="step",
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=state.global_step,
+        disable=not io.show_progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
     while state.global_step < end:
         step = state.global_step
         stage = stage_at(step, plan)
@@ -163,8 +183,16 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         bar.set_postfix(stage=stage, loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{throughput:.1f}", refresh=False)
         bar.update(1)
         if gs % io.log_every == 0 or gs in (1, plan.stage_a_steps, plan.total_steps):
-            io.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/stage": 0.0 if stage == "A" else 1.0,
-                                    "train/grad_norm": grad_norm, "train/samples_per_s": throughput}, step=gs)
+            io.tracker.log_metrics(
+                {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/stage": 0.0 if stage == "A" else 1.0,
+                    "train/grad_norm": grad_norm,
+                    "train/samples_per_s": throughput,
+                },
+                step=gs,
+            )
         if gs == plan.stage_a_steps and 0 < gs < plan.total_steps:  # the stage switch is an event
             state.stage_switch_step = gs
             io.tracker.log_metrics({"curriculum/stage_switch": 1.0}, step=gs)

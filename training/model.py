@@ -111,7 +111,9 @@ def build_tiny_base(cfg: Config, train_texts: list[str], out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "image_spec.json").write_text(json.dumps({"size": cfg.model.tiny.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}))
+    (tmp / "image_spec.json").write_text(
+        json.dumps({"size": cfg.model.tiny.image_size, "mean": CLIP_MEAN, "std": CLIP_STD})
+    )
     (tmp / ORIGIN_FILE).write_text(json.dumps(tiny_base_origin(cfg, train_texts), indent=2))
     tmp.rename(out_dir)
     return out_dir
@@ -125,7 +127,9 @@ def image_spec_for(base_path: str, config: LlavaConfig) -> ImageSpec:
     pp = Path(base_path) / "preprocessor_config.json"
     if pp.is_file():
         d = json.loads(pp.read_text())
-        return ImageSpec(config.vision_config.image_size, tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD)))
+        return ImageSpec(
+            config.vision_config.image_size, tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD))
+        )
     return ImageSpec(config.vision_config.image_size)
 
 
@@ -142,7 +146,9 @@ def load_base(path: str, dtype: torch.dtype, attn_implementation: str | None = N
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
     except (OSError, ValueError) as e:
         raise LauncherError(
             f"cannot load base model {path!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
@@ -174,8 +180,12 @@ def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     for t in train_texts:
         h.update(t.encode())
         h.update(b"\x00")
-    return {"corpus_texts": len(train_texts), "corpus_hash": h.hexdigest(),
-            "model.tiny": cfg.model.tiny.model_dump(), "train.seed": cfg.train.seed}
+    return {
+        "corpus_texts": len(train_texts),
+        "corpus_hash": h.hexdigest(),
+        "model.tiny": cfg.model.tiny.model_dump(),
+        "train.seed": cfg.train.seed,
+    }
 
 
 def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> None:
@@ -185,12 +195,17 @@ def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> N
     path = base / ORIGIN_FILE
     saved = json.loads(path.read_text()) if path.is_file() else None
     if saved != now:
-        what = ("it records no corpus (built by an older version)" if saved is None else
-                "it was built from " + ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
-                                                 if saved.get(k) != v))
-        raise LauncherError(f"the tiny base model {base} does not belong to this run's data and settings: {what}. "
-                            "Its tokenizer is trained on the corpus and its weights drawn with the seed, so use "
-                            f"another output.dir (or delete {base} and the checkpoints that point at it).")
+        what = (
+            "it records no corpus (built by an older version)"
+            if saved is None
+            else "it was built from "
+            + ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v)
+        )
+        raise LauncherError(
+            f"the tiny base model {base} does not belong to this run's data and settings: {what}. "
+            "Its tokenizer is trained on the corpus and its weights drawn with the seed, so use "
+            f"another output.dir (or delete {base} and the checkpoints that point at it)."
+        )
 
 
 def apply_lora(cfg: Config, model: Any) -> Any:
@@ -259,12 +274,15 @@ def load_adapter_weights(model: Any, ckpt_dir: str | Path) -> None:
     saved = load_file(str(path))
     missing = sorted(set(get_peft_model_state_dict(model)) - set(saved))  # e.g. the projector: it would stay at init
     if missing:
-        raise LauncherError(f"cannot resume from {ckpt_dir}: {len(missing)} trained tensor(s) missing from "
-                            f"{path.name}, e.g. {missing[:3]}; the bundle is incomplete or from another model")
+        raise LauncherError(
+            f"cannot resume from {ckpt_dir}: {len(missing)} trained tensor(s) missing from "
+            f"{path.name}, e.g. {missing[:3]}; the bundle is incomplete or from another model"
+        )
     result = set_peft_model_state_dict(model, saved)
     if result.unexpected_keys:
-        raise LauncherError(f"cannot resume from {ckpt_dir}: adapter tensors do not match the model: "
-                            f"{list(result.unexpected_keys)[:5]}")
+        raise LauncherError(
+            f"cannot resume from {ckpt_dir}: adapter tensors do not match the model: {list(result.unexpected_keys)[:5]}"
+        )
 
 
 def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:
@@ -273,7 +291,10 @@ def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weigh
     for name, p in model.named_parameters():
         if p.requires_grad:
             (projector if "multi_modal_projector" in name else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "name": "lora"}, {"params": projector, "lr": projector_lr or lr, "name": "projector"}]
+    groups = [
+        {"params": rest, "lr": lr, "name": "lora"},
+        {"params": projector, "lr": projector_lr or lr, "name": "projector"},
+    ]
     for g in groups:
         g["weight_decay"] = weight_decay
     return [g for g in groups if g["params"]]

@@ -62,10 +62,12 @@ def per_sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     logits = model(**inputs).logits.float()  # (R, W, V)
     labels, owner = labels[:, 1:], owner[:, 1:]  # position t predicts token t+1
     per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")  # (R, W-1)
+        logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
+    )  # (R, W-1)
     has = labels != IGNORE_INDEX
     n = int(batch["pixel_values"].shape[0])
     total = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner[has], per_token[has])
     count = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(
-        0, owner[has], torch.ones_like(per_token[has]))
+        0, owner[has], torch.ones_like(per_token[has])
+    )
     return total / count

@@ -55,9 +55,16 @@ def signature() -> Any:
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "ehr", required=False)])
-    outputs = Schema([ColSpec("string", "report"), ColSpec("boolean", "valid"), ColSpec("string", "problems"),
-                      ColSpec("string", "impression", required=False), ColSpec("string", "chexpert", required=False),
-                      ColSpec("string", "icd", required=False)])
+    outputs = Schema(
+        [
+            ColSpec("string", "report"),
+            ColSpec("boolean", "valid"),
+            ColSpec("string", "problems"),
+            ColSpec("string", "impression", required=False),
+            ColSpec("string", "chexpert", required=False),
+            ColSpec("string", "icd", required=False),
+        ]
+    )
     params = ParamSchema([ParamSpec("max_new_tokens", "long", 0), ParamSpec("batch_size", "long", 8)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -130,13 +137,17 @@ def image_bytes(value: Any, limits: ServingLimits) -> bytes:
         data = Path(value).read_bytes()
     else:
         if len(value) > math.ceil(limits.max_image_bytes / 3) * 4 + 4:
-            raise InputError(f"`image` has {len(value)} base64 characters, more than max_image_bytes="
-                             f"{limits.max_image_bytes} bytes encode to")
+            raise InputError(
+                f"`image` has {len(value)} base64 characters, more than max_image_bytes="
+                f"{limits.max_image_bytes} bytes encode to"
+            )
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise InputError("`image` is not valid base64; the served model does not read file paths, send the "
-                             "image bytes base64-encoded") from None
+            raise InputError(
+                "`image` is not valid base64; the served model does not read file paths, send the "
+                "image bytes base64-encoded"
+            ) from None
     if len(data) > limits.max_image_bytes:
         raise InputError(f"`image` is {len(data)} bytes, more than max_image_bytes={limits.max_image_bytes}")
     return data
@@ -157,8 +168,10 @@ def check_image_header(data: bytes, limits: ServingLimits) -> tuple[str, int, in
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"`image` is not a {' or '.join(IMAGE_FORMATS)} image") from None
     if width * height > limits.max_image_pixels:
-        raise InputError(f"`image` is {width}x{height} = {width * height} pixels, more than max_image_pixels="
-                         f"{limits.max_image_pixels}")
+        raise InputError(
+            f"`image` is {width}x{height} = {width * height} pixels, more than max_image_pixels="
+            f"{limits.max_image_pixels}"
+        )
     return fmt, width, height
 
 
@@ -219,8 +232,9 @@ def bad_request(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def parse_row(image: Any, ehr: Any, limits: ServingLimits,
-              decode: Callable[[bytes], Any] | None) -> tuple[Any, dict | None]:
+def parse_row(
+    image: Any, ehr: Any, limits: ServingLimits, decode: Callable[[bytes], Any] | None
+) -> tuple[Any, dict | None]:
     """One row -> (image bytes, or what `decode` makes of them; EHR dict or None). Raises InputError with the
     problems of both columns."""
     problems, pixels, patient = [], None, None
@@ -239,8 +253,9 @@ def parse_row(image: Any, ehr: Any, limits: ServingLimits,
     return pixels, patient
 
 
-def requests_from_frame(frame: Any, limits: ServingLimits | None = None,
-                        decode: Callable[[bytes], Any] | None = None) -> list[tuple[Any, dict | None]]:
+def requests_from_frame(
+    frame: Any, limits: ServingLimits | None = None, decode: Callable[[bytes], Any] | None = None
+) -> list[tuple[Any, dict | None]]:
     """Every row checked before anything is generated. Any bad row fails the whole request (HTTP 400) with every
     bad row's number and reason (the first MAX_LISTED_ROWS of them, then a count): the answer keeps the output
     schema, and a client never takes a partial answer for a whole one."""
@@ -250,8 +265,9 @@ def requests_from_frame(frame: Any, limits: ServingLimits | None = None,
     if not isinstance(frame, pd.DataFrame) or "image" not in frame.columns:
         raise bad_request("input must be a DataFrame with an `image` column (and optionally `ehr`)")
     if len(frame) > limits.max_rows:
-        raise bad_request(f"the request has {len(frame)} rows, more than max_rows={limits.max_rows}: "
-                          "split it into smaller requests")
+        raise bad_request(
+            f"the request has {len(frame)} rows, more than max_rows={limits.max_rows}: split it into smaller requests"
+        )
     ehr = frame["ehr"] if "ehr" in frame.columns else [None] * len(frame)
     parsed, problems = [], []
     for i, (image, e) in enumerate(zip(frame["image"], ehr)):
@@ -281,9 +297,20 @@ def generation_params(params: dict[str, Any] | None, limits: ServingLimits, defa
 def results_frame(results: list[dict]) -> pd.DataFrame:
     """predict_reports' dicts -> the output DataFrame (structured fields as JSON strings)."""
     enc = lambda v: None if v is None else json.dumps(v)  # noqa: E731
-    return pd.DataFrame([{"report": r["report"], "valid": bool(r["valid"]), "problems": json.dumps(r["problems"]),
-                          "impression": r["impression"], "chexpert": enc(r["chexpert"]), "icd": enc(r["icd"])}
-                         for r in results], columns=list(OUTPUT_COLUMNS))
+    return pd.DataFrame(
+        [
+            {
+                "report": r["report"],
+                "valid": bool(r["valid"]),
+                "problems": json.dumps(r["problems"]),
+                "impression": r["impression"],
+                "chexpert": enc(r["chexpert"]),
+                "icd": enc(r["icd"]),
+            }
+            for r in results
+        ],
+        columns=list(OUTPUT_COLUMNS),
+    )
 
 
 class ReportGenerator(mlflow.pyfunc.PythonModel):
@@ -325,8 +352,10 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
             raise
         except Exception:  # noqa: BLE001 -- MLflow's server would send this stack (server paths) to the client
             logger.exception("prediction failed on a request that passed the input checks")
-            raise MlflowException("the model failed on this request (an internal error; the server log has the "
-                                  "details)", error_code=INTERNAL_ERROR) from None
+            raise MlflowException(
+                "the model failed on this request (an internal error; the server log has the details)",
+                error_code=INTERNAL_ERROR,
+            ) from None
 
     def generate(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> pd.DataFrame:
         """Check every row, then generate (training.generate.predict_reports)."""
@@ -340,8 +369,11 @@ class ReportGenerator(mlflow.pyfunc.PythonModel):
         requests = requests_from_frame(model_input, limits, decode=lambda data: preprocess_image(data, spec))
         if not requests:
             return results_frame([])
-        return results_frame(predict_reports(self.bundle, requests, max_seq_len=self.max_seq_len,
-                                             max_new_tokens=max_new, batch_size=batch_size))
+        return results_frame(
+            predict_reports(
+                self.bundle, requests, max_seq_len=self.max_seq_len, max_new_tokens=max_new, batch_size=batch_size
+            )
+        )
 
 
 # MLflow loads this file as "models from code" (registry.py passes its path as `python_model`): run under another

@@ -60,8 +60,10 @@ def load_run_data(cfg: Config) -> RunData:
     def by_stage(path: str) -> tuple[dict[str, list[Record]], int]:
         records, report = read_records(path, cfg.data.root, policy=cfg.data.bad_records, check_images="exists")
         if report.skipped:
-            print(f"[data] {path}: skipped {report.skipped} bad record(s) (data.bad_records=skip); first: "
-                  f"{report.problems[0]}")
+            print(
+                f"[data] {path}: skipped {report.skipped} bad record(s) (data.bad_records=skip); first: "
+                f"{report.problems[0]}"
+            )
         return {s: [r for r in records if r.stage == s] for s in ("A", "B")}, report.skipped
 
     train, skipped_t = by_stage(data_path(cfg, "train_file"))
@@ -145,7 +147,8 @@ def check_resumable(saved: dict | None, key: dict, where: str) -> None:
             f"{where} was saved by {saved['world_size']} workers, this run has {world}: the data order would "
             "continue (the cursor is global), but DeepSpeed's optimizer state is partitioned per rank and cannot be "
             f"reloaded on another count. Resume with --num-workers {saved['world_size']}, or start a new ray.name "
-            "from the adapter bundle.")
+            "from the adapter bundle."
+        )
     check_resume(saved, key, where)
 
 
@@ -160,8 +163,14 @@ def completed_run_summary(out: Path, where: str, step: int, total: int) -> dict:
 def run_tags(prep: RunPrep, runtime: str, **extra: str) -> dict[str, str]:
     """The MLflow tags every run gets (plus the runtime's own)."""
     p = prep.plan
-    return {"runtime": runtime, "total_steps": str(p.total_steps), "stage_a_steps": str(p.stage_a_steps),
-            "samples_per_step": str(p.samples_per_step), "world_size": str(prep.world_size), **extra}
+    return {
+        "runtime": runtime,
+        "total_steps": str(p.total_steps),
+        "stage_a_steps": str(p.stage_a_steps),
+        "samples_per_step": str(p.samples_per_step),
+        "world_size": str(prep.world_size),
+        **extra,
+    }
 
 
 def build_lora_model(cfg: Any, base_path: str, dtype: str = "fp32") -> Any:
@@ -184,7 +193,7 @@ def validation_slice(rows: list, micro_batch_size: int, val_batches: int, rank: 
     """Rank `rank`'s validation rows: an equal number of whole micro-batches per rank (under ZeRO-3 every forward
     is collective, so every rank must evaluate the same number of batches), disjoint across ranks."""
     per_rank = min(val_batches, len(rows) // (micro_batch_size * world)) * micro_batch_size
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 def validation_source(pre: Any, val: dict[str, list], cfg: Config, rank: int = 0, world: int = 1):
@@ -197,28 +206,37 @@ def validation_source(pre: Any, val: dict[str, list], cfg: Config, rank: int = 0
         if stage not in cache:
             rows = validation_slice(val[stage], mb, cfg.train.val_batches, rank, world)
             items = [(r.prompt, r.target, r.image, r.where) for r in rows]
-            cache[stage] = [to_torch(pre.batch(items[i:i + mb])) for i in range(0, len(items), mb)]
+            cache[stage] = [to_torch(pre.batch(items[i : i + mb])) for i in range(0, len(items), mb)]
         return cache[stage]
 
     return source
 
 
 # ------------------------------------------------------------------------------------------------ the end
-def finish_run(out: Path, state: Any, prep: RunPrep, tracker: Any, final_dir: str | None, status: str,
-               **facts: Any) -> dict:
+def finish_run(
+    out: Path, state: Any, prep: RunPrep, tracker: Any, final_dir: str | None, status: str, **facts: Any
+) -> dict:
     """run_summary.json, the MLflow run closed with `status`, and the final bundle registered when the config asks
     (`mlflow.register_at_end`, only after a finished run)."""
     from training.loop import write_run_summary
 
-    summary = write_run_summary(out / "run_summary.json", state, prep.plan, mlflow_run_id=tracker.run_id,
-                                tracking_uri=tracker.tracking_uri, base_model=prep.base_path,
-                                skipped_records=prep.data.skipped, **facts)
+    summary = write_run_summary(
+        out / "run_summary.json",
+        state,
+        prep.plan,
+        mlflow_run_id=tracker.run_id,
+        tracking_uri=tracker.tracking_uri,
+        base_model=prep.base_path,
+        skipped_records=prep.data.skipped,
+        **facts,
+    )
     tracker.close(status)
     cfg = prep.cfg
     if status == "FINISHED" and cfg.mlflow.register_at_end and final_dir:
         from training.registry import register_checkpoint
 
-        summary["registered"] = register_checkpoint(final_dir, cfg.mlflow.registered_model_name,
-                                                    alias=cfg.mlflow.alias, cfg=cfg, run_id=tracker.run_id)
+        summary["registered"] = register_checkpoint(
+            final_dir, cfg.mlflow.registered_model_name, alias=cfg.mlflow.alias, cfg=cfg, run_id=tracker.run_id
+        )
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

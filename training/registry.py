@@ -41,8 +41,21 @@ CODE_PACKAGES = ("datasets_io", "training", "launcher")
 MODEL_NAME_IN_RUN = "report_generator"
 TRAINING_STATE_FILES = {"optimizer.safetensors", "rng_state.safetensors"}
 # What the pyfunc needs at load and predict time, pinned to what is installed here.
-PIP_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pillow",
-                "numpy", "pandas", "pyyaml", "tqdm", "pyarrow")
+PIP_PACKAGES = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyyaml",
+    "tqdm",
+    "pyarrow",
+)
 
 
 # --------------------------------------------------------------------------------------------- lineage
@@ -60,10 +73,16 @@ def file_sha256(path: str) -> str:
 def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool] | None:
     """(commit, dirty) of the project checkout, or None outside a git work tree."""
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit, bool(status)
@@ -141,9 +160,15 @@ def stage_code(dst: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- register
-def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = None, cfg: Any = None,
-                        run_id: str | None = None, tracking_uri: str | None = None,
-                        serving_limits: dict[str, Any] | None = None) -> dict[str, Any]:
+def register_checkpoint(
+    ckpt_dir: str | Path,
+    name: str,
+    alias: str | None = None,
+    cfg: Any = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    serving_limits: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Log the bundle at `ckpt_dir` as a pyfunc model, register a version of `name` with lineage tags, set `alias`.
     `serving_limits`: training.pyfunc.ServingLimits fields to log instead of the defaults.
 
@@ -158,8 +183,10 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
     base = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
     base_is_dir = Path(base).is_dir()
     if not base_is_dir and (base.startswith(("/", ".", "~")) or base.count("/") > 1):
-        raise LauncherError(f"base model {base!r} of {ckpt} is not a directory on this machine (nor a hub id): "
-                            "register where the base model is, or point adapter_config.json at it")
+        raise LauncherError(
+            f"base model {base!r} of {ckpt} is not a directory on this machine (nor a hub id): "
+            "register where the base model is, or point adapter_config.json at it"
+        )
 
     uri = tracking.resolve_store(tracking_uri, cfg)
     tags = lineage_tags(ckpt, cfg, state, base)
@@ -184,16 +211,30 @@ def register_checkpoint(ckpt_dir: str | Path, name: str, alias: str | None = Non
             "tags": {k: v for k, v in tags.items() if not k.startswith("metrics.")},
         }
         logged = tracking.log_registered_model(
-            uri, cfg.mlflow.experiment, name, pyfunc_model, alias=alias, run_id=run_id or state.get("mlflow_run_id"),
+            uri,
+            cfg.mlflow.experiment,
+            name,
+            pyfunc_model,
+            alias=alias,
+            run_id=run_id or state.get("mlflow_run_id"),
             new_run_name=f"register-{ckpt.name}",
-            new_run_tags={"kind": "registration", "checkpoint": str(ckpt), **training_run}, version_tags=tags)
-    return {"name": name, "version": logged["version"], "alias": alias or None,
-            "model_uri": f"models:/{name}/{logged['version']}", "logged_model_uri": logged["logged_model_uri"],
-            "run_id": logged["run_id"], "tracking_uri": uri}
+            new_run_tags={"kind": "registration", "checkpoint": str(ckpt), **training_run},
+            version_tags=tags,
+        )
+    return {
+        "name": name,
+        "version": logged["version"],
+        "alias": alias or None,
+        "model_uri": f"models:/{name}/{logged['version']}",
+        "logged_model_uri": logged["logged_model_uri"],
+        "run_id": logged["run_id"],
+        "tracking_uri": uri,
+    }
 
 
-def _checked_bundle(ckpt: Path, ckpt_dir: str | Path, name: str, serving_limits: dict[str, Any] | None,
-                    cfg: Any) -> Any:
+def _checked_bundle(
+    ckpt: Path, ckpt_dir: str | Path, name: str, serving_limits: dict[str, Any] | None, cfg: Any
+) -> Any:
     """Refuse what cannot be registered, naming it; returns the run config (the bundle's config.yaml by default)."""
     from datasets_io.config import load_config
     from training.pyfunc import ServingLimits
@@ -219,5 +260,9 @@ def load_registered_bundle(model_uri: str, tracking_uri: str | None = None) -> t
     python_model = loaded.unwrap_python_model()
     if not hasattr(python_model, "bundle"):
         raise LauncherError(f"{model_uri} is not a report-generator model (training.pyfunc.ReportGenerator)")
-    return python_model.bundle, {"max_seq_len": python_model.max_seq_len, "run_id": loaded.metadata.run_id,
-                                 "adapter_dir": python_model.adapter_dir, "pyfunc": loaded}
+    return python_model.bundle, {
+        "max_seq_len": python_model.max_seq_len,
+        "run_id": loaded.metadata.run_id,
+        "adapter_dir": python_model.adapter_dir,
+        "pyfunc": loaded,
+    }

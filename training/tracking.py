@@ -53,7 +53,7 @@ def resolve_store(tracking_uri: str | None = None, cfg: Config | None = None) ->
         raise LauncherError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
@@ -61,7 +61,7 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store live in `mlartifacts/` next to the db; a server owns its artifact store (None)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -128,8 +128,15 @@ class NullTracker:
 class MlflowTracker:
     """One MLflow run: a new one in `experiment` (created when missing), or the existing `run_id`."""
 
-    def __init__(self, uri: str, experiment: str, *, run_id: str | None = None, run_name: str | None = None,
-                 tags: dict[str, str] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         self.client, self.tracking_uri, self.run_id = _client(uri), uri, run_id
         if run_id is None:
             exp_id = _experiment_id(self.client, experiment, uri)
@@ -141,8 +148,12 @@ class MlflowTracker:
     def from_config(cls, cfg: Config, run_id: str | None = None, run_name: str | None = None) -> "MlflowTracker":
         """A training run: the config's store and experiment; a new run named run_name / mlflow.run_name, or the
         resumed `run_id`."""
-        return cls(resolve_store(None, cfg), cfg.mlflow.experiment, run_id=run_id,
-                   run_name=run_name or cfg.mlflow.run_name or None)
+        return cls(
+            resolve_store(None, cfg),
+            cfg.mlflow.experiment,
+            run_id=run_id,
+            run_name=run_name or cfg.mlflow.run_name or None,
+        )
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params the run does not have yet (MLflow refuses to change one: a resumed run keeps its first values)."""
@@ -174,8 +185,10 @@ class MlflowTracker:
 
     def last_logged_steps(self) -> dict[str, int]:
         """Metric key -> the last step the run has for it."""
-        return {key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
-                for key in self.client.get_run(self.run_id).data.metrics}
+        return {
+            key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            for key in self.client.get_run(self.run_id).data.metrics
+        }
 
     def reopen(self) -> None:
         """Mark a run that an earlier launch ended as RUNNING again (a relaunched Ray run)."""
@@ -219,8 +232,16 @@ class ResumeSafeTracker:
             self.inner.close(status)
 
 
-def log_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str], params: dict[str, Any],
-            metrics: dict[str, float], files: Sequence[tuple[Path, str]]) -> str:
+def log_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    files: Sequence[tuple[Path, str]],
+) -> str:
     """A one-shot run (an evaluation): tags, params, metrics at step 0, each (file, artifact folder) of `files`.
     The run ends FINISHED, or FAILED when a write fails. Returns its id."""
     tracker = MlflowTracker(uri, experiment, run_name=run_name, tags=tags)
@@ -296,9 +317,18 @@ def _finished_run(client: Any, run_id: str | None) -> str | None:
     return run_id if run.info.status != "RUNNING" else None
 
 
-def log_registered_model(uri: str, experiment: str, name: str, pyfunc_model: dict[str, Any], *, alias: str | None,
-                         run_id: str | None, new_run_name: str, new_run_tags: dict[str, str],
-                         version_tags: dict[str, str]) -> dict[str, str]:
+def log_registered_model(
+    uri: str,
+    experiment: str,
+    name: str,
+    pyfunc_model: dict[str, Any],
+    *,
+    alias: str | None,
+    run_id: str | None,
+    new_run_name: str,
+    new_run_tags: dict[str, str],
+    version_tags: dict[str, str],
+) -> dict[str, str]:
     """Log a pyfunc model (`pyfunc_model`: mlflow.pyfunc.log_model's keyword arguments) into the run `run_id` when it
     is in this store and over (an MLflow 3 LoggedModel of that run), else into a new run of `experiment` named
     `new_run_name` and tagged `new_run_tags`; register it as a version of `name` tagged `version_tags`; point `alias`
@@ -310,8 +340,11 @@ def log_registered_model(uri: str, experiment: str, name: str, pyfunc_model: dic
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     client = _client(uri)
     run_id = _finished_run(client, run_id)
-    run_kwargs = ({"run_id": run_id} if run_id else
-                  {"experiment_id": _experiment_id(client, experiment, uri), "run_name": new_run_name})
+    run_kwargs = (
+        {"run_id": run_id}
+        if run_id
+        else {"experiment_id": _experiment_id(client, experiment, uri), "run_name": new_run_name}
+    )
     with TrackingTarget(uri), mlflow.start_run(**run_kwargs) as run:
         if not run_id:
             mlflow.set_tags(new_run_tags)
@@ -336,8 +369,10 @@ def load_pyfunc_model(model_uri: str, uri: str) -> Any:
         try:
             return mlflow.pyfunc.load_model(model_uri)
         except Exception as e:  # noqa: BLE001 -- MlflowException / OSError: say what and where
-            raise LauncherError(f"cannot load {model_uri} from {uri}: {e.__class__.__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise LauncherError(
+                f"cannot load {model_uri} from {uri}: {e.__class__.__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
 
 
 def pyfunc_predict(model: Any, frame: Any, params: dict[str, Any], what: str) -> Any:

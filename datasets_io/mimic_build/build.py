@@ -18,16 +18,37 @@ from datasets_io.mimic_build.ehr import add_ehr
 from datasets_io.mimic_build.icd_map import IcdMap, load_icd_map
 from datasets_io.mimic_build.options import BuildOptions
 from datasets_io.mimic_build.raw_files import (
-    ADMISSIONS, CHEXPERT, D_LABITEMS, DIAGNOSES, ED_DIRS, HOSP_DIRS, LABEVENTS, METADATA, PATIENTS, SPLIT, VITALSIGN,
-    locate, subfolder,
+    ADMISSIONS,
+    CHEXPERT,
+    D_LABITEMS,
+    DIAGNOSES,
+    ED_DIRS,
+    HOSP_DIRS,
+    LABEVENTS,
+    METADATA,
+    PATIENTS,
+    SPLIT,
+    VITALSIGN,
+    locate,
+    subfolder,
 )
 from datasets_io.mimic_build.studies import (
-    CHEXPERT_RENDER, SPLIT_FILES, Study, check_patient_disjoint, select_studies,
+    CHEXPERT_RENDER,
+    SPLIT_FILES,
+    Study,
+    check_patient_disjoint,
+    select_studies,
 )
 from datasets_io.records import CHEXPERT_LABELS, STAGE_MODES, prompt_a, prompt_b, target_a, target_b
 
-DROP_REASONS = ("no_preferred_view", "not_in_split_file", "no_chexpert_row", "image_file_missing",
-                "report_file_missing", "no_usable_report_text")  # report["dropped"], in step order
+DROP_REASONS = (
+    "no_preferred_view",
+    "not_in_split_file",
+    "no_chexpert_row",
+    "image_file_missing",
+    "report_file_missing",
+    "no_usable_report_text",
+)  # report["dropped"], in step order
 
 
 def build(opts: BuildOptions) -> dict[str, Any]:
@@ -106,11 +127,25 @@ def records_of(s: Study, opts: BuildOptions) -> list[dict[str, str]]:
     """The study's Stage A row, and its Stage B row when it has an admission (or with --no-admission icd-none)."""
     chexpert = chexpert_block(s.chexpert, opts.unmentioned)
     base = {"study_id": str(s.study_id), "image": s.image_relpath}
-    rows = [{**base, "prompt": prompt_a(), "target": target_a(s.impression, chexpert), "mode": STAGE_MODES["A"],
-             "stage": "A"}]
+    rows = [
+        {
+            **base,
+            "prompt": prompt_a(),
+            "target": target_a(s.impression, chexpert),
+            "mode": STAGE_MODES["A"],
+            "stage": "A",
+        }
+    ]
     if s.hadm_id is not None or opts.no_admission == "icd-none":
-        rows.append({**base, "prompt": prompt_b(s.ehr), "target": target_b(s.impression, chexpert, s.icd),
-                     "mode": STAGE_MODES["B"], "stage": "B"})
+        rows.append(
+            {
+                **base,
+                "prompt": prompt_b(s.ehr),
+                "target": target_b(s.impression, chexpert, s.icd),
+                "mode": STAGE_MODES["B"],
+                "stage": "B",
+            }
+        )
     return rows
 
 
@@ -136,15 +171,21 @@ def chexpert_block(values: tuple[float | None, ...], unmentioned: str) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------- the report
-def count_outputs(report: dict[str, Any], studies: list[Study], rows_by_split: dict[str, list[dict[str, str]]],
-                  stage_b_skipped: int, icd_map: IcdMap) -> None:
+def count_outputs(
+    report: dict[str, Any],
+    studies: list[Study],
+    rows_by_split: dict[str, list[dict[str, str]]],
+    stage_b_skipped: int,
+    icd_map: IcdMap,
+) -> None:
     """The report's counts of what was written, and the funnel of every step."""
     report["dropped"] = dict(report["dropped"])
     report["kept_studies"] = len(studies)
     report["studies_per_split"] = {sp: sum(1 for s in studies if s.split == sp) for sp in SPLIT_FILES}
     report["stage_b_not_written_outside_every_admission"] = stage_b_skipped
-    report["rows_written"] = {SPLIT_FILES[sp]: dict(Counter(r["stage"] for r in rows))
-                              for sp, rows in rows_by_split.items()}
+    report["rows_written"] = {
+        SPLIT_FILES[sp]: dict(Counter(r["stage"] for r in rows)) for sp, rows in rows_by_split.items()
+    }
     report["chexpert_labels"] = label_counts(studies)
     report["icd_flags_positive"] = {f: sum(1 for s in studies if s.icd.get(f)) for f in icd_map.flags}
     report["funnel"] = funnel(report)
@@ -171,11 +212,13 @@ def funnel(report: dict[str, Any]) -> list[dict[str, Any]]:
     if unexamined:
         n -= unexamined
         steps.append(("examined before --max-studies was reached", n, unexamined, "--max-studies"))
-    for key, why in (("not_in_split_file", "image not in the split file"),
-                     ("no_chexpert_row", "study not in the CheXpert file"),
-                     ("image_file_missing", "JPEG not on disk"),
-                     ("report_file_missing", "report .txt not on disk"),
-                     ("no_usable_report_text", "no IMPRESSION, FINDINGS or last paragraph with text")):
+    for key, why in (
+        ("not_in_split_file", "image not in the split file"),
+        ("no_chexpert_row", "study not in the CheXpert file"),
+        ("image_file_missing", "JPEG not on disk"),
+        ("report_file_missing", "report .txt not on disk"),
+        ("no_usable_report_text", "no IMPRESSION, FINDINGS or last paragraph with text"),
+    ):
         n -= d[key]
         steps.append((f"after: {why}", n, d[key], key))
     return [{"step": s, "studies": k, "dropped": dr, "reason": r} for s, k, dr, r in steps]
@@ -189,15 +232,18 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  {step['studies']:>8}  {step['step']}{dropped}")
     lines.append(f"  impression from: {report['impression_source']}")
     ehr = report["ehr"]
-    lines.append(f"  admissions: {ehr.get('inside_an_admission', 0)} studies inside one, "
-                 f"{ehr.get('outside_every_admission', 0)} outside every admission "
-                 f"({report['stage_b_not_written_outside_every_admission']} Stage B rows not written)")
+    lines.append(
+        f"  admissions: {ehr.get('inside_an_admission', 0)} studies inside one, "
+        f"{ehr.get('outside_every_admission', 0)} outside every admission "
+        f"({report['stage_b_not_written_outside_every_admission']} Stage B rows not written)"
+    )
     lab = ehr.get("labevents", {})
-    lines.append(f"  labevents: {lab.get('rows_scanned', 0)} rows scanned, {lab.get('rows_kept', 0)} of the panel "
-                 f"and subjects, {ehr.get('studies_with_labs', 0)} studies with labs, "
-                 f"{ehr.get('studies_with_vitals', 0)} with vitals")
+    lines.append(
+        f"  labevents: {lab.get('rows_scanned', 0)} rows scanned, {lab.get('rows_kept', 0)} of the panel "
+        f"and subjects, {ehr.get('studies_with_labs', 0)} studies with labs, "
+        f"{ehr.get('studies_with_vitals', 0)} with vitals"
+    )
     lines.append(f"  ICD flags: {report['icd_flags_positive']}")
     for name, counts in report["rows_written"].items():
         lines.append(f"  {name}: {sum(counts.values())} rows {counts}")
     return "\n".join(lines)
-

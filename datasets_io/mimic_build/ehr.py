@@ -16,12 +16,30 @@ from datasets_io.errors import LauncherError
 from datasets_io.mimic_build.icd_map import AdmissionCodes, IcdMap
 from datasets_io.mimic_build.options import BuildOptions
 from datasets_io.mimic_build.raw_files import (
-    ADMISSIONS, D_LABITEMS, DIAGNOSES, ED_DIRS, HOSP_DIRS, LABEVENTS, PATIENTS, TS, VITALSIGN, Keep, locate,
-    read_csv, stream_csv, subject_filter,
+    ADMISSIONS,
+    D_LABITEMS,
+    DIAGNOSES,
+    ED_DIRS,
+    HOSP_DIRS,
+    LABEVENTS,
+    PATIENTS,
+    TS,
+    VITALSIGN,
+    Keep,
+    locate,
+    read_csv,
+    stream_csv,
+    subject_filter,
 )
 from datasets_io.mimic_build.studies import Study
 from datasets_io.mimic_build.time_alignment import (
-    Admission, NearestBefore, admission_containing, age_at, discharged_before, to_epoch_seconds, ts_seconds,
+    Admission,
+    NearestBefore,
+    admission_containing,
+    age_at,
+    discharged_before,
+    to_epoch_seconds,
+    ts_seconds,
 )
 
 # Lab panel of the Patient Data block: output name -> (d_labitems labels, fluid). Resolved to itemids through
@@ -73,8 +91,15 @@ def add_ehr(studies: list[Study], opts: BuildOptions, icd_map: IcdMap, report: d
     ehr_report["studies_with_vitals"] = sum(1 for x in vitals if x)
 
 
-def fill_study_ehr(s: Study, admissions: list[Admission], person: dict[int, tuple], codes: AdmissionCodes,
-                   labs: dict[str, Any], vitals: dict[str, Any], counts: Counter) -> None:
+def fill_study_ehr(
+    s: Study,
+    admissions: list[Admission],
+    person: dict[int, tuple],
+    codes: AdmissionCodes,
+    labs: dict[str, Any],
+    vitals: dict[str, Any],
+    counts: Counter,
+) -> None:
     """Set the study's hadm_id, ICD flags and Patient Data block; count where its admission was found."""
     current, n_inside = admission_containing(admissions, s.time_s)
     if n_inside > 1:
@@ -120,13 +145,15 @@ def read_admissions(hosp: Path, keep: Keep, admission_start: str) -> dict[int, l
     for i, (subject, hadm) in enumerate(zip(cols["subject_id"], cols["hadm_id"])):
         admit, disch = cols["admittime"][i], cols["dischtime"][i]
         if admit is None or disch is None or hadm is None:
-            raise LauncherError(f"{path}: admission {hadm} of subject {subject} has a blank hadm_id, admittime "
-                                "or dischtime")
+            raise LauncherError(
+                f"{path}: admission {hadm} of subject {subject} has a blank hadm_id, admittime or dischtime"
+            )
         start = admit
         if admission_start == "edregtime" and cols["edregtime"][i] is not None:
             start = min(admit, cols["edregtime"][i])
-        by_subject[subject].append(Admission(to_epoch_seconds(start), to_epoch_seconds(disch), hadm,
-                                             cols["admission_type"][i]))
+        by_subject[subject].append(
+            Admission(to_epoch_seconds(start), to_epoch_seconds(disch), hadm, cols["admission_type"][i])
+        )
     return by_subject
 
 
@@ -137,24 +164,32 @@ def read_diagnoses(hosp: Path, keep: Keep) -> dict[int, set[tuple[int, str]]]:
     codes_by_hadm: dict[int, set[tuple[int, str]]] = defaultdict(set)
     for hadm, code, version in zip(*(diagnoses.column(c).to_pylist() for c in ("hadm_id", "icd_code", "icd_version"))):
         if version not in (9, 10):
-            raise LauncherError(f"{path}: column 'icd_version': unexpected value {version} for hadm_id {hadm} "
-                                "(expected 9 or 10)")
+            raise LauncherError(
+                f"{path}: column 'icd_version': unexpected value {version} for hadm_id {hadm} (expected 9 or 10)"
+            )
         if code:
             codes_by_hadm[hadm].add((version, code.replace(".", "").strip().upper()))
     return codes_by_hadm
 
 
 # --------------------------------------------------------------------------------------------- labs and vitals
-def nearest_measurements(studies: list[Study], opts: BuildOptions,
-                         ehr_report: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def nearest_measurements(
+    studies: list[Study], opts: BuildOptions, ehr_report: dict
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(labs, vitals) per study: labevents and ED vitalsign streamed, reduced to one best row per (study, item)."""
     hosp = Path(opts.mimic_iv)
     study_subject = np.array([s.subject_id for s in studies], np.int64)
     study_time = np.array([s.time_s for s in studies], np.int64)
     items, lab_names, missing_labs = resolve_lab_panel(locate(hosp, D_LABITEMS[0], "--mimic-iv", HOSP_DIRS))
     ehr_report["lab_panel_not_in_d_labitems"] = missing_labs
-    labs_reducer, lab_stats = nearest_labs(locate(hosp, LABEVENTS[0], "--mimic-iv", HOSP_DIRS), items,
-                                           len(lab_names), study_subject, study_time, opts.lab_window_hours)
+    labs_reducer, lab_stats = nearest_labs(
+        locate(hosp, LABEVENTS[0], "--mimic-iv", HOSP_DIRS),
+        items,
+        len(lab_names),
+        study_subject,
+        study_time,
+        opts.lab_window_hours,
+    )
     labs = labs_reducer.results(lab_names, with_range=True)
     ehr_report["labevents"] = lab_stats
     if opts.mimic_iv_ed:
@@ -172,8 +207,9 @@ def resolve_lab_panel(d_labitems: Path) -> tuple[dict[int, int], list[str], list
     """(itemid -> panel index, panel names, names with no itemid) from d_labitems by label and fluid."""
     table = read_csv(d_labitems, D_LABITEMS[1])
     names = list(LAB_PANEL)
-    wanted = {(label.lower(), fluid.lower()): i for i, (labels, fluid) in enumerate(LAB_PANEL.values())
-              for label in labels}
+    wanted = {
+        (label.lower(), fluid.lower()): i for i, (labels, fluid) in enumerate(LAB_PANEL.values()) for label in labels
+    }
     items: dict[int, int] = {}
     for itemid, label, fluid in zip(*(table.column(c).to_pylist() for c in ("itemid", "label", "fluid"))):
         i = wanted.get(((label or "").strip().lower(), (fluid or "").strip().lower()))
@@ -183,9 +219,17 @@ def resolve_lab_panel(d_labitems: Path) -> tuple[dict[int, int], list[str], list
     return items, names, missing
 
 
-def nearest_labs(labevents: Path, items: dict[int, int], n_items: int, study_subject: np.ndarray,
-                 study_time: np.ndarray, window_hours: float, *, desc: str | None = "labevents",
-                 block_size: int = 1 << 20) -> tuple[NearestBefore, dict[str, int]]:
+def nearest_labs(
+    labevents: Path,
+    items: dict[int, int],
+    n_items: int,
+    study_subject: np.ndarray,
+    study_time: np.ndarray,
+    window_hours: float,
+    *,
+    desc: str | None = "labevents",
+    block_size: int = 1 << 20,
+) -> tuple[NearestBefore, dict[str, int]]:
     """Stream labevents, keeping rows of the chosen subjects and panel items with a numeric value."""
     reducer = NearestBefore(study_subject, study_time, n_items, window_hours * 3600)
     subjects = pa.array(np.unique(study_subject), pa.int64())
@@ -197,8 +241,10 @@ def nearest_labs(labevents: Path, items: dict[int, int], n_items: int, study_sub
     def keep(batch: pa.RecordBatch) -> pa.Array:
         stats["blocks_read"] += 1
         stats["rows_scanned"] += batch.num_rows
-        mask = pc.and_(pc.is_in(batch.column("subject_id"), value_set=subjects),
-                       pc.is_in(batch.column("itemid"), value_set=itemid_set))
+        mask = pc.and_(
+            pc.is_in(batch.column("subject_id"), value_set=subjects),
+            pc.is_in(batch.column("itemid"), value_set=itemid_set),
+        )
         return pc.and_(mask, pc.and_(pc.is_valid(batch.column("valuenum")), pc.is_valid(batch.column("charttime"))))
 
     for batch in stream_csv(labevents, LABEVENTS[1], keep=keep, desc=desc, block_size=block_size):
@@ -218,8 +264,9 @@ def nearest_labs(labevents: Path, items: dict[int, int], n_items: int, study_sub
     return reducer, dict(stats)
 
 
-def nearest_vitals(vitalsign: Path, study_subject: np.ndarray, study_time: np.ndarray,
-                   window_hours: float) -> tuple[NearestBefore, dict[str, int]]:
+def nearest_vitals(
+    vitalsign: Path, study_subject: np.ndarray, study_time: np.ndarray, window_hours: float
+) -> tuple[NearestBefore, dict[str, int]]:
     """Stream ED vitalsign (wide: one column per vital) into the same reducer, one item per vital."""
     reducer = NearestBefore(study_subject, study_time, len(VITALS), window_hours * 3600)
     unit_codes = [reducer.unit_code(unit) for _, unit in VITALS.values()]
@@ -243,7 +290,15 @@ def nearest_vitals(vitalsign: Path, study_subject: np.ndarray, study_time: np.nd
             if not n:
                 continue
             nan = np.full(n, np.nan)
-            reducer.update(subject[present], np.full(n, i, np.int64), time_s[present], values[present],
-                           np.full(n, unit_codes[i], np.int32), nan, nan, tie[present])
+            reducer.update(
+                subject[present],
+                np.full(n, i, np.int64),
+                time_s[present],
+                values[present],
+                np.full(n, unit_codes[i], np.int32),
+                nan,
+                nan,
+                tie[present],
+            )
     stats["pairs_in_window"] = reducer.pairs_in_window
     return reducer, dict(stats)

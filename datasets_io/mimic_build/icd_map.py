@@ -28,8 +28,11 @@ class IcdMap:
     @staticmethod
     def match(table: PrefixTable, code: str, version: int) -> list[str]:
         """Names in `table` with a prefix of `code` among the prefixes of its ICD version."""
-        return [name for name, by_version in table.items()
-                if by_version.get(version) and code.startswith(by_version[version])]
+        return [
+            name
+            for name, by_version in table.items()
+            if by_version.get(version) and code.startswith(by_version[version])
+        ]
 
 
 def load_icd_map(path: str | Path) -> IcdMap:

@@ -69,4 +69,3 @@ def subject_selected(subject_id: int, selectors: tuple[str, ...]) -> bool:
         return True
     sid = str(subject_id)
     return any((len(s) == 3 and sid[:2] == s[1:]) or sid == s[1:] for s in selectors)
-

@@ -21,20 +21,49 @@ from datasets_io.records import CHEXPERT_LABELS
 
 # The raw files and the columns read from each, with their Arrow types (all other columns are skipped while parsing).
 I64, F64, STR, TS = "int64", "double", "string", "timestamp[s]"
-METADATA = ("mimic-cxr-2.0.0-metadata.csv.gz", {"dicom_id": STR, "subject_id": I64, "study_id": I64,
-                                                "ViewPosition": STR, "StudyDate": I64, "StudyTime": F64})
-CHEXPERT = ("mimic-cxr-2.0.0-chexpert.csv.gz", {"subject_id": I64, "study_id": I64,
-                                                **{label: F64 for label in CHEXPERT_LABELS}})
+METADATA = (
+    "mimic-cxr-2.0.0-metadata.csv.gz",
+    {"dicom_id": STR, "subject_id": I64, "study_id": I64, "ViewPosition": STR, "StudyDate": I64, "StudyTime": F64},
+)
+CHEXPERT = (
+    "mimic-cxr-2.0.0-chexpert.csv.gz",
+    {"subject_id": I64, "study_id": I64, **{label: F64 for label in CHEXPERT_LABELS}},
+)
 SPLIT = ("mimic-cxr-2.0.0-split.csv.gz", {"dicom_id": STR, "study_id": I64, "subject_id": I64, "split": STR})
 PATIENTS = ("patients.csv.gz", {"subject_id": I64, "gender": STR, "anchor_age": I64, "anchor_year": I64})
-ADMISSIONS = ("admissions.csv.gz", {"subject_id": I64, "hadm_id": I64, "admittime": TS, "dischtime": TS,
-                                    "admission_type": STR})
+ADMISSIONS = (
+    "admissions.csv.gz",
+    {"subject_id": I64, "hadm_id": I64, "admittime": TS, "dischtime": TS, "admission_type": STR},
+)
 DIAGNOSES = ("diagnoses_icd.csv.gz", {"subject_id": I64, "hadm_id": I64, "icd_code": STR, "icd_version": I64})
 D_LABITEMS = ("d_labitems.csv.gz", {"itemid": I64, "label": STR, "fluid": STR})
-LABEVENTS = ("labevents.csv.gz", {"labevent_id": I64, "subject_id": I64, "itemid": I64, "charttime": TS,
-                                  "valuenum": F64, "valueuom": STR, "ref_range_lower": F64, "ref_range_upper": F64})
-VITALSIGN = ("vitalsign.csv.gz", {"subject_id": I64, "stay_id": I64, "charttime": TS, "temperature": F64,
-                                  "heartrate": F64, "resprate": F64, "o2sat": F64, "sbp": F64, "dbp": F64})
+LABEVENTS = (
+    "labevents.csv.gz",
+    {
+        "labevent_id": I64,
+        "subject_id": I64,
+        "itemid": I64,
+        "charttime": TS,
+        "valuenum": F64,
+        "valueuom": STR,
+        "ref_range_lower": F64,
+        "ref_range_upper": F64,
+    },
+)
+VITALSIGN = (
+    "vitalsign.csv.gz",
+    {
+        "subject_id": I64,
+        "stay_id": I64,
+        "charttime": TS,
+        "temperature": F64,
+        "heartrate": F64,
+        "resprate": F64,
+        "o2sat": F64,
+        "sbp": F64,
+        "dbp": F64,
+    },
+)
 Keep = Callable[[pa.RecordBatch], pa.Array]  # a batch -> the boolean mask of its rows to keep
 HOSP_DIRS = ("hosp", "")  # where --mimic-iv's files may be: its hosp/ folder, or the folder itself
 ED_DIRS = ("ed", "")  # the same for --mimic-iv-ed
@@ -50,8 +79,10 @@ def locate(root: str | Path, name: str, flag: str, subdirs: tuple[str, ...] = ("
             tried.append(str(path))
             if path.is_file():
                 return path
-    raise LauncherError(f"{flag} {root}: {name} not found (looked for {', '.join(tried)}); point {flag} at the "
-                        "folder of the PhysioNet release that holds it")
+    raise LauncherError(
+        f"{flag} {root}: {name} not found (looked for {', '.join(tried)}); point {flag} at the "
+        "folder of the PhysioNet release that holds it"
+    )
 
 
 def _open(path: Path) -> tuple[pa.NativeFile, pa.NativeFile]:
@@ -80,6 +111,7 @@ _COLUMN_NO = re.compile(r"CSV column #(\d+)")
 
 def _name_column(message: str, header: list[str]) -> str:
     """pyarrow says 'In CSV column #3: ...'; add the column's name."""
+
     def named(m: re.Match) -> str:
         i = int(m.group(1))
         return f"{m.group(0)} ('{header[i]}')" if i < len(header) else m.group(0)
@@ -108,15 +140,23 @@ def stream_csv(
         raise LauncherError(f"{path}: missing column(s) {missing}; the file's columns are {header}")
     types = {name: pa.type_for_alias(alias) for name, alias in columns.items()}
     raw, stream = _open(path)
-    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=desc, disable=None if desc else True,
-               leave=False, file=sys.stderr)
+    bar = tqdm(
+        total=os.path.getsize(path),
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        disable=None if desc else True,
+        leave=False,
+        file=sys.stderr,
+    )
     try:
         try:
             reader = pacsv.open_csv(
                 stream,
                 read_options=pacsv.ReadOptions(block_size=block_size),
-                convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=types,
-                                                     strings_can_be_null=True),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=list(columns), column_types=types, strings_can_be_null=True
+                ),
             )
         except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as e:
             raise LauncherError(f"{path}: {_name_column(str(e), header)}") from None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 
 _SECTION_RE = re.compile(r"\n *([A-Z ()/,-]+):\s")
-_FINDINGS_LIKE = re.compile(r"chest|portable|pa and lat|lateral and pa|ap and lat|lateral and ap|frontal|two views|"
-                            r"one view|pa view|ap view|lateral view")
+_FINDINGS_LIKE = re.compile(
+    r"chest|portable|pa and lat|lateral and pa|ap and lat|lateral and ap|frontal|two views|"
+    r"one view|pa view|ap view|lateral view"
+)
 
 
 def normalize_section_name(name: str) -> str:

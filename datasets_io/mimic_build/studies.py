@@ -89,8 +89,10 @@ def read_split(path: Path, selectors: tuple[str, ...]) -> tuple[dict[str, str], 
         if not subject_selected(subject, selectors):
             continue
         if split not in SPLIT_FILES:
-            raise LauncherError(f"{path}: column 'split': unexpected value {split!r} for dicom_id {dicom} "
-                                f"(expected one of {sorted(SPLIT_FILES)})")
+            raise LauncherError(
+                f"{path}: column 'split': unexpected value {split!r} for dicom_id {dicom} "
+                f"(expected one of {sorted(SPLIT_FILES)})"
+            )
         by_dicom[dicom] = split
         by_study[study].add(split)
     return by_dicom, by_study
@@ -106,8 +108,10 @@ def read_chexpert(path: Path, selectors: tuple[str, ...]) -> dict[int, tuple[flo
             continue
         for label, v in zip(CHEXPERT_LABELS, values):
             if v is not None and v not in CHEXPERT_RENDER:
-                raise LauncherError(f"{path}: column '{label}': unexpected value {v} for study_id {study} "
-                                    "(expected 1.0, 0.0, -1.0 or blank)")
+                raise LauncherError(
+                    f"{path}: column '{label}': unexpected value {v} for study_id {study} "
+                    "(expected 1.0, 0.0, -1.0 or blank)"
+                )
         if study in out:
             raise LauncherError(f"{path}: study_id {study} appears twice")
         out[study] = tuple(values)
@@ -130,8 +134,9 @@ class _CxrRelease:
         if split is None:
             return "not_in_split_file"
         if len(self.split_by_study.get(study_id, ())) > 1:
-            raise LauncherError(f"{SPLIT[0]}: study {study_id} has images in splits "
-                                f"{sorted(self.split_by_study[study_id])}")
+            raise LauncherError(
+                f"{SPLIT[0]}: study {study_id} has images in splits {sorted(self.split_by_study[study_id])}"
+            )
         labels = self.chexpert.get(study_id)
         if labels is None:
             return "no_chexpert_row"
@@ -153,9 +158,12 @@ def select_studies(opts: BuildOptions, report: dict) -> list[Study]:
     """Steps 1-3: image by view, split, CheXpert, report text; sorted by (subject_id, study_id)."""
     cxr = Path(opts.cxr_jpg)
     images = select_images(locate(cxr, METADATA[0], "--cxr-jpg"), opts.views, opts.subjects, report)
-    release = _CxrRelease(*read_split(locate(cxr, SPLIT[0], "--cxr-jpg"), opts.subjects),
-                          read_chexpert(locate(cxr, CHEXPERT[0], "--cxr-jpg"), opts.subjects),
-                          subfolder(cxr, "files"), subfolder(opts.reports, "files"))
+    release = _CxrRelease(
+        *read_split(locate(cxr, SPLIT[0], "--cxr-jpg"), opts.subjects),
+        read_chexpert(locate(cxr, CHEXPERT[0], "--cxr-jpg"), opts.subjects),
+        subfolder(cxr, "files"),
+        subfolder(opts.reports, "files"),
+    )
     sources: Counter = Counter()
     kept: list[Study] = []
     candidates = sorted(images.items(), key=lambda kv: (kv[1][0], kv[0]))
@@ -184,7 +192,8 @@ def check_patient_disjoint(studies: list[Study]) -> dict[str, int]:
     crossing = sorted(subj for subj, sp in splits.items() if len(sp) > 1)
     if crossing:
         shown = ", ".join(f"{s} ({'/'.join(sorted(splits[s]))})" for s in crossing[:5])
-        raise LauncherError(f"{SPLIT[0]}: {len(crossing)} patient(s) in more than one split, e.g. {shown}; "
-                            "train/val/test must be patient-disjoint (use the official split file unchanged)")
+        raise LauncherError(
+            f"{SPLIT[0]}: {len(crossing)} patient(s) in more than one split, e.g. {shown}; "
+            "train/val/test must be patient-disjoint (use the official split file unchanged)"
+        )
     return {"subjects": len(splits), "subjects_in_two_or_more_splits": 0}
-

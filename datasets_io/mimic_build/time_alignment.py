@@ -169,8 +169,10 @@ class NearestBefore:
                 k = s * self.n_items + i
                 if not found[k]:
                     continue
-                entry: dict[str, Any] = {"value": float(self.value[k]),
-                                         "unit": self.units[self.unit[k]] if self.unit[k] >= 0 else None}
+                entry: dict[str, Any] = {
+                    "value": float(self.value[k]),
+                    "unit": self.units[self.unit[k]] if self.unit[k] >= 0 else None,
+                }
                 if with_range:
                     lo, hi = self.lo[k], self.hi[k]
                     bounds = [None if np.isnan(b) else float(b) for b in (lo, hi)]

@@ -23,14 +23,24 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="print a resolved run config, or the JSON schema of the config tree",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "config",
+        help="print a resolved run config, or the JSON schema of the config tree",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
 
     s = csub.add_parser("show", help="load, override and validate a config; print the whole resolved tree")
     s.add_argument("--config", default=None, metavar="FILE", help="YAML config (default: the built-in defaults)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=20 (repeatable)",
+    )
     s.add_argument("--format", choices=["yaml", "json"], default="yaml")
     s.set_defaults(func=run_show)
 

@@ -37,12 +37,20 @@ class Check:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="check this machine: devices, Ray, DeepSpeed, MLflow, data, base model, disk",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine: devices, Ray, DeepSpeed, MLflow, data, base model, disk",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=None, metavar="FILE", help="run config whose data, model and tracking to check")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides (repeatable)")
-    p.add_argument("--min-free-gb", type=float, default=DEFAULT_MIN_FREE_GB,
-                   help="free disk below this under output.dir fails (default: %(default)s GB)")
+    p.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=DEFAULT_MIN_FREE_GB,
+        help="free disk below this under output.dir fails (default: %(default)s GB)",
+    )
     p.set_defaults(func=run_doctor)
 
 
@@ -58,7 +66,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         _guarded("deepspeed", lambda: check_deepspeed(cfg.deepspeed.offload_optimizer)),
         _guarded("mlflow", lambda: check_mlflow(cfg)),
         *(check_data(cfg) if has_cfg else [Check("data", "skip", "no --config: no curriculum to check")]),
-        _guarded("base model", lambda: check_base_model(cfg.model.name_or_path, cfg.output.dir)) if has_cfg
+        _guarded("base model", lambda: check_base_model(cfg.model.name_or_path, cfg.output.dir))
+        if has_cfg
         else Check("base model", "skip", "no --config: no model.name_or_path to check"),
         _guarded("disk", lambda: check_disk(cfg.output.dir, args.min_free_gb)),
     ]
@@ -87,8 +96,12 @@ def _guarded(name: str, fn: Callable[[], Check]) -> Check:
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 -- any failure of a probe is a finding, reported on its line
-        return Check(name, "fail", f"the check itself failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}",
-                     "fix the installation of this component (see README \"Stack\") and run doctor again")
+        return Check(
+            name,
+            "fail",
+            f"the check itself failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}",
+            'fix the installation of this component (see README "Stack") and run doctor again',
+        )
 
 
 # --------------------------------------------------------------------------------------------- machine
@@ -107,8 +120,10 @@ def check_torch(model_dtype: str) -> Check:
     cuda = torch.cuda.is_available()
     if cuda:
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        parts.append(f"cuda x{torch.cuda.device_count()} ({', '.join(names)}), bf16 "
-                     f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+        parts.append(
+            f"cuda x{torch.cuda.device_count()} ({', '.join(names)}), bf16 "
+            f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+        )
     else:
         parts.append("cuda no")
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -116,11 +131,16 @@ def check_torch(model_dtype: str) -> Check:
     parts.append(f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
     detail = "; ".join(parts)
     if model_dtype in ("bf16", "fp16") and not (cuda or mps):
-        return Check("torch", "fail", detail + f"; config model.dtype={model_dtype}",
-                     f"model.dtype={model_dtype} needs a GPU here: set model.dtype=auto (fp32 on CPU) or run on a GPU")
+        return Check(
+            "torch",
+            "fail",
+            detail + f"; config model.dtype={model_dtype}",
+            f"model.dtype={model_dtype} needs a GPU here: set model.dtype=auto (fp32 on CPU) or run on a GPU",
+        )
     if cuda and model_dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        return Check("torch", "fail", detail + "; config model.dtype=bf16",
-                     "this GPU has no bf16: set model.dtype=fp16 or fp32")
+        return Check(
+            "torch", "fail", detail + "; config model.dtype=bf16", "this GPU has no bf16: set model.dtype=fp16 or fp32"
+        )
     return Check("torch", "ok", detail)
 
 
@@ -142,13 +162,24 @@ def _check_ray_dashboard(address: str, local_version: str) -> Check:
         with urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=5) as r:
             remote = json.loads(r.read()).get("ray_version", "?")
     except (OSError, ValueError) as e:
-        return Check("ray", "fail", f"{local_version}; RAY_ADDRESS={address} does not answer ({e})",
-                     "start the head (`ray start --head`), fix RAY_ADDRESS, or unset it to run locally")
+        return Check(
+            "ray",
+            "fail",
+            f"{local_version}; RAY_ADDRESS={address} does not answer ({e})",
+            "start the head (`ray start --head`), fix RAY_ADDRESS, or unset it to run locally",
+        )
     if remote != local_version:
-        return Check("ray", "fail", f"{local_version}; cluster at {address} runs Ray {remote}",
-                     f"install ray=={remote} here or the pinned ray=={local_version} on the cluster")
-    return Check("ray", "ok", f"{local_version}; dashboard {address} answers (Ray {remote}); "
-                              f"resources: `ray status --address` on the head")
+        return Check(
+            "ray",
+            "fail",
+            f"{local_version}; cluster at {address} runs Ray {remote}",
+            f"install ray=={remote} here or the pinned ray=={local_version} on the cluster",
+        )
+    return Check(
+        "ray",
+        "ok",
+        f"{local_version}; dashboard {address} answers (Ray {remote}); resources: `ray status --address` on the head",
+    )
 
 
 def _check_ray_cluster(address: str, ray: Any) -> Check:
@@ -159,15 +190,23 @@ def _check_ray_cluster(address: str, ray: Any) -> Check:
         if address != "auto":  # "auto": the cluster this machine is part of (ray.init finds it, or fails at once)
             socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
-        return Check("ray", "fail", f"{ray.__version__}; nothing answers at RAY_ADDRESS={address} ({e})",
-                     "start the head (`ray start --head`), fix RAY_ADDRESS (HOST:6379), or unset it to run locally")
+        return Check(
+            "ray",
+            "fail",
+            f"{ray.__version__}; nothing answers at RAY_ADDRESS={address} ({e})",
+            "start the head (`ray start --head`), fix RAY_ADDRESS (HOST:6379), or unset it to run locally",
+        )
     kwargs = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False, **kwargs)
     except Exception as e:  # noqa: BLE001 -- ConnectionError, version mismatch (RuntimeError), auth errors
-        return Check("ray", "fail", f"{ray.__version__}; cannot join RAY_ADDRESS={address}: "
-                                    f"{e.__class__.__name__}: {str(e).splitlines()[0][:160]}",
-                     "start the head (`ray start --head`), fix RAY_ADDRESS, or unset it to run locally")
+        return Check(
+            "ray",
+            "fail",
+            f"{ray.__version__}; cannot join RAY_ADDRESS={address}: "
+            f"{e.__class__.__name__}: {str(e).splitlines()[0][:160]}",
+            "start the head (`ray start --head`), fix RAY_ADDRESS, or unset it to run locally",
+        )
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         res = ray.cluster_resources()
@@ -175,8 +214,12 @@ def _check_ray_cluster(address: str, ray: Any) -> Check:
         ray.shutdown()
     shown = f"CPU {res.get('CPU', 0):g}, GPU {res.get('GPU', 0):g}, memory {res.get('memory', 0) / 1e9:.1f} GB"
     gpus = res.get("GPU", 0)
-    return Check("ray", "ok", f"{ray.__version__}; cluster {address}: {len(alive)} node(s), {shown}"
-                              + ("" if gpus else " (no GPUs: ray.use_gpu must stay false)"))
+    return Check(
+        "ray",
+        "ok",
+        f"{ray.__version__}; cluster {address}: {len(alive)} node(s), {shown}"
+        + ("" if gpus else " (no GPUs: ray.use_gpu must stay false)"),
+    )
 
 
 def check_deepspeed(offload_optimizer: bool) -> Check:
@@ -189,15 +232,22 @@ def check_deepspeed(offload_optimizer: bool) -> Check:
 
     compatible = importlib.import_module("deepspeed.ops").__compatible_ops__
     jit = sorted(n for n, ok in compatible.items() if ok and not installed_ops.get(n))
-    detail = (f"{deepspeed.__version__}; JIT on first use: {', '.join(jit) or 'none'} (the launcher's engine needs "
-              "none of them unless deepspeed.offload_optimizer)")
+    detail = (
+        f"{deepspeed.__version__}; JIT on first use: {', '.join(jit) or 'none'} (the launcher's engine needs "
+        "none of them unless deepspeed.offload_optimizer)"
+    )
     if jit and not shutil.which("ninja"):
-        return Check("deepspeed", "fail", detail + "; no ninja on PATH",
-                     "pip install ninja (DeepSpeed builds its ops with it)")
+        return Check(
+            "deepspeed", "fail", detail + "; no ninja on PATH", "pip install ninja (DeepSpeed builds its ops with it)"
+        )
     if offload_optimizer and "cpu_adam" in jit:
-        return Check("deepspeed", "warn", detail,
-                     "deepspeed.offload_optimizer=true builds cpu_adam at the first step (~2 min per machine); "
-                     "prebuild with DS_BUILD_CPU_ADAM=1 pip install deepspeed to skip it")
+        return Check(
+            "deepspeed",
+            "warn",
+            detail,
+            "deepspeed.offload_optimizer=true builds cpu_adam at the first step (~2 min per machine); "
+            "prebuild with DS_BUILD_CPU_ADAM=1 pip install deepspeed to skip it",
+        )
     return Check("deepspeed", "ok", detail)
 
 
@@ -210,12 +260,16 @@ def check_mlflow(cfg: Any) -> Check:
 
     version, uri = mlflow_version(), resolve_tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         if not db.is_file():
             parent = _nearest_existing(db.parent)
             if not os.access(parent, os.W_OK):
-                return Check("mlflow", "fail", f"{version}; {uri}: {parent} is not writable",
-                             "point output.dir or mlflow.tracking_uri at a writable place")
+                return Check(
+                    "mlflow",
+                    "fail",
+                    f"{version}; {uri}: {parent} is not writable",
+                    "point output.dir or mlflow.tracking_uri at a writable place",
+                )
             return Check("mlflow", "ok", f"{version}; {uri} (created at the first run)")
     try:
         check_reachable(uri)
@@ -224,10 +278,15 @@ def check_mlflow(cfg: Any) -> Check:
     try:
         n = registered_model_count(uri, limit=100)
     except Exception as e:  # noqa: BLE001 -- MlflowException / RestException: the registry is what matters
-        return Check("mlflow", "fail", f"{version}; {uri} tracks but its model registry fails: "
-                                       f"{e.__class__.__name__}", "use a database-backed store (sqlite, postgres)")
-    return Check("mlflow", "ok", f"{version}; {uri} reachable, registry: {n}{'+' if n == 100 else ''} "
-                                 "registered model(s)")
+        return Check(
+            "mlflow",
+            "fail",
+            f"{version}; {uri} tracks but its model registry fails: {e.__class__.__name__}",
+            "use a database-backed store (sqlite, postgres)",
+        )
+    return Check(
+        "mlflow", "ok", f"{version}; {uri} reachable, registry: {n}{'+' if n == 100 else ''} registered model(s)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- the config's inputs
@@ -239,14 +298,28 @@ def check_data(cfg: Any) -> list[Check]:
     files = {name: data_path(cfg, name) for name in ("train_file", "val_file")}
     missing = [p for p in files.values() if not path_exists(p)]
     if missing and cfg.data.synth_if_missing:
-        return [Check("data", "warn", f"{', '.join(missing)} missing; data.synth_if_missing=true",
-                      f"the first run writes {cfg.data.synth_studies} synthetic studies to {cfg.data.root}")]
+        return [
+            Check(
+                "data",
+                "warn",
+                f"{', '.join(missing)} missing; data.synth_if_missing=true",
+                f"the first run writes {cfg.data.synth_studies} synthetic studies to {cfg.data.root}",
+            )
+        ]
     if missing:
-        return [Check("data", "fail", f"not found: {', '.join(missing)}",
-                      f"fix data.root / data.train_file / data.val_file, or build the data (`launcher data synth "
-                      f"--out {cfg.data.root}` or `launcher data build`)")]
-    return [_guarded(f"data {name}", lambda p=path, n=name: _sample_file(n, p, cfg.data.root))
-            for name, path in files.items()]
+        return [
+            Check(
+                "data",
+                "fail",
+                f"not found: {', '.join(missing)}",
+                f"fix data.root / data.train_file / data.val_file, or build the data (`launcher data synth "
+                f"--out {cfg.data.root}` or `launcher data build`)",
+            )
+        ]
+    return [
+        _guarded(f"data {name}", lambda p=path, n=name: _sample_file(n, p, cfg.data.root))
+        for name, path in files.items()
+    ]
 
 
 def _sample_file(name: str, path: str, root: str) -> Check:
@@ -260,9 +333,12 @@ def _sample_file(name: str, path: str, root: str) -> Check:
             break
     label = f"data {name}"
     if report.problems:
-        return Check(label, "fail", f"{path}: {report.skipped} of the first {seen + report.skipped} records bad; "
-                                    f"first: {report.problems[0]}",
-                     f"`launcher data validate {path} --data-root {root}` lists every bad record")
+        return Check(
+            label,
+            "fail",
+            f"{path}: {report.skipped} of the first {seen + report.skipped} records bad; first: {report.problems[0]}",
+            f"`launcher data validate {path} --data-root {root}` lists every bad record",
+        )
     if not seen:
         return Check(label, "fail", f"{path}: no records", "the curriculum file is empty: rebuild the data")
     return Check(label, "ok", f"{path}: first {seen} records valid, images decode")
@@ -277,20 +353,37 @@ def check_base_model(name_or_path: str, output_dir: str) -> Check:
     d = Path(name_or_path)
     if not d.is_dir():
         if name_or_path.startswith(("/", ".", "~")):
-            return Check("base model", "fail", f"{name_or_path}: no such directory",
-                         "fix model.name_or_path (a converted model: `launcher model convert-llava-med`)")
+            return Check(
+                "base model",
+                "fail",
+                f"{name_or_path}: no such directory",
+                "fix model.name_or_path (a converted model: `launcher model convert-llava-med`)",
+            )
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        return Check("base model", "fail" if offline else "warn", f"{name_or_path}: a hub id, not a local directory",
-                     "HF_HUB_OFFLINE=1 forbids the download: point model.name_or_path at a local copy" if offline
-                     else "the first run downloads it; workers on other machines each download it too")
+        return Check(
+            "base model",
+            "fail" if offline else "warn",
+            f"{name_or_path}: a hub id, not a local directory",
+            "HF_HUB_OFFLINE=1 forbids the download: point model.name_or_path at a local copy"
+            if offline
+            else "the first run downloads it; workers on other machines each download it too",
+        )
     problems = _missing_model_files(d)
     if problems:
-        return Check("base model", "fail", f"{d}: incomplete: {'; '.join(problems)}",
-                     "copy the missing files, or convert again (`launcher model convert-llava-med --out DIR`)")
+        return Check(
+            "base model",
+            "fail",
+            f"{d}: incomplete: {'; '.join(problems)}",
+            "copy the missing files, or convert again (`launcher model convert-llava-med --out DIR`)",
+        )
     model_type = json.loads((d / "config.json").read_text()).get("model_type")
     if model_type != "llava":
-        return Check("base model", "fail", f"{d}: model_type {model_type!r}, not 'llava'",
-                     "convert it first (`launcher model convert-llava-med`)")
+        return Check(
+            "base model",
+            "fail",
+            f"{d}: model_type {model_type!r}, not 'llava'",
+            "convert it first (`launcher model convert-llava-med`)",
+        )
     return Check("base model", "ok", f"{d}: config, weights, tokenizer present")
 
 
@@ -318,8 +411,13 @@ def check_disk(output_dir: str, min_free_gb: float) -> Check:
     free = shutil.disk_usage(where).free / 1e9
     detail = f"{free:.1f} GB free at {where} (output.dir {output_dir})"
     if free < min_free_gb:
-        return Check("disk", "fail", detail, f"free space or point output.dir elsewhere (doctor wants "
-                                             f">= {min_free_gb:g} GB: checkpoints, the base model copy, MLflow)")
+        return Check(
+            "disk",
+            "fail",
+            detail,
+            f"free space or point output.dir elsewhere (doctor wants "
+            f">= {min_free_gb:g} GB: checkpoints, the base model copy, MLflow)",
+        )
     return Check("disk", "ok", detail)
 
 

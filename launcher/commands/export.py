@@ -20,16 +20,24 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="merge LoRA into the base; write an HF (vLLM) or GGUF (llama.cpp/Ollama) model",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="merge LoRA into the base; write an HF (vLLM) or GGUF (llama.cpp/Ollama) model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="an adapter bundle (checkpoints/final, stage_A_end, ...)")
     src.add_argument("--model", metavar="URI", help="a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--tracking-uri", default=None, help="registry of --model (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written as OUT.partial first)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="stored weights: auto = the base model's dtype (default); gguf takes fp32 or fp16")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="stored weights: auto = the base model's dtype (default); gguf takes fp32 or fp16",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_export)
 

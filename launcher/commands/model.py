@@ -25,26 +25,55 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--src", type=Path, required=True,
-                   help="the original checkpoint dir (config.json with model_type llava_mistral, weights, tokenizer)")
-    p.add_argument("--vision-tower", type=Path, required=True,
-                   help="local dir of the CLIP model named by the source's mm_vision_tower "
-                        "(openai/clip-vit-large-patch14-336)")
+    p.add_argument(
+        "--src",
+        type=Path,
+        required=True,
+        help="the original checkpoint dir (config.json with model_type llava_mistral, weights, tokenizer)",
+    )
+    p.add_argument(
+        "--vision-tower",
+        type=Path,
+        required=True,
+        help="local dir of the CLIP model named by the source's mm_vision_tower (openai/clip-vit-large-patch14-336)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output dir (written as OUT.partial, renamed when done)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare the converted model's logits with the original layout's (needs RAM for one full "
-                        "model in --verify-dtype at a time: ~30 GB for the 7B in fp32)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |logit difference| for --verify (default: %(default)s)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read .bin weights with torch.load(weights_only=True); without it .bin files are refused")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="storage dtype of the output; auto (default) = the source language model's")
-    p.add_argument("--verify-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="compute dtype of both models during --verify (default: %(default)s)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the converted model's logits with the original layout's (needs RAM for one full "
+        "model in --verify-dtype at a time: ~30 GB for the 7B in fp32)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |logit difference| for --verify (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin weights with torch.load(weights_only=True); without it .bin files are refused",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="storage dtype of the output; auto (default) = the source language model's",
+    )
+    p.add_argument(
+        "--verify-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="compute dtype of both models during --verify (default: %(default)s)",
+    )
     p.add_argument("--verify-device", default="cpu", help="torch device for --verify: cpu (default), cuda, cuda:1, mps")
-    p.add_argument("--verify-image", type=Path, default=None,
-                   help="image for --verify (default: a fixed synthetic non-square image)")
+    p.add_argument(
+        "--verify-image",
+        type=Path,
+        default=None,
+        help="image for --verify (default: a fixed synthetic non-square image)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_convert_llava_med)
 

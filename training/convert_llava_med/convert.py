@@ -18,7 +18,12 @@ from datasets_io.errors import LauncherError
 from training.convert_llava_med.plan import build_plan, llava_config, resolve_dtype
 from training.convert_llava_med.processor import IMAGE_TOKEN, PAD_TOKEN, add_llava_tokens, save_processor
 from training.convert_llava_med.source import (
-    SourceInfo, TensorFile, load_source_tokenizer, open_tensor_file, read_source_info, weight_files,
+    SourceInfo,
+    TensorFile,
+    load_source_tokenizer,
+    open_tensor_file,
+    read_source_info,
+    weight_files,
 )
 from training.convert_llava_med.verify import verify_conversion
 from training.convert_llava_med.writing import save_generation_config, write_shards
@@ -99,8 +104,17 @@ def check_paths(src: Path, vision_tower: Path, out: Path, overwrite: bool) -> No
         raise LauncherError(f"--out {out} exists and is not empty: pass --overwrite or choose another directory")
 
 
-def write_converted(src: Path, vision_tower: Path, info: SourceInfo, src_paths: list[Path], tower_paths: list[Path],
-                    dtype: str, partial: Path, out: Path, log: Callable[[str], None]) -> ConversionResult:
+def write_converted(
+    src: Path,
+    vision_tower: Path,
+    info: SourceInfo,
+    src_paths: list[Path],
+    tower_paths: list[Path],
+    dtype: str,
+    partial: Path,
+    out: Path,
+    log: Callable[[str], None],
+) -> ConversionResult:
     """Everything of the converted directory into `partial`: the weights (planned, then streamed), config.json, the
     generation config, tokenizer and processor. On any error `partial` is removed; the source files are closed (and
     their memory released) either way."""

@@ -130,8 +130,9 @@ def build_plan(
     return ConversionPlan(files=paths, shards=shards, dtype=dtype, new_rows=new_rows, notes=notes)
 
 
-def planned_shards(src_files: list[TensorFile], tower_files: list[TensorFile], info: SourceInfo,
-                   new_rows: int) -> tuple[list[list[OutputTensor]], list[str]]:
+def planned_shards(
+    src_files: list[TensorFile], tower_files: list[TensorFile], info: SourceInfo, new_rows: int
+) -> tuple[list[list[OutputTensor]], list[str]]:
     """(one output shard per file that contributes tensors, notes): each kept tensor renamed, its output shape (rows
     added to the resized embeddings) and where it comes from."""
     shards: list[list[OutputTensor]] = []
@@ -162,8 +163,9 @@ def planned_shards(src_files: list[TensorFile], tower_files: list[TensorFile], i
     return shards, notes
 
 
-def check_against_llava(shards: list[list[OutputTensor]], expected: dict[str, tuple[int, ...]],
-                        info: SourceInfo) -> None:
+def check_against_llava(
+    shards: list[list[OutputTensor]], expected: dict[str, tuple[int, ...]], info: SourceInfo
+) -> None:
     """Raise naming every missing, unexpected, wrongly shaped or duplicated output tensor (the first five of each)."""
     got: dict[str, tuple[int, ...]] = {}
     duplicates = []

@@ -21,7 +21,11 @@ from datasets_io.errors import LauncherError
 from training.convert_llava_med.plan import OUT_DTYPES, SRC_TOWER_PREFIX, mistral_config
 from training.convert_llava_med.processor import IMAGE_TOKEN, image_processor_for
 from training.convert_llava_med.source import (
-    SourceInfo, load_source_tokenizer, quiet_transformers, read_source_info, weight_files,
+    SourceInfo,
+    load_source_tokenizer,
+    quiet_transformers,
+    read_source_info,
+    weight_files,
 )
 
 # The LLaVA repo's placeholder id for the image in a token list (llava/constants.py): the original tokenizer has no
@@ -151,8 +155,9 @@ def expand_image_placeholder(ids: list[int], image_token_id: int, n_image: int) 
     return expanded
 
 
-def converted_logits(converted: Path, input_ids: list[int], pixel_values: torch.Tensor, compute_dtype: torch.dtype,
-                     device: str) -> torch.Tensor:
+def converted_logits(
+    converted: Path, input_ids: list[int], pixel_values: torch.Tensor, compute_dtype: torch.dtype, device: str
+) -> torch.Tensor:
     """The converted LlavaForConditionalGeneration's logits (T, V) in fp32; it must load with no missing or unexpected
     weights."""
     from transformers import LlavaForConditionalGeneration
@@ -175,8 +180,16 @@ def converted_logits(converted: Path, input_ids: list[int], pixel_values: torch.
     return logits
 
 
-def judge_logits(ref: torch.Tensor, logits: torch.Tensor, is_text: torch.Tensor, tolerance: float,
-                 log: Callable[[str], None], *, t0: float, **checks) -> VerifyReport:
+def judge_logits(
+    ref: torch.Tensor,
+    logits: torch.Tensor,
+    is_text: torch.Tensor,
+    tolerance: float,
+    log: Callable[[str], None],
+    *,
+    t0: float,
+    **checks,
+) -> VerifyReport:
     """The report of the comparison (`checks`: its other fields), logged; raises when a logit is further apart than
     `tolerance` (or not finite). `ref`, `logits`: (T, V_original); `is_text`: (T,) bool."""
     if logits.shape != ref.shape:
@@ -251,8 +264,15 @@ def reference_logits(
     return logits
 
 
-def load_reference(src: Path, vision_tower: Path, info: SourceInfo, storage_dtype: torch.dtype,
-                   compute_dtype: torch.dtype, device: str, allow_pickle: bool):
+def load_reference(
+    src: Path,
+    vision_tower: Path,
+    info: SourceInfo,
+    storage_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    device: str,
+    allow_pickle: bool,
+):
     """(MistralForCausalLM, CLIPVisionModel, projector tensors) of the original layout, every weight rounded to
     `storage_dtype` and computed in `compute_dtype` on `device`. The tower is the CLIP dir's, or with
     unfreeze_mm_vision_tower the checkpoint's own."""

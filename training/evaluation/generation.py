@@ -76,8 +76,7 @@ def load_checkpoint_model(name: str, ckpt: str, device: str) -> LoadedModel:
     state = read_state(path) if (path / "trainer_state.json").is_file() else {}
     bundle = load_trained(str(path))
     bundle.model.to(device)
-    return LoadedModel(name, str(path), bundle, cfg.data.max_seq_len if cfg else None, cfg,
-                       state.get("mlflow_run_id"))
+    return LoadedModel(name, str(path), bundle, cfg.data.max_seq_len if cfg else None, cfg, state.get("mlflow_run_id"))
 
 
 def stage_a_end_sibling(opts: EvalOptions) -> Path | None:
@@ -100,8 +99,9 @@ def train_file(model: LoadedModel) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- generation
-def shared_max_new_tokens(models: Sequence[LoadedModel], studies: Sequence[Study], arms: Sequence[str],
-                          opts: EvalOptions) -> tuple[int, str]:
+def shared_max_new_tokens(
+    models: Sequence[LoadedModel], studies: Sequence[Study], arms: Sequence[str], opts: EvalOptions
+) -> tuple[int, str]:
     """One generation budget for every arm and model, and how it was chosen.
 
     A budget per arm (its max_seq_len minus its own longest prompt) would give the EHR-off and image-only arms more
@@ -168,13 +168,25 @@ def decode_images(studies: Sequence[Study], model: LoadedModel, data_root: str) 
     return [preprocess_image(read_bytes(join(data_root, s.image)), spec) for s in studies]
 
 
-def generate_arms(model: LoadedModel, studies: Sequence[Study], arms: Sequence[str], images: list[np.ndarray],
-                  max_new_tokens: int, opts: EvalOptions) -> dict[str, ArmOutput]:
+def generate_arms(
+    model: LoadedModel,
+    studies: Sequence[Study],
+    arms: Sequence[str],
+    images: list[np.ndarray],
+    max_new_tokens: int,
+    opts: EvalOptions,
+) -> dict[str, ArmOutput]:
     outputs = {}
     for arm in arms:
         idx = arm_indices(arm, studies)
         batch = [(studies[i].prompt(arm), images[i]) for i in idx]
-        texts = generate_reports(model.bundle, batch, batch_size=opts.batch_size, max_new_tokens=max_new_tokens,
-                                 progress=opts.progress, desc=f"{model.name}/{arm}")
+        texts = generate_reports(
+            model.bundle,
+            batch,
+            batch_size=opts.batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=opts.progress,
+            desc=f"{model.name}/{arm}",
+        )
         outputs[arm] = ArmOutput(arm, texts, indices=idx)
     return outputs

@@ -12,8 +12,15 @@ import numpy as np
 from datasets_io.records import CHEXPERT_LABELS
 
 # The paired differences plotted (each comparison's, when it has them).
-DIFF_METRICS = ("text/rouge_l", "text/bleu_4", "chexpert/u_pos/macro_f1", "chexpert/u_pos/macro_f1_5",
-                "icd/micro_f1", "icd/macro_f1", "validity/report")
+DIFF_METRICS = (
+    "text/rouge_l",
+    "text/bleu_4",
+    "chexpert/u_pos/macro_f1",
+    "chexpert/u_pos/macro_f1_5",
+    "icd/micro_f1",
+    "icd/macro_f1",
+    "validity/report",
+)
 
 
 def write_plots(result: dict, plot_dir: Path) -> list[Path]:
@@ -42,22 +49,30 @@ def per_label_figure(result: dict, plt: Any) -> Any:
     fig, axes = plt.subplots(1 + has_icd, 1, figsize=(11, 4.5 * (1 + has_icd)), squeeze=False)
     series = [(arm, sec["chexpert"]) for arm, sec in arms.items()]
     series.append(("majority baseline", result["baseline"]["chexpert"]))
-    _bars(axes[0][0], list(CHEXPERT_LABELS), [(name, [_nan0(c[f"u_pos/f1/{lab}"]) for lab in CHEXPERT_LABELS])
-                                              for name, c in series],
-          "CheXpert per-label F1 (Uncertain = positive; undefined F1 shown as 0)")
+    _bars(
+        axes[0][0],
+        list(CHEXPERT_LABELS),
+        [(name, [_nan0(c[f"u_pos/f1/{lab}"]) for lab in CHEXPERT_LABELS]) for name, c in series],
+        "CheXpert per-label F1 (Uncertain = positive; undefined F1 shown as 0)",
+    )
     if has_icd:
         icd_arms = [(arm, sec["icd"]) for arm, sec in arms.items() if "icd" in sec]
         flags = [k.split("/", 1)[1] for k in icd_arms[0][1] if k.startswith("f1/")]
-        _bars(axes[1][0], flags, [(arm, [_nan0(s[f"f1/{f}"]) for f in flags]) for arm, s in icd_arms],
-              "ICD per-flag F1")
+        _bars(
+            axes[1][0], flags, [(arm, [_nan0(s[f"f1/{f}"]) for f in flags]) for arm, s in icd_arms], "ICD per-flag F1"
+        )
     return fig
 
 
 def ab_figure(result: dict, plt: Any) -> Any | None:
     """The evaluated model's paired arm differences (DIFF_METRICS) with their intervals and p-values; None when
     there is no comparison."""
-    rows = [(f"{comp}: {k}", metrics[k]) for comp, metrics in result["models"]["model"]["ab"].items()
-            for k in DIFF_METRICS if k in metrics]
+    rows = [
+        (f"{comp}: {k}", metrics[k])
+        for comp, metrics in result["models"]["model"]["ab"].items()
+        for k in DIFF_METRICS
+        if k in metrics
+    ]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))

@@ -44,8 +44,20 @@ def write_predictions(path: Path, studies: Sequence[Study], outputs: dict[str, d
             for arm, out in arms.items():
                 for i, text, p in zip(out.indices, out.texts, out.parsed, strict=True):
                     s = studies[i]
-                    f.write(json.dumps({"study_id": s.study_id, "model": model, "arm": arm, "generated": text,
-                                        "target": s.target, "valid": p.valid, "problems": p.problems}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "study_id": s.study_id,
+                                "model": model,
+                                "arm": arm,
+                                "generated": text,
+                                "target": s.target,
+                                "valid": p.valid,
+                                "problems": p.problems,
+                            }
+                        )
+                        + "\n"
+                    )
 
 
 # --------------------------------------------------------------------------------------------- report.md
@@ -75,8 +87,7 @@ def _diff_rows(metrics: dict[str, dict], keys: Sequence[str]) -> list[list[str]]
     rows = []
     for k in keys:
         d = metrics[k]
-        diff = ("undefined" if "undefined" in d
-                else f"{_f(d['diff'])} [{_f(d['diff_low'])}, {_f(d['diff_high'])}]")
+        diff = "undefined" if "undefined" in d else f"{_f(d['diff'])} [{_f(d['diff_low'])}, {_f(d['diff_high'])}]"
         rows.append([k, _f(d["a"]), _f(d["b"]), diff, _p(d["p_value"]), _p(d.get("p_holm"))])
     return rows
 
@@ -86,8 +97,14 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
     per-label F1, format problems and the plots."""
     e, models, base = result["evaluation"], result["models"], result["baseline"]
     model_arms = [(name, arm, a) for name, sec in models.items() for arm, a in sec["arms"].items()]
-    lines = [*_settings_section(e, models), *_validity_section(model_arms), *_chexpert_section(model_arms, base),
-             *_text_section(model_arms), *_clinical_section(e, model_arms), *_icd_section(model_arms)]
+    lines = [
+        *_settings_section(e, models),
+        *_validity_section(model_arms),
+        *_chexpert_section(model_arms, base),
+        *_text_section(model_arms),
+        *_clinical_section(e, model_arms),
+        *_icd_section(model_arms),
+    ]
     for name, sec in models.items():
         for comp, metrics in sec["ab"].items():
             lines += _arm_comparison_section(name, comp, metrics)
@@ -95,8 +112,12 @@ def render_report(result: dict, plots: Sequence[Path]) -> str:
         lines += _model_comparison_section(comp, metrics)
     lines += _per_label_sections(models["model"], model_arms, base)
     lines += _problems_and_plots(model_arms, plots)
-    lines += ["", f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
-              "(plus any other flag named in the references).", ""]
+    lines += [
+        "",
+        f"Metric conventions: training/metrics/scores.py. ICD flags scored: {', '.join(ICD_FLAGS)} "
+        "(plus any other flag named in the references).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -126,54 +147,102 @@ def _settings_section(e: dict, models: dict) -> list[str]:
         "Arms (each scored against the study's Stage B target, or its Stage A target when it has no Stage B row; "
         "paired comparisons use the studies both arms cover):",
         "",
-        *[f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}; covers {c['rule']}: {c['n']} of {c['of']} studies (hash "
-          f"`{c['studies_sha256']}`)" for arm, c in e["coverage"].items()],
+        *[
+            f"- `{arm}`: {ARM_DESCRIPTIONS[arm]}; covers {c['rule']}: {c['n']} of {c['of']} studies (hash "
+            f"`{c['studies_sha256']}`)"
+            for arm, c in e["coverage"].items()
+        ],
     ]
 
 
 def _validity_section(model_arms: ModelArms) -> list[str]:
-    return ["", "## Format validity", "",
-            *_table(["model", "arm", "whole report", "CheXpert block", "ICD block"],
-                    [[n, arm, _f(a["validity"]["report"]), _f(a["validity"]["chexpert"]),
-                      _f(a["validity"].get("icd"))] for n, arm, a in model_arms])]
+    return [
+        "",
+        "## Format validity",
+        "",
+        *_table(
+            ["model", "arm", "whole report", "CheXpert block", "ICD block"],
+            [
+                [n, arm, _f(a["validity"]["report"]), _f(a["validity"]["chexpert"]), _f(a["validity"].get("icd"))]
+                for n, arm, a in model_arms
+            ],
+        ),
+    ]
 
 
-CHEXPERT_COLUMNS = (("macro-F1 14 (U+)", "chexpert/u_pos/macro_f1"), ("macro-F1 5 (U+)", "chexpert/u_pos/macro_f1_5"),
-                    ("micro-F1 14 (U+)", "chexpert/u_pos/micro_f1"), ("macro-F1 14 (U-)", "chexpert/u_neg/macro_f1"),
-                    ("macro-F1 5 (U-)", "chexpert/u_neg/macro_f1_5"))
+CHEXPERT_COLUMNS = (
+    ("macro-F1 14 (U+)", "chexpert/u_pos/macro_f1"),
+    ("macro-F1 5 (U+)", "chexpert/u_pos/macro_f1_5"),
+    ("micro-F1 14 (U+)", "chexpert/u_pos/micro_f1"),
+    ("macro-F1 14 (U-)", "chexpert/u_neg/macro_f1"),
+    ("macro-F1 5 (U-)", "chexpert/u_neg/macro_f1_5"),
+)
 
 
 def _chexpert_section(model_arms: ModelArms, base: dict) -> list[str]:
     keys = [k for _, k in CHEXPERT_COLUMNS]
-    return ["", "## CheXpert F1 against the majority-class baseline", "",
-            f"Baseline: each label's most frequent value in the {base['fit_on']}, predicted for every study. U+ counts "
-            "Uncertain as positive, U- as negative. A label with no positive in references nor predictions has no F1 "
-            "and is left out of macro-F1.",
-            "",
-            *_table(["model / arm", *[t for t, _ in CHEXPERT_COLUMNS]],
-                    [[f"{n} / {arm}", *[_ci(a, k) for k in keys]] for n, arm, a in model_arms]
-                    + [["majority baseline", *[_ci(base, k) for k in keys]]])]
+    return [
+        "",
+        "## CheXpert F1 against the majority-class baseline",
+        "",
+        f"Baseline: each label's most frequent value in the {base['fit_on']}, predicted for every study. U+ counts "
+        "Uncertain as positive, U- as negative. A label with no positive in references nor predictions has no F1 "
+        "and is left out of macro-F1.",
+        "",
+        *_table(
+            ["model / arm", *[t for t, _ in CHEXPERT_COLUMNS]],
+            [[f"{n} / {arm}", *[_ci(a, k) for k in keys]] for n, arm, a in model_arms]
+            + [["majority baseline", *[_ci(base, k) for k in keys]]],
+        ),
+    ]
 
 
 def _text_section(model_arms: ModelArms) -> list[str]:
-    return ["", "## Report text (Impression)", "",
-            "Comparable with published tables: BLEU-n (13a) = sacrebleu's defaults (13a tokenizer, case-sensitive, "
-            "exp smoothing) / 100, and ROUGE-L = rouge-score's defaults (no stemming). Project BLEU: lowercased, "
-            "its own tokenizer, unsmoothed (training/metrics/scores.py).", "",
-            *_table(["model / arm", "BLEU-1 (13a)", "BLEU-2 (13a)", "BLEU-3 (13a)", "BLEU-4 (13a)", "ROUGE-L",
-                     "project BLEU-1", "project BLEU-4"],
-                    [[f"{n} / {arm}", _ci(a, "text/bleu_1_13a"), _f(a["text"]["bleu_2_13a"]),
-                      _f(a["text"]["bleu_3_13a"]), _ci(a, "text/bleu_4_13a"), _ci(a, "text/rouge_l"),
-                      _ci(a, "text/bleu_1"), _ci(a, "text/bleu_4")] for n, arm, a in model_arms])]
+    return [
+        "",
+        "## Report text (Impression)",
+        "",
+        "Comparable with published tables: BLEU-n (13a) = sacrebleu's defaults (13a tokenizer, case-sensitive, "
+        "exp smoothing) / 100, and ROUGE-L = rouge-score's defaults (no stemming). Project BLEU: lowercased, "
+        "its own tokenizer, unsmoothed (training/metrics/scores.py).",
+        "",
+        *_table(
+            [
+                "model / arm",
+                "BLEU-1 (13a)",
+                "BLEU-2 (13a)",
+                "BLEU-3 (13a)",
+                "BLEU-4 (13a)",
+                "ROUGE-L",
+                "project BLEU-1",
+                "project BLEU-4",
+            ],
+            [
+                [
+                    f"{n} / {arm}",
+                    _ci(a, "text/bleu_1_13a"),
+                    _f(a["text"]["bleu_2_13a"]),
+                    _f(a["text"]["bleu_3_13a"]),
+                    _ci(a, "text/bleu_4_13a"),
+                    _ci(a, "text/rouge_l"),
+                    _ci(a, "text/bleu_1"),
+                    _ci(a, "text/bleu_4"),
+                ]
+                for n, arm, a in model_arms
+            ],
+        ),
+    ]
 
 
-CLINICAL_COLUMNS = (("CheXbert micro-F1 14 (U-)", "clinical/chexbert/u_neg/micro_f1"),
-                    ("CheXbert macro-F1 14 (U-)", "clinical/chexbert/u_neg/macro_f1"),
-                    ("CheXbert micro-F1 5 (U-)", "clinical/chexbert/u_neg/micro_f1_5"),
-                    ("CheXbert macro-F1 5 (U-)", "clinical/chexbert/u_neg/macro_f1_5"),
-                    ("CheXbert micro-F1 14 (U+)", "clinical/chexbert/u_pos/micro_f1"),
-                    ("RadGraph F1 (partial)", "clinical/radgraph_f1"),
-                    ("BERTScore F1", "clinical/bertscore_f1"))
+CLINICAL_COLUMNS = (
+    ("CheXbert micro-F1 14 (U-)", "clinical/chexbert/u_neg/micro_f1"),
+    ("CheXbert macro-F1 14 (U-)", "clinical/chexbert/u_neg/macro_f1"),
+    ("CheXbert micro-F1 5 (U-)", "clinical/chexbert/u_neg/micro_f1_5"),
+    ("CheXbert macro-F1 5 (U-)", "clinical/chexbert/u_neg/macro_f1_5"),
+    ("CheXbert micro-F1 14 (U+)", "clinical/chexbert/u_pos/micro_f1"),
+    ("RadGraph F1 (partial)", "clinical/radgraph_f1"),
+    ("BERTScore F1", "clinical/bertscore_f1"),
+)
 
 
 def _clinical_section(e: dict, model_arms: ModelArms) -> list[str]:
@@ -181,10 +250,16 @@ def _clinical_section(e: dict, model_arms: ModelArms) -> list[str]:
     cols = [(title, key) for title, key in CLINICAL_COLUMNS if any(key in a["ci"] for _, _, a in model_arms)]
     lines = ["", "## Clinical metrics (Impression text)", ""]
     if cols:
-        lines += ["CheXbert labeler run on the generated and the reference Impression (U- = Uncertain as negative, "
-                  "as published tables report); weights from local directories (training/metrics/clinical.py).", "",
-                  *_table(["model / arm", *[t for t, _ in cols]],
-                          [[f"{n} / {arm}", *[_ci(a, k) for _, k in cols]] for n, arm, a in model_arms]), ""]
+        lines += [
+            "CheXbert labeler run on the generated and the reference Impression (U- = Uncertain as negative, "
+            "as published tables report); weights from local directories (training/metrics/clinical.py).",
+            "",
+            *_table(
+                ["model / arm", *[t for t, _ in cols]],
+                [[f"{n} / {arm}", *[_ci(a, k) for _, k in cols]] for n, arm, a in model_arms],
+            ),
+            "",
+        ]
     lines += [f"- {line}" for line in e["clinical"]["skipped"]]
     return lines
 
@@ -192,10 +267,19 @@ def _clinical_section(e: dict, model_arms: ModelArms) -> list[str]:
 def _icd_section(model_arms: ModelArms) -> list[str]:
     if not any("icd" in a for _, _, a in model_arms):
         return []
-    return ["", "## ICD flags", "",
-            *_table(["model / arm", "micro-F1", "macro-F1"],
-                    [[f"{n} / {arm}", _ci(a, "icd/micro_f1"), _ci(a, "icd/macro_f1")]
-                     for n, arm, a in model_arms if "icd" in a])]
+    return [
+        "",
+        "## ICD flags",
+        "",
+        *_table(
+            ["model / arm", "micro-F1", "macro-F1"],
+            [
+                [f"{n} / {arm}", _ci(a, "icd/micro_f1"), _ci(a, "icd/macro_f1")]
+                for n, arm, a in model_arms
+                if "icd" in a
+            ],
+        ),
+    ]
 
 
 def _arm_comparison_section(name: str, comp: str, metrics: dict[str, dict]) -> list[str]:
@@ -203,38 +287,78 @@ def _arm_comparison_section(name: str, comp: str, metrics: dict[str, dict]) -> l
     a, b = comp.split("-")
     title = "The EHR A/B test" if comp == "ehr_on-ehr_off" else f"{a} against {b}"
     n_common = next(iter(metrics.values()))["n"] if metrics else 0
-    return ["", f"## {title} ({name})", "",
-            f"Paired per study: `{a}` - `{b}`, same model, same images, the {n_common} studies both cover.",
-            "", *_table(["metric", a, b, *DIFF_HEADER], _diff_rows(metrics, list(metrics)))]
+    return [
+        "",
+        f"## {title} ({name})",
+        "",
+        f"Paired per study: `{a}` - `{b}`, same model, same images, the {n_common} studies both cover.",
+        "",
+        *_table(["metric", a, b, *DIFF_HEADER], _diff_rows(metrics, list(metrics))),
+    ]
 
 
 def _model_comparison_section(comp: str, metrics: dict[str, dict]) -> list[str]:
     """The model against the baseline or another model on one arm: the headline metrics only."""
-    keys = [k for k in metrics if k.startswith(("chexpert/u_pos/macro", "text/rouge", "text/bleu_4_13a",
-                                                "icd/micro", "validity/"))]
+    keys = [
+        k
+        for k in metrics
+        if k.startswith(("chexpert/u_pos/macro", "text/rouge", "text/bleu_4_13a", "icd/micro", "validity/"))
+    ]
     if not keys:
         return []
-    intro = (["Trained-baseline protocol: two separately trained models, the same studies, arm and paired "
-              "tests (Holm over this table).", ""] if TRAINED_BASELINE in comp else [])
-    return ["", f"## Comparison {comp}", "", *intro,
-            *_table(["metric", "model", "other", *DIFF_HEADER], _diff_rows(metrics, keys))]
+    intro = (
+        [
+            "Trained-baseline protocol: two separately trained models, the same studies, arm and paired "
+            "tests (Holm over this table).",
+            "",
+        ]
+        if TRAINED_BASELINE in comp
+        else []
+    )
+    return [
+        "",
+        f"## Comparison {comp}",
+        "",
+        *intro,
+        *_table(["metric", "model", "other", *DIFF_HEADER], _diff_rows(metrics, keys)),
+    ]
 
 
 def _per_label_sections(main: dict, model_arms: ModelArms, base: dict) -> list[str]:
     """CheXpert F1 per label (every model and arm, the baseline) and ICD F1 per flag (the evaluated model)."""
     first = next(iter(main["arms"].values()))["chexpert"]
-    lines = ["", "## Per-label CheXpert F1 (U+)", "",
-             *_table(["label", "support", *[f"{n}/{arm}" for n, arm, _ in model_arms], "baseline"],
-                     [[lab, str(int(first[f"u_pos/support/{lab}"])),
-                       *[_f(a["chexpert"][f"u_pos/f1/{lab}"]) for _, _, a in model_arms],
-                       _f(base["chexpert"][f"u_pos/f1/{lab}"])] for lab in CHEXPERT_LABELS])]
+    lines = [
+        "",
+        "## Per-label CheXpert F1 (U+)",
+        "",
+        *_table(
+            ["label", "support", *[f"{n}/{arm}" for n, arm, _ in model_arms], "baseline"],
+            [
+                [
+                    lab,
+                    str(int(first[f"u_pos/support/{lab}"])),
+                    *[_f(a["chexpert"][f"u_pos/f1/{lab}"]) for _, _, a in model_arms],
+                    _f(base["chexpert"][f"u_pos/f1/{lab}"]),
+                ]
+                for lab in CHEXPERT_LABELS
+            ],
+        ),
+    ]
     icd_arms = [(arm, a["icd"]) for arm, a in main["arms"].items() if "icd" in a]
     if icd_arms:
         flags = [k.split("/", 1)[1] for k in icd_arms[0][1] if k.startswith("f1/")]
-        lines += ["", "## Per-flag ICD F1 (the evaluated model)", "",
-                  *_table(["flag", "support", *[arm for arm, _ in icd_arms]],
-                          [[f, str(int(icd_arms[0][1][f"support/{f}"])), *[_f(s[f"f1/{f}"]) for _, s in icd_arms]]
-                           for f in flags])]
+        lines += [
+            "",
+            "## Per-flag ICD F1 (the evaluated model)",
+            "",
+            *_table(
+                ["flag", "support", *[arm for arm, _ in icd_arms]],
+                [
+                    [f, str(int(icd_arms[0][1][f"support/{f}"])), *[_f(s[f"f1/{f}"]) for _, s in icd_arms]]
+                    for f in flags
+                ],
+            ),
+        ]
     return lines
 
 
@@ -252,21 +376,30 @@ def _problems_and_plots(model_arms: ModelArms, plots: Sequence[Path]) -> list[st
 def summary_lines(result: dict) -> list[str]:
     """What `launcher evaluate` prints at the end."""
     h, e = result["headline"], result["evaluation"]
-    out = [f"[eval] {e['n_studies']} studies, arms {', '.join(e['arms'])}, generation {e['generation_s']} s",
-           f"  CheXpert macro-F1 ({h['arm']}, U+): 14 labels {_f(h['chexpert_u_pos_macro_f1'])} "
-           f"(baseline {_f(h['baseline_u_pos_macro_f1'])}), 5 labels {_f(h['chexpert_u_pos_macro_f1_5'])} "
-           f"(baseline {_f(h['baseline_u_pos_macro_f1_5'])})"]
-    icd = [f"{k[len('icd_micro_f1_'):]} {_f(v)}" for k, v in h.items() if k.startswith("icd_micro_f1_") and
-           k[len("icd_micro_f1_"):] in ("ehr_on", "ehr_off")]
+    out = [
+        f"[eval] {e['n_studies']} studies, arms {', '.join(e['arms'])}, generation {e['generation_s']} s",
+        f"  CheXpert macro-F1 ({h['arm']}, U+): 14 labels {_f(h['chexpert_u_pos_macro_f1'])} "
+        f"(baseline {_f(h['baseline_u_pos_macro_f1'])}), 5 labels {_f(h['chexpert_u_pos_macro_f1_5'])} "
+        f"(baseline {_f(h['baseline_u_pos_macro_f1_5'])})",
+    ]
+    icd = [
+        f"{k[len('icd_micro_f1_') :]} {_f(v)}"
+        for k, v in h.items()
+        if k.startswith("icd_micro_f1_") and k[len("icd_micro_f1_") :] in ("ehr_on", "ehr_off")
+    ]
     if icd:
         line = "  ICD micro-F1: " + ", ".join(icd)
         if "icd_micro_f1_p_value" in h:
             lo, hi = h["icd_micro_f1_diff_ci"]
-            line += (f"; on - off {_f(h['icd_micro_f1_diff_on_off'])} [{_f(lo)}, {_f(hi)}], "
-                     f"p = {_p(h['icd_micro_f1_p_value'])}")
+            line += (
+                f"; on - off {_f(h['icd_micro_f1_diff_on_off'])} [{_f(lo)}, {_f(hi)}], "
+                f"p = {_p(h['icd_micro_f1_p_value'])}"
+            )
         out.append(line)
-    out.append("  validity: " + ", ".join(f"{k[len('validity_'):]} {_f(v)}" for k, v in h.items()
-                                          if k.startswith("validity_")))
+    out.append(
+        "  validity: "
+        + ", ".join(f"{k[len('validity_') :]} {_f(v)}" for k, v in h.items() if k.startswith("validity_"))
+    )
     return out
 
 
@@ -305,9 +438,21 @@ def flat_metrics(result: dict) -> dict[str, float]:
 def eval_params(result: dict) -> dict[str, str]:
     """The evaluation's settings: paths, limit, EHR mode, checkpoint. No patient data."""
     e = result["evaluation"]
-    keys = ("checkpoint", "model_uri", "baseline_checkpoint", "data", "data_root", "ehr", "limit", "batch_size",
-            "max_new_tokens", "seed",
-            "n_resamples", "device", "n_studies")
+    keys = (
+        "checkpoint",
+        "model_uri",
+        "baseline_checkpoint",
+        "data",
+        "data_root",
+        "ehr",
+        "limit",
+        "batch_size",
+        "max_new_tokens",
+        "seed",
+        "n_resamples",
+        "device",
+        "n_studies",
+    )
     params = {f"eval.{k}": str(e[k]) for k in keys}
     params["eval.arms"] = ",".join(e["arms"])
     params["eval.compared_models"] = ",".join(f"{k}={v}" for k, v in e["models"].items())

@@ -8,13 +8,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from datasets_io.errors import LauncherError
-from training.evaluation.generation import (ArmOutput, LoadedModel, decode_images, generate_arms, load_models,
-                                            shared_max_new_tokens, train_file)
+from training.evaluation.generation import (
+    ArmOutput,
+    LoadedModel,
+    decode_images,
+    generate_arms,
+    load_models,
+    shared_max_new_tokens,
+    train_file,
+)
 from training.evaluation.options import EvalOptions
 from training.evaluation.plots import write_plots
 from training.evaluation.report import eval_params, flat_metrics, render_report, write_metrics, write_predictions
-from training.evaluation.scoring import (ArmStats, References, compare_model_arms, comparisons, headline,
-                                         majority_baseline, score_arms)
+from training.evaluation.scoring import (
+    ArmStats,
+    References,
+    compare_model_arms,
+    comparisons,
+    headline,
+    majority_baseline,
+    score_arms,
+)
 from training.evaluation.studies import Study, arm_coverage, arms_for, load_studies, studies_digest
 from training.metrics.clinical import ClinicalScorers
 
@@ -45,9 +59,18 @@ def run_evaluation(opts: EvalOptions) -> dict:
     clinical = load_clinical_scorers(opts, device)
     t_gen = time.perf_counter()
     outputs = {m.name: generate_arms(m, studies, arms, images, max_new, opts) for m in models}
-    settings = evaluation_settings(opts, studies, arms, models, device=device, max_new_tokens=max_new,
-                                   max_new_tokens_source=max_new_source, generation_s=time.perf_counter() - t_gen,
-                                   clinical=clinical, overlap=overlap)
+    settings = evaluation_settings(
+        opts,
+        studies,
+        arms,
+        models,
+        device=device,
+        max_new_tokens=max_new,
+        max_new_tokens_source=max_new_source,
+        generation_s=time.perf_counter() - t_gen,
+        clinical=clinical,
+        overlap=overlap,
+    )
     result: dict[str, Any] = {"status": "arms scored; paired comparisons pending", "evaluation": settings}
     all_stats, base_stats = score_models(result, models, outputs, studies, opts, clinical)
     write_metrics(out_dir, result)  # before any paired test can fail
@@ -80,31 +103,63 @@ def load_clinical_scorers(opts: EvalOptions, device: str) -> ClinicalScorers:
     return clinical
 
 
-def evaluation_settings(opts: EvalOptions, studies: Sequence[Study], arms: Sequence[str],
-                        models: Sequence[LoadedModel], *, device: str, max_new_tokens: int, max_new_tokens_source: str,
-                        generation_s: float, clinical: ClinicalScorers, overlap: Any) -> dict[str, Any]:
+def evaluation_settings(
+    opts: EvalOptions,
+    studies: Sequence[Study],
+    arms: Sequence[str],
+    models: Sequence[LoadedModel],
+    *,
+    device: str,
+    max_new_tokens: int,
+    max_new_tokens_source: str,
+    generation_s: float,
+    clinical: ClinicalScorers,
+    overlap: Any,
+) -> dict[str, Any]:
     """metrics.json's "evaluation" section: what was evaluated and how (paths, settings, coverage; no patient data)."""
     return {
-        "checkpoint": opts.checkpoint, "model_uri": opts.model_uri,
-        "baseline_checkpoint": opts.baseline_checkpoint, "data": opts.data,
-        "data_root": opts.data_root, "ehr": opts.ehr, "limit": opts.limit,
-        "sample": (f"a seeded random sample (seed {opts.seed}) of the file's studies" if opts.limit
-                   else "every study of the file"),
-        "batch_size": opts.batch_size, "max_new_tokens": max_new_tokens, "max_new_tokens_source": max_new_tokens_source,
-        "seed": opts.seed, "n_resamples": opts.n_resamples,
-        "device": device, "arms": list(arms), "coverage": arm_coverage(arms, studies),
+        "checkpoint": opts.checkpoint,
+        "model_uri": opts.model_uri,
+        "baseline_checkpoint": opts.baseline_checkpoint,
+        "data": opts.data,
+        "data_root": opts.data_root,
+        "ehr": opts.ehr,
+        "limit": opts.limit,
+        "sample": (
+            f"a seeded random sample (seed {opts.seed}) of the file's studies"
+            if opts.limit
+            else "every study of the file"
+        ),
+        "batch_size": opts.batch_size,
+        "max_new_tokens": max_new_tokens,
+        "max_new_tokens_source": max_new_tokens_source,
+        "seed": opts.seed,
+        "n_resamples": opts.n_resamples,
+        "device": device,
+        "arms": list(arms),
+        "coverage": arm_coverage(arms, studies),
         "models": {m.name: m.source for m in models},
-        "n_studies": len(studies), "studies_sha256": studies_digest(studies),
+        "n_studies": len(studies),
+        "studies_sha256": studies_digest(studies),
         "generation_s": round(generation_s, 2),
-        "clinical": {"chexbert": opts.chexbert, "radgraph": opts.radgraph,
-                     "bertscore_model": opts.bertscore_model, "skipped": list(clinical.skipped)},
+        "clinical": {
+            "chexbert": opts.chexbert,
+            "radgraph": opts.radgraph,
+            "bertscore_model": opts.bertscore_model,
+            "skipped": list(clinical.skipped),
+        },
         "subject_overlap_with_training": overlap.count if overlap is not None else "not checked",
     }
 
 
-def score_models(result: dict, models: Sequence[LoadedModel], outputs: dict[str, dict[str, ArmOutput]],
-                 studies: Sequence[Study], opts: EvalOptions,
-                 clinical: ClinicalScorers) -> tuple[dict[str, dict[str, ArmStats]], ArmStats]:
+def score_models(
+    result: dict,
+    models: Sequence[LoadedModel],
+    outputs: dict[str, dict[str, ArmOutput]],
+    studies: Sequence[Study],
+    opts: EvalOptions,
+    clinical: ClinicalScorers,
+) -> tuple[dict[str, dict[str, ArmStats]], ArmStats]:
     """Every model's arms into result["models"] and the majority baseline into result["baseline"]; returns their
     per-study stats for the paired comparisons."""
     result["models"], all_stats = {}, {}
@@ -113,14 +168,24 @@ def score_models(result: dict, models: Sequence[LoadedModel], outputs: dict[str,
         for sec in result["models"][m.name]["arms"].values():
             sec["max_new_tokens"] = result["evaluation"]["max_new_tokens"]
     fit_file = train_file(models[0])
-    result["baseline"], base_stats = majority_baseline(References.of(studies), fit_file,
-                                                       opts.data_root if fit_file else None,
-                                                       n_resamples=opts.n_resamples, seed=opts.seed)
+    result["baseline"], base_stats = majority_baseline(
+        References.of(studies),
+        fit_file,
+        opts.data_root if fit_file else None,
+        n_resamples=opts.n_resamples,
+        seed=opts.seed,
+    )
     return all_stats, base_stats
 
 
-def write_outputs(result: dict, out_dir: Path, studies: Sequence[Study], outputs: dict[str, dict[str, ArmOutput]],
-                  model: LoadedModel, opts: EvalOptions) -> None:
+def write_outputs(
+    result: dict,
+    out_dir: Path,
+    studies: Sequence[Study],
+    outputs: dict[str, dict[str, ArmOutput]],
+    model: LoadedModel,
+    opts: EvalOptions,
+) -> None:
     """metrics.json, plots/, report.md, predictions.jsonl when asked, and the MLflow run (its id into metrics.json)."""
     write_metrics(out_dir, result)
     plots = write_plots(result, out_dir / "plots")
@@ -143,7 +208,17 @@ def log_to_mlflow(result: dict, model: LoadedModel, out_dir: Path, plots: list[P
     tags = {"kind": "evaluation", "eval.studies_sha256": result["evaluation"]["studies_sha256"]}
     if model.training_run_id:
         tags["training_run_id"] = model.training_run_id
-    files = [(out_dir / "report.md", "evaluation"), (out_dir / "metrics.json", "evaluation"),
-             *[(p, "evaluation/plots") for p in plots]]
-    return tracking.log_run(uri, (cfg.mlflow if cfg else MlflowConfig()).experiment, name, tags=tags,
-                            params=eval_params(result), metrics=flat_metrics(result), files=files)
+    files = [
+        (out_dir / "report.md", "evaluation"),
+        (out_dir / "metrics.json", "evaluation"),
+        *[(p, "evaluation/plots") for p in plots],
+    ]
+    return tracking.log_run(
+        uri,
+        (cfg.mlflow if cfg else MlflowConfig()).experiment,
+        name,
+        tags=tags,
+        params=eval_params(result),
+        metrics=flat_metrics(result),
+        files=files,
+    )

@@ -89,12 +89,14 @@ def chexpert_f1_stats(preds: Sequence[dict[str, str] | None], refs: Sequence[dic
         for labels, suffix in ((CHEXPERT_LABELS, ""), (CHEXPERT_5, "_5")):
             for avg in ("micro", "macro"):
                 out[f"chexpert/{conv}/{avg}_f1{suffix}"] = scores.chexpert_f1_metric(
-                    preds, refs, convention=conv, labels=labels, average=avg)
+                    preds, refs, convention=conv, labels=labels, average=avg
+                )
     return out
 
 
-def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int,
-              clinical: ClinicalScorers | None = None) -> tuple[dict, dict[str, Any]]:
+def score_arm(
+    out: ArmOutput, refs: References, *, n_resamples: int, seed: int, clinical: ClinicalScorers | None = None
+) -> tuple[dict, dict[str, Any]]:
     """(the arm's metrics section for metrics.json, its SummedStats for paired tests). `refs` are the references of
     the arm's studies, in the arm's order."""
     stats = arm_metric_stats(out, refs, clinical)
@@ -103,8 +105,11 @@ def score_arm(out: ArmOutput, refs: References, *, n_resamples: int, seed: int,
         "n": len(out.texts),
         "prompt": ARM_DESCRIPTIONS[out.arm],
         "validity": {k.split("/", 1)[1]: v.value for k, v in stats.items() if k.startswith("validity/")},
-        "text": {**scores.bleu(preds_imp, refs.impressions), **scores.sacrebleu_bleu(preds_imp, refs.impressions),
-                 "rouge_l": scores.rouge_l(preds_imp, refs.impressions)},
+        "text": {
+            **scores.bleu(preds_imp, refs.impressions),
+            **scores.sacrebleu_bleu(preds_imp, refs.impressions),
+            "rouge_l": scores.rouge_l(preds_imp, refs.impressions),
+        },
         "chexpert": scores.chexpert_scores(preds_chx, refs.chexpert),
         "problems": _problem_counts(out.parsed),
     }
@@ -136,28 +141,32 @@ def intervals(stats: dict[str, Any], *, n_resamples: int, seed: int) -> dict[str
     return out
 
 
-def score_arms(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
-               clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
+def score_arms(
+    outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions, clinical: ClinicalScorers | None = None
+) -> tuple[dict, dict]:
     """Each arm scored on the studies it covers: ({"arms": {arm: section}}, {arm: ArmStats})."""
     section: dict[str, Any] = {"arms": {}}
     stats: dict[str, ArmStats] = {}
     for arm, out in outputs.items():
         refs = References.of([studies[i] for i in out.indices])
-        section["arms"][arm], arm_stats = score_arm(out, refs, n_resamples=opts.n_resamples, seed=opts.seed,
-                                                    clinical=clinical)
+        section["arms"][arm], arm_stats = score_arm(
+            out, refs, n_resamples=opts.n_resamples, seed=opts.seed, clinical=clinical
+        )
         stats[arm] = ArmStats(list(out.indices), arm_stats)
     return section, stats
 
 
 # --------------------------------------------------------------------------------------------- baseline
-def majority_baseline(refs: References, train_file: str | None, data_root: str | None, *, n_resamples: int,
-                      seed: int) -> tuple[dict, ArmStats]:
+def majority_baseline(
+    refs: References, train_file: str | None, data_root: str | None, *, n_resamples: int, seed: int
+) -> tuple[dict, ArmStats]:
     """The CheXpert majority-class prediction, fit on the training file when readable, else on the evaluation refs.
     Scored on every study of `refs` (compared with each arm on the studies that arm covers)."""
     fit_on, fit_refs = "evaluation data", refs.chexpert
     if train_file and "://" not in train_file and Path(train_file).is_file():
-        rows, _ = read_records(train_file, data_root or str(Path(train_file).parent), policy="skip",
-                               check_images="none")
+        rows, _ = read_records(
+            train_file, data_root or str(Path(train_file).parent), policy="skip", check_images="none"
+        )
         train_refs = [p.chexpert for r in rows if (p := parse_target(r.target, expect_icd=False)).chexpert]
         if train_refs:
             fit_on, fit_refs = "training data", train_refs
@@ -174,8 +183,9 @@ def majority_baseline(refs: References, train_file: str | None, data_root: str |
 
 
 # --------------------------------------------------------------------------------------------- comparisons
-def compare_stats(a: ArmStats, b: ArmStats, *, n_resamples: int, seed: int,
-                  only: Callable[[str], bool] = lambda name: True) -> dict[str, dict[str, Any]]:
+def compare_stats(
+    a: ArmStats, b: ArmStats, *, n_resamples: int, seed: int, only: Callable[[str], bool] = lambda name: True
+) -> dict[str, dict[str, Any]]:
     """Paired a - b per metric both sides have, on the studies both cover: each side's value, the difference, its
     interval, the raw p-value and the Holm-adjusted one (the family: this table's metrics).
 
@@ -192,14 +202,27 @@ def compare_stats(a: ArmStats, b: ArmStats, *, n_resamples: int, seed: int,
         va, vb = sa[name].value, sb[name].value
         if not (math.isfinite(va) and math.isfinite(vb)):
             side = " and ".join(x for x, v in (("a", va), ("b", vb)) if not math.isfinite(v))
-            out[name] = {"a": va, "b": vb, "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan,
-                         "p_value": math.nan, "n": len(common),
-                         "undefined": f"the metric is undefined on side {side} (e.g. no positive in references "
-                                      "nor predictions)"}
+            out[name] = {
+                "a": va,
+                "b": vb,
+                "diff": math.nan,
+                "diff_low": math.nan,
+                "diff_high": math.nan,
+                "p_value": math.nan,
+                "n": len(common),
+                "undefined": f"the metric is undefined on side {side} (e.g. no positive in references nor predictions)",
+            }
             continue
         c = compare_arms(sa[name], sb[name], n_resamples=n_resamples, seed=seed)
-        out[name] = {"a": c.a.estimate, "b": c.b.estimate, "diff": c.diff.estimate, "diff_low": c.diff.low,
-                     "diff_high": c.diff.high, "p_value": c.test.p_value, "n": len(common)}
+        out[name] = {
+            "a": c.a.estimate,
+            "b": c.b.estimate,
+            "diff": c.diff.estimate,
+            "diff_low": c.diff.low,
+            "diff_high": c.diff.high,
+            "p_value": c.test.p_value,
+            "n": len(common),
+        }
     for entry, p_holm in zip(out.values(), holm_adjust([e["p_value"] for e in out.values()]), strict=True):
         entry["p_holm"] = float(p_holm)
     return out
@@ -216,13 +239,13 @@ def compare_model_arms(stats: dict[str, ArmStats], opts: EvalOptions) -> dict[st
     for a, b in ARM_COMPARISONS:
         if a in stats and b in stats:
             only = (lambda n: True) if "stage_a" not in (a, b) else _text_or_chexpert
-            ab[f"{a}-{b}"] = compare_stats(stats[a], stats[b], n_resamples=opts.n_resamples, seed=opts.seed,
-                                           only=only)
+            ab[f"{a}-{b}"] = compare_stats(stats[a], stats[b], n_resamples=opts.n_resamples, seed=opts.seed, only=only)
     return ab
 
 
-def score_model(outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions,
-                clinical: ClinicalScorers | None = None) -> tuple[dict, dict]:
+def score_model(
+    outputs: dict[str, ArmOutput], studies: Sequence[Study], opts: EvalOptions, clinical: ClinicalScorers | None = None
+) -> tuple[dict, dict]:
     """score_arms, then compare_model_arms into section["ab"]."""
     section, stats = score_arms(outputs, studies, opts, clinical)
     section["ab"] = compare_model_arms(stats, opts)

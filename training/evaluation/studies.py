@@ -68,12 +68,15 @@ def load_studies(data_file: str, data_root: str, limit: int | None = None, seed:
     for sid in order:
         b, a = b_rows.get(sid), a_rows.get(sid)
         row = b or a
-        studies.append(Study(sid, row.image, b.prompt if b else None, a.prompt if a else prompt_a(), row.target,
-                             row.where))
+        studies.append(
+            Study(sid, row.image, b.prompt if b else None, a.prompt if a else prompt_a(), row.target, row.where)
+        )
     missing = [s for s in studies if not path_exists(join(data_root, s.image))]
     if missing:
-        raise LauncherError(f"{len(missing)} image(s) not found under --data-root {data_root}, first: "
-                            f"{missing[0].where}: {missing[0].image}")
+        raise LauncherError(
+            f"{len(missing)} image(s) not found under --data-root {data_root}, first: "
+            f"{missing[0].where}: {missing[0].image}"
+        )
     return studies
 
 

@@ -48,8 +48,19 @@ from training.metrics import scores
 # The CheXbert heads in the checkpoint's order, and what each output class means (f1chexbert / CheXbert label.py):
 # heads 0..12 have 4 classes (blank, positive, negative, uncertain), the No Finding head 2 (blank, positive).
 CHEXBERT_HEADS: tuple[str, ...] = (
-    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
-    "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
     "No Finding",
 )
 CHEXBERT_CLASSES: tuple[str | None, ...] = (None, "Positive", "Negative", "Uncertain")
@@ -58,13 +69,13 @@ RADGRAPH_MODEL_TYPE = "radgraph"
 
 SKIP_HELP = {
     "chexbert": "CheXbert F1 skipped: download chexbert.pth (hf.co/StanfordAIMI/RRG_scorers) and bert-base-uncased's "
-                "config.json, vocab.txt, tokenizer_config.json (hf.co/google-bert/bert-base-uncased) into one "
-                "directory and pass --chexbert DIR",
+    "config.json, vocab.txt, tokenizer_config.json (hf.co/google-bert/bert-base-uncased) into one "
+    "directory and pass --chexbert DIR",
     "radgraph": "RadGraph F1 skipped: extract radgraph.tar.gz (hf.co/StanfordAIMI/RRG_scorers) into DIR/radgraph/ "
-                "(config.json, vocabulary/, weights.th) and pass --radgraph DIR in an environment where radgraph "
-                "runs (transformers < 5, pip install radgraph==0.1.18)",
+    "(config.json, vocabulary/, weights.th) and pass --radgraph DIR in an environment where radgraph "
+    "runs (transformers < 5, pip install radgraph==0.1.18)",
     "bertscore": "BERTScore skipped: download a transformers model directory (e.g. hf.co/distilbert/distilroberta-base:"
-                 " config.json, model.safetensors, tokenizer files) and pass --bertscore-model DIR",
+    " config.json, model.safetensors, tokenizer files) and pass --bertscore-model DIR",
 }
 
 
@@ -119,8 +130,10 @@ class CheXbertLabeler:
         result = self.net.load_state_dict(state, strict=False)
         unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
         if result.missing_keys or unexpected:  # a wrong file must not label with random heads
-            raise ValueError(f"{d / CHEXBERT_FILE}: not a CheXbert checkpoint (missing {result.missing_keys[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{d / CHEXBERT_FILE}: not a CheXbert checkpoint (missing {result.missing_keys[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         self.net.to(device).eval()
         self.device, self.batch_size = device, batch_size
         self._cache: dict[str, np.ndarray] = {}  # text -> classes: references are labelled once for every arm
@@ -152,7 +165,8 @@ def chexbert_stats(pred_labels: Sequence[dict[str, str]], ref_labels: Sequence[d
         for labels, suffix in ((CHEXPERT_LABELS, ""), (CHEXPERT_5, "_5")):
             for avg in ("micro", "macro"):
                 out[f"chexbert/{conv}/{avg}_f1{suffix}"] = scores.chexpert_f1_metric(
-                    pred_labels, ref_labels, convention=conv, labels=labels, average=avg)
+                    pred_labels, ref_labels, convention=conv, labels=labels, average=avg
+                )
     return out
 
 
@@ -180,8 +194,14 @@ def _bert_scorer(directory: str, layer: int, device: str) -> Any:
     return BERTScorer(model_type=directory, num_layers=layer, device=device)
 
 
-def bertscore_f1_per_sample(predictions: Sequence[str], references: Sequence[str], directory: str | Path, *,
-                            layer: int | None = None, device: str = "cpu") -> np.ndarray:
+def bertscore_f1_per_sample(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    directory: str | Path,
+    *,
+    layer: int | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """(N,) BERTScore F1 (no idf, no rescaling); 0 where either side is empty (bert-score's own convention)."""
     check_bertscore_dir(directory)
     out = np.zeros(len(predictions), dtype=np.float64)
@@ -203,8 +223,10 @@ def radgraph_unavailable() -> str | None:
     except ImportError:
         return "the radgraph package is not installed (pip install radgraph==0.1.18, with transformers < 5)"
     if not hasattr(PreTrainedTokenizerBase, "encode_plus"):
-        return ("radgraph's vendored allennlp calls tokenizer.encode_plus, which this transformers "
-                "(>= 5) no longer has: compute RadGraph F1 in an environment with transformers < 5")
+        return (
+            "radgraph's vendored allennlp calls tokenizer.encode_plus, which this transformers "
+            "(>= 5) no longer has: compute RadGraph F1 in an environment with transformers < 5"
+        )
     return None
 
 
@@ -216,14 +238,19 @@ def check_radgraph_dir(directory: str | Path) -> None:
         raise RuntimeError(f"--radgraph {directory}: RadGraph F1 cannot run here: {why}")
 
 
-def radgraph_f1_per_sample(predictions: Sequence[str], references: Sequence[str], directory: str | Path, *,
-                           device: str = "cpu") -> np.ndarray:
+def radgraph_f1_per_sample(
+    predictions: Sequence[str], references: Sequence[str], directory: str | Path, *, device: str = "cpu"
+) -> np.ndarray:
     """(N,) RadGraph partial-reward F1 per sample (radgraph's F1RadGraph, reward_level="partial")."""
     check_radgraph_dir(directory)
     from radgraph import F1RadGraph
 
-    f1 = F1RadGraph(reward_level="partial", model_type=RADGRAPH_MODEL_TYPE, model_cache_dir=str(directory),
-                    cuda=0 if device.startswith("cuda") else -1)
+    f1 = F1RadGraph(
+        reward_level="partial",
+        model_type=RADGRAPH_MODEL_TYPE,
+        model_cache_dir=str(directory),
+        cuda=0 if device.startswith("cuda") else -1,
+    )
     _, per_sample, _, _ = f1(hyps=list(predictions), refs=list(references))
     return np.asarray(per_sample, dtype=np.float64)
 
@@ -240,11 +267,15 @@ class ClinicalScorers:
     skipped: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, chexbert: str | None, radgraph: str | None, bertscore_model: str | None,
-             device: str = "cpu") -> ClinicalScorers:
+    def load(
+        cls, chexbert: str | None, radgraph: str | None, bertscore_model: str | None, device: str = "cpu"
+    ) -> ClinicalScorers:
         """Checks every directory given up front, before any generation (a bad one is an error, not a late crash)."""
-        skipped = [SKIP_HELP[name] for name, d in (("chexbert", chexbert), ("radgraph", radgraph),
-                                                   ("bertscore", bertscore_model)) if not d]
+        skipped = [
+            SKIP_HELP[name]
+            for name, d in (("chexbert", chexbert), ("radgraph", radgraph), ("bertscore", bertscore_model))
+            if not d
+        ]
         if radgraph:
             check_radgraph_dir(radgraph)
         if bertscore_model:
@@ -265,8 +296,10 @@ class ClinicalScorers:
             out.update({f"clinical/{k}": v for k, v in chexbert_stats(labels[:n], labels[n:]).items()})
         if self.radgraph_dir:
             out["clinical/radgraph_f1"] = scores.mean_metric(
-                radgraph_f1_per_sample(predictions, references, self.radgraph_dir, device=self.device))
+                radgraph_f1_per_sample(predictions, references, self.radgraph_dir, device=self.device)
+            )
         if self.bertscore_dir:
             out["clinical/bertscore_f1"] = scores.mean_metric(
-                bertscore_f1_per_sample(predictions, references, self.bertscore_dir, device=self.device))
+                bertscore_f1_per_sample(predictions, references, self.bertscore_dir, device=self.device)
+            )
         return out

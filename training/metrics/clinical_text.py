@@ -19,8 +19,10 @@ import evaluate
 from training.metrics import scores
 from training.metrics.clinical import ClinicalScorers
 
-_CITATION = ("Smit et al. 2020 (CheXbert); Jain et al. 2021 (RadGraph); Delbrouck et al. 2022 (RadGraph reward); "
-             "Zhang et al. 2020 (BERTScore).")
+_CITATION = (
+    "Smit et al. 2020 (CheXbert); Jain et al. 2021 (RadGraph); Delbrouck et al. 2022 (RadGraph reward); "
+    "Zhang et al. 2020 (BERTScore)."
+)
 
 _KWARGS_DESCRIPTION = """
 Args:

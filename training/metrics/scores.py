@@ -118,7 +118,6 @@ def icd_from_text(text: str | None, *, strict: bool = False) -> dict[str, bool] 
     return parsed.icd
 
 
-
 def text_pair_metric_info(description: str, citation: str, inputs_description: str) -> Any:
     """The `evaluate.MetricInfo` the three metric modules share: string predictions against string references.
     (Imports evaluate lazily: this module stays importable without it.)"""
@@ -142,6 +141,7 @@ def parse_references(texts: Sequence[str], parse: Callable[..., Any], metric: st
         except ValueError as e:
             raise ValueError(f"{metric}: references[{i}]: {e}") from None
     return out
+
 
 def report_validity(texts: Sequence[str | None], *, expect_icd: bool) -> np.ndarray:
     """(N,) bool: the whole report parses (Impression, CheXpert and, when expected, ICD blocks all well-formed)."""
@@ -217,10 +217,18 @@ def sacrebleu_from_stats(stats: np.ndarray, order: int, *, max_order: int = 4) -
         raise ValueError(f"BLEU order must be in 1..{max_order}, got {order}")
     s = np.asarray(stats, dtype=np.float64)
     flat = s.reshape(-1, s.shape[-1])
-    values = [BLEU.compute_bleu(correct=[int(round(c)) for c in row[:order]],
-                                total=[int(round(t)) for t in row[max_order : max_order + order]],
-                                sys_len=int(round(row[2 * max_order])), ref_len=int(round(row[2 * max_order + 1])),
-                                smooth_method="exp", max_ngram_order=order).score / 100.0 for row in flat]
+    values = [
+        BLEU.compute_bleu(
+            correct=[int(round(c)) for c in row[:order]],
+            total=[int(round(t)) for t in row[max_order : max_order + order]],
+            sys_len=int(round(row[2 * max_order])),
+            ref_len=int(round(row[2 * max_order + 1])),
+            smooth_method="exp",
+            max_ngram_order=order,
+        ).score
+        / 100.0
+        for row in flat
+    ]
     return np.asarray(values, dtype=np.float64).reshape(s.shape[:-1])
 
 
@@ -228,8 +236,9 @@ def sacrebleu_bleu(predictions: Sequence[str], references: Sequence[str], *, max
     """Comparable corpus BLEU-1..max_order in [0, 1] (keys `bleu_1_13a`..): = sacrebleu `BLEU(max_ngram_order=n)
     .corpus_score(predictions, [references]).score / 100`."""
     total = sacrebleu_stats(predictions, references, max_order=max_order).sum(axis=0)
-    return {f"bleu_{k}_13a": float(sacrebleu_from_stats(total, k, max_order=max_order))
-            for k in range(1, max_order + 1)}
+    return {
+        f"bleu_{k}_13a": float(sacrebleu_from_stats(total, k, max_order=max_order)) for k in range(1, max_order + 1)
+    }
 
 
 # --------------------------------------------------------------------------------------------- ROUGE-L
@@ -247,9 +256,10 @@ def rouge_l_per_sample(predictions: Sequence[str], references: Sequence[str]) ->
     _check_texts(predictions, "predictions", "rouge_l")
     _check_texts(references, "references", "rouge_l")
     scorer = _rouge_scorer()
-    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references,
-                                                                                      strict=True)],
-                    dtype=np.float64)
+    return np.array(
+        [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)],
+        dtype=np.float64,
+    )
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
