@@ -33,105 +33,34 @@ def run_local(
     stop_after: int | None = None,
     show_progress: bool = True,
 ) -> dict:
-    from datasets_io.image_cache import open_image_cache
-    from datasets_io.sampler import BatchLayout, row_table
-    from training.checkpoint import Checkpointer, read_state, resolve_resume
-    from training.data import DataOrderLog, Preprocessor, local_batches, sampler_spec
-    from training.data_checks import log_data_checks
+    """Train on one device: prepare (recipe), open or resume the run, THE loop, then the run summary."""
+    from training.checkpoint import read_state, resolve_resume
     from training.engines import AccelerateEngine
-    from training.loop import LoopIO, LoopState, train
+    from training.loop import train
     from training.model import load_adapter_weights
-    from training.recipe import (
-        build_lora_model,
-        check_resumable,
-        completed_run_summary,
-        finish_run,
-        prepare_run_data,
-        run_tags,
-        validation_source,
-    )
-    from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
+    from training.recipe import build_lora_model, check_resumable, completed_run_summary, finish_run, prepare_run_data
 
     t_start = time.perf_counter()
     device = resolve_device(device)
     if device == "mps":
         os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-    _, mixed = resolve_dtype(cfg.model.dtype, device)
     out = Path(cfg.output.dir)
-    ckpt_root = out / "checkpoints"
-    resume_from = resolve_resume(resume, ckpt_root)  # fails loudly before any work
+    resume_from = resolve_resume(resume, out / "checkpoints")  # fails loudly before any work
     resumed = read_state(resume_from) if resume_from else None
 
     prep = prepare_run_data(cfg, world_size=1)
-    cfg, data, plan = prep.cfg, prep.data, prep.plan
+    cfg, plan = prep.cfg, prep.plan
     if resumed:  # a changed plan is refused, naming every changed key
         check_resumable(resumed, prep.resume_key, str(resume_from))
         if resumed["global_step"] >= plan.total_steps:
             return completed_run_summary(out, str(resume_from), resumed["global_step"], plan.total_steps)
     bundle = build_lora_model(cfg, prep.base_path)  # fp32 weights; autocast mixes
-
-    tracker = MlflowTracker.from_config(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
-    if resumed:  # the steps between the checkpoint and the stop are trained again: never logged twice
-        tracker = ResumeSafeTracker(tracker)
-    else:
-        tracker.log_params(config_params(cfg))
-        tracker.set_tags(run_tags(prep, "local", device=device))
-        log_data_checks(tracker, data.budgets, data.subject_overlap)  # counts only: no patient data
-
-    pre = Preprocessor(
-        bundle.tokenizer,
-        bundle.image_spec,
-        bundle.image_token_id,
-        bundle.num_image_tokens,
-        cfg.data.max_seq_len,
-        cfg.data.overlong,
-        cfg.data.root,
-        image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
-        packing=cfg.train.packing,
-    )
-    # the runtime's part of the data: one rank, its micro-batches decoded by DataLoader processes
-    tables = {s: row_table(data.train[s]) for s in ("A", "B")}
-    spec = sampler_spec(cfg, prep.counts)
-    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, world_size=1)
-    stage_steps = {"A": plan.stage_a_steps, "B": plan.stage_b_steps}
-
-    def source(stage: str, cursor: int):
-        micro = list(layout.rank_micro_batches(0, cursor, stage_steps[stage]))
-        return local_batches(pre, tables, spec, stage, micro, cfg.train.num_workers)
-
-    if resumed:
+    tracker = open_tracker(cfg, prep, resumed, device)
+    if resumed:  # the trained weights before the engine wraps the model (as at the first launch)
         load_adapter_weights(bundle.model, resume_from)
+    _, mixed = resolve_dtype(cfg.model.dtype, device)
     engine = AccelerateEngine(bundle.model, cfg.train, device, mixed_precision=mixed)
-    state = LoopState()
-    if resumed:
-        engine.load_training_state(resume_from, resumed["engine"])
-        state = LoopState.from_json(resumed)
-        print(
-            f"[resume] {resume_from}: step {state.global_step}/{plan.total_steps}, stage {resumed['stage']}, "
-            f"cursor {state.cursor}"
-        )
-    io = LoopIO(
-        engine=engine,
-        plan=plan,
-        source=source,
-        val_source=validation_source(pre, data.val, cfg),
-        tracker=tracker,
-        checkpointer=Checkpointer(ckpt_root, cfg, bundle.tokenizer, cfg.train.keep_last),
-        grad_accum=cfg.train.grad_accum,
-        log_every=cfg.train.log_every,
-        eval_every=cfg.train.eval_every,
-        save_every=cfg.train.save_every,
-        show_progress=show_progress,
-        log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
-        on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
-        if cfg.train.record_data_order
-        else None,
-        extra_state={
-            "mlflow_run_id": tracker.run_id,
-            "base_model": bundle.base_model_path,
-            "resume_key": prep.resume_key,
-        },
-    )
+    io, state = loop_io(cfg, prep, bundle, engine, tracker, resume_from, resumed, show_progress)
     print(
         f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
         f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
@@ -154,3 +83,91 @@ def run_local(
             time_to_first_step_s=round(state.first_step_done_at - t_start, 1) if state.first_step_done_at else None,
         )
     return summary
+
+
+def open_tracker(cfg: Config, prep, resumed: dict | None, device: str):
+    """The MLflow run: a new one (params, tags, data-check counts: no patient data) or the resumed run's, whose
+    steps between the checkpoint and the stop are trained again and never logged twice."""
+    from training.data_checks import log_data_checks
+    from training.recipe import run_tags
+    from training.tracking import MlflowTracker, ResumeSafeTracker, config_params
+
+    tracker = MlflowTracker.from_config(cfg, run_id=resumed.get("mlflow_run_id") if resumed else None)
+    if resumed:
+        return ResumeSafeTracker(tracker)
+    tracker.log_params(config_params(cfg))
+    tracker.set_tags(run_tags(prep, "local", device=device))
+    log_data_checks(tracker, prep.data.budgets, prep.data.subject_overlap)
+    return tracker
+
+
+def batch_source(cfg: Config, prep, pre):
+    """The runtime's part of the data: one rank, its micro-batches (the sampler's positions from a cursor on)
+    decoded by DataLoader processes."""
+    from datasets_io.sampler import BatchLayout, row_table
+    from training.data import local_batches, sampler_spec
+
+    tables = {s: row_table(prep.data.train[s]) for s in ("A", "B")}
+    spec = sampler_spec(cfg, prep.counts)
+    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, world_size=1)
+    stage_steps = {"A": prep.plan.stage_a_steps, "B": prep.plan.stage_b_steps}
+
+    def source(stage: str, cursor: int):
+        micro = list(layout.rank_micro_batches(0, cursor, stage_steps[stage]))
+        return local_batches(pre, tables, spec, stage, micro, cfg.train.num_workers)
+
+    return source
+
+
+def loop_io(cfg: Config, prep, bundle, engine, tracker, resume_from, resumed: dict | None, show_progress: bool):
+    """(LoopIO, LoopState) for THE loop: the model and engine restored from the checkpoint when resuming, the
+    preprocessor, the batch and validation sources, the checkpointer."""
+    from datasets_io.image_cache import open_image_cache
+    from training.checkpoint import Checkpointer
+    from training.data import DataOrderLog, Preprocessor
+    from training.loop import LoopIO, LoopState
+    from training.recipe import validation_source
+
+    pre = Preprocessor(
+        bundle.tokenizer,
+        bundle.image_spec,
+        bundle.image_token_id,
+        bundle.num_image_tokens,
+        cfg.data.max_seq_len,
+        cfg.data.overlong,
+        cfg.data.root,
+        image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
+        packing=cfg.train.packing,
+    )
+    state = LoopState()
+    if resumed:
+        engine.load_training_state(resume_from, resumed["engine"])
+        state = LoopState.from_json(resumed)
+        print(
+            f"[resume] {resume_from}: step {state.global_step}/{prep.plan.total_steps}, stage {resumed['stage']}, "
+            f"cursor {state.cursor}"
+        )
+    out = Path(cfg.output.dir)
+    io = LoopIO(
+        engine=engine,
+        plan=prep.plan,
+        source=batch_source(cfg, prep, pre),
+        val_source=validation_source(pre, prep.data.val, cfg),
+        tracker=tracker,
+        checkpointer=Checkpointer(out / "checkpoints", cfg, bundle.tokenizer, cfg.train.keep_last),
+        grad_accum=cfg.train.grad_accum,
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every,
+        show_progress=show_progress,
+        log_checkpoint_artifacts=cfg.mlflow.log_checkpoints,
+        on_step_data=DataOrderLog(out / "data_order.jsonl", 0, 1, state.global_step)
+        if cfg.train.record_data_order
+        else None,
+        extra_state={
+            "mlflow_run_id": tracker.run_id,
+            "base_model": bundle.base_model_path,
+            "resume_key": prep.resume_key,
+        },
+    )
+    return io, state

@@ -278,21 +278,17 @@ class DriverClock:
     fit_wall: float = 0.0
 
 
-def run_ray(
-    cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None, debug: dict | None = None
-) -> dict:
+def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = None) -> dict:
     """Train with Ray Train + DeepSpeed; returns the run summary (also written to <output.dir>/run_summary.json).
 
-    `debug` (tests and benchmarks): {"logits_probe": PATH} makes the workers write eval logits of a fixed batch after
-    training. Fault injection is not here: tests register a step hook (training.loop.STEP_HOOKS), shipped to the
-    workers with the test's other hooks."""
+    Test hooks (fault injection, logits of the live model) are not here: tests register step hooks
+    (training.loop.STEP_HOOKS), shipped to the workers."""
     clock = DriverClock(time.perf_counter(), time.time())  # imports are part of the start-up
     import ray
 
     cfg = resolve_for_cluster(cfg, num_workers, use_gpu)
     check_supported(cfg)
     cfg = with_derived_grad_accum(cfg, cfg.ray.num_workers)
-    debug = dict(debug or {})
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     setup, started_here = prepare_beside_cluster_start(cfg, clock)
@@ -306,7 +302,7 @@ def run_ray(
 
     status = "FAILED"
     try:
-        trainer = make_trainer(cfg, setup, debug)
+        trainer = make_trainer(cfg, setup)
         plan = setup.prep.plan
         print(
             f"[ray] {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
@@ -352,7 +348,7 @@ def prepare_beside_cluster_start(cfg: Config, clock: DriverClock) -> tuple[Drive
             raise
 
 
-def make_trainer(cfg: Config, setup: DriverSetup, debug: dict) -> Any:
+def make_trainer(cfg: Config, setup: DriverSetup) -> Any:
     """The TorchTrainer of `train_worker`, with everything a worker needs as plain data (the rows `ray.put` once:
     every worker's decode tasks read them)."""
     import ray
@@ -374,15 +370,10 @@ def make_trainer(cfg: Config, setup: DriverSetup, debug: dict) -> Any:
         "mlflow_run_id": setup.tracker.run_id,
         "val": data.val,
         "base_model": prep.base_path,
-        "debug": debug,
         "rows": rows,
         "counts": prep.counts,
         "resume_key": prep.resume_key,
         "test_hooks": {"step": list(loop_module.STEP_HOOKS), "decode": list(data_module.DECODE_HOOKS)},
-        "probe_rows": [
-            {"prompt": r.prompt, "target": r.target, "image": r.image, "where": r.where}
-            for r in (data.val["B"] or data.train["B"])[: cfg.train.micro_batch_size]
-        ],
     }
     return TorchTrainer(
         train_worker,
@@ -524,10 +515,6 @@ class PrimedIterator:
         return next(self.it)
 
 
-def _items(rows: list[dict]) -> list[tuple[str, str, str, str]]:
-    return [(r["prompt"], r["target"], r["image"], r["where"]) for r in rows]
-
-
 @dataclass
 class WorkerRun:
     """What each step of a worker reads: the driver's hand-over (`config`), the typed config, the plan, this rank."""
@@ -575,7 +562,6 @@ def train_worker(config: dict) -> None:
     import torch  # noqa: F401
     from transformers import LlavaForConditionalGeneration  # noqa: F401
 
-    from training.data import to_torch
     from training.loop import LoopState, train
 
     bundle, engine = build_worker_engine(w, laps)
@@ -601,9 +587,6 @@ def train_worker(config: dict) -> None:
     else:
         state = train(io, state)
 
-    probe = (config.get("debug") or {}).get("logits_probe")
-    if probe:  # eval logits of a fixed batch, to compare with the saved bundle (tests)
-        write_logits_probe(engine, to_torch(data.pre.batch(_items(config["probe_rows"]))), probe)
     (w.ranks_dir / f"rank{w.rank}.json").write_text(
         json.dumps(
             {
@@ -810,13 +793,3 @@ def checkpoint_reporter(engine: Any, rank: int) -> Any:
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     return on_checkpoint
-
-
-def write_logits_probe(engine: Any, batch: dict, path: str) -> None:
-    """Eval logits of a fixed batch (tests compare them with the saved bundle's). Every rank runs the forward (it is
-    collective under ZeRO-3); the writer saves logits and batch as safetensors."""
-    logits = engine.logits(batch)
-    if engine.is_writer:
-        from safetensors.torch import save_file
-
-        save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, path)

@@ -122,3 +122,17 @@ def ray_local(request):
         request.config.add_cleanup(stop)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+@pytest.fixture
+def test_hooks(request, monkeypatch):
+    """Fresh test-only hook registries (training.loop.STEP_HOOKS, training.data.DECODE_HOOKS) for one test; the
+    test module's hook classes travel to Ray processes by value (the module is not importable there)."""
+    import ray.cloudpickle
+
+    from training import data, loop
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    monkeypatch.setattr(loop, "STEP_HOOKS", [])
+    monkeypatch.setattr(data, "DECODE_HOOKS", [])
+    return loop.STEP_HOOKS, data.DECODE_HOOKS

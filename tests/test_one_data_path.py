@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +30,9 @@ class KillOnce:
     def __init__(self, rank: int, step: int, marker: str):
         self.rank, self.step, self.marker = rank, step, marker
 
-    def __call__(self, step: int, stage: str, rank: int, state) -> None:
-        if rank == self.rank and step == self.step and not Path(self.marker).exists():
-            Path(self.marker).write_text(f"rank {rank} killed after step {step}, cursor {state.cursor}\n")
+    def __call__(self, step: int, stage: str, state, io) -> None:
+        if io.rank == self.rank and step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"rank {io.rank} killed after step {step}, cursor {state.cursor}\n")
             os._exit(1)
 
 
@@ -46,19 +45,6 @@ class DecodeLog:
     def __call__(self, stage: str, position: int) -> None:
         with open(self.path, "a") as f:
             f.write(f"{stage} {position} {int(Path(self.marker).exists())}\n")
-
-
-@pytest.fixture
-def test_hooks(monkeypatch):
-    """Fresh hook registries for one test; the hook classes travel to Ray processes by value (not importable there)."""
-    import ray.cloudpickle
-
-    from training import data, loop
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(loop, "STEP_HOOKS", [])
-    monkeypatch.setattr(data, "DECODE_HOOKS", [])
-    return loop.STEP_HOOKS, data.DECODE_HOOKS
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,24 @@ def ray_cfg(data: Path, out: Path, **extra):
     return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(data, out, **sets))
 
 
+class LogitsProbe:
+    """Step hook: after optimizer step `step` every rank runs the live model on its first Stage B validation batch
+    (a collective forward under ZeRO-3); rank 0 saves that batch's inputs and the logits to `path`."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def __call__(self, step: int, stage: str, state, io) -> None:
+        if step != self.step:
+            return
+        from safetensors.torch import save_file
+
+        batch = {k: v for k, v in io.val_source("B")[0].items() if k in ("pixel_values", "input_ids", "attention_mask")}
+        logits = io.engine.logits(batch)
+        if io.rank == 0:
+            save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path)
+
+
 def rank_reports(out: Path) -> list[dict]:
     return [json.loads((out / "ray_ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -175,7 +193,7 @@ def test_cluster_config_passes_rays_schema():
 
 # ------------------------------------------------------------------------------------------------ ZeRO-3
 @pytest.mark.slow
-def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train_data, tmp_path):
+def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train_data, tmp_path, test_hooks):
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -189,7 +207,8 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
         out,
         **{"deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0, "train.max_steps": 8},
     )
-    summary = run_ray(cfg, debug={"logits_probe": str(tmp_path / "probe.safetensors")})
+    test_hooks[0].append(LogitsProbe(7, str(tmp_path / "probe.safetensors")))  # after the last of 8 steps
+    summary = run_ray(cfg)
 
     assert summary["global_step"] == summary["total_steps"] == 8 and len(summary["losses"]) == 8
     assert decreasing(summary["losses"]), summary["losses"]

@@ -9,8 +9,8 @@ global batch G = micro x accum x world per optimizer step, whatever the number o
 checkpoint under `cursor`; a source opened at cursor c yields this rank's micro-batches of the steps from c / G on
 (datasets_io/sampler.py says which positions those are).
 
-Test-only hooks: `STEP_HOOKS` holds callables `hook(step, stage, rank, state)` run after every optimizer step
-(fault injection, counters). Production code never adds to it; tests do (through a fixture that clears it again),
+Test-only hooks: `STEP_HOOKS` holds callables `hook(step, stage, state, io)` run after every optimizer step on every
+rank (fault injection, counters, logits of the live model: `io` has the engine, the rank and the validation source). Production code never adds to it; tests do (through a fixture that clears it again),
 and the Ray runtime ships the registered hooks to its workers.
 """
 
@@ -34,7 +34,7 @@ from training.data import META_KEYS
 log = logging.getLogger(__name__)
 
 BatchSource = Callable[[str, int], Iterator[dict[str, Any]]]  # (stage, global cursor) -> this rank's micro-batches
-STEP_HOOKS: list[Callable[[int, str, int, "LoopState"], None]] = []  # test-only (see the module docstring)
+STEP_HOOKS: list[Callable[[int, str, "LoopState", "LoopIO"], None]] = []  # test-only (see the module docstring)
 CURSOR_UNIT = "global_positions"  # saved next to `cursor`; checkpoints from before had micro-batches of one rank
 
 
@@ -174,7 +174,7 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         if io.on_step_data:
             io.on_step_data(step, stage, meta)
         for hook in io.step_hooks:
-            hook(step, stage, io.rank, state)
+            hook(step, stage, state, io)
         if state.first_step_done_at is None:
             state.first_step_done_at = time.perf_counter()
         gs = state.global_step
