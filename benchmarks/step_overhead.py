@@ -105,15 +105,7 @@ def main() -> None:
         ensure_data(cfg)
         data = load_run_data(cfg)
         bundle = build_model(cfg, corpus_texts(data))
-        pre = Preprocessor(
-            bundle.tokenizer,
-            bundle.image_spec,
-            bundle.image_token_id,
-            bundle.num_image_tokens,
-            cfg.data.max_seq_len,
-            "shorten_ehr",
-            cfg.data.root,
-        )
+        pre = Preprocessor.for_run(cfg, bundle, image_cache=False)
         stream = StageStream("B", data.train["B"], StreamSpec(0))
         batch = to_torch(pre.batch([stream.item(i) for i in range(cfg.train.micro_batch_size)]))
         hand, ours, ckpt_times = [], [], []

@@ -66,15 +66,7 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
     data = load_run_data(cfg)
     torch.manual_seed(cfg.train.seed)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(
-        bundle.tokenizer,
-        bundle.image_spec,
-        bundle.image_token_id,
-        bundle.num_image_tokens,
-        cfg.data.max_seq_len,
-        cfg.data.overlong,
-        cfg.data.root,
-    )
+    pre = Preprocessor.for_run(cfg, bundle, image_cache=False)
     stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, ehr_dropout=cfg.curriculum.ehr_dropout))
     mb = cfg.train.micro_batch_size
     ends: dict[int, float] = {}

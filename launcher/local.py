@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-from datasets_io.config import Config, image_cache_dir
+from datasets_io.config import Config
 from training.devices import DEVICES, available_devices, resolve_device, resolve_dtype  # noqa: F401 - also exported here
 from training.recipe import RunData, corpus_texts, ensure_data, load_run_data  # noqa: F401 - their old home
 
@@ -122,23 +122,12 @@ def batch_source(cfg: Config, prep, pre):
 def loop_io(cfg: Config, prep, bundle, engine, tracker, resume_from, resumed: dict | None, show_progress: bool):
     """(LoopIO, LoopState) for THE loop: the model and engine restored from the checkpoint when resuming, the
     preprocessor, the batch and validation sources, the checkpointer."""
-    from datasets_io.image_cache import open_image_cache
     from training.checkpoint import Checkpointer
     from training.data import DataOrderLog, Preprocessor
     from training.loop import LoopIO, LoopState
     from training.recipe import validation_source
 
-    pre = Preprocessor(
-        bundle.tokenizer,
-        bundle.image_spec,
-        bundle.image_token_id,
-        bundle.num_image_tokens,
-        cfg.data.max_seq_len,
-        cfg.data.overlong,
-        cfg.data.root,
-        image_cache=open_image_cache(image_cache_dir(cfg)),  # an unwritable dir fails here
-        packing=cfg.train.packing,
-    )
+    pre = Preprocessor.for_run(cfg, bundle)
     state = LoopState()
     if resumed:
         engine.load_training_state(resume_from, resumed["engine"])

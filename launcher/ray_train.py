@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets_io.config import Config, ConfigError, from_dict, image_cache_dir
+from datasets_io.config import Config, ConfigError, from_dict
 from datasets_io.errors import LauncherError
 from training.curriculum import grad_accum_for, with_derived_grad_accum
 
@@ -190,26 +190,21 @@ def env_defaults(values: dict[str, str]):
 
 def make_preprocessor(cfg: Config, base_path: str) -> Any:
     """The Preprocessor (data tasks and workers), from the base model's tokenizer and config only: no weights."""
+    from types import SimpleNamespace
+
     from transformers import AutoTokenizer, LlavaConfig
 
-    from datasets_io.image_cache import open_image_cache
     from training.data import Preprocessor
     from training.model import image_spec_for, num_image_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
     config = LlavaConfig.from_pretrained(base_path)
-    # every node that builds one checks the cache directory itself (node-local paths differ between nodes)
-    return Preprocessor(
-        tokenizer,
-        image_spec_for(base_path, config),
-        config.image_token_index,
-        num_image_tokens(config),
-        cfg.data.max_seq_len,
-        cfg.data.overlong,
-        cfg.data.root,
-        image_cache=open_image_cache(image_cache_dir(cfg)),
-        packing=cfg.train.packing,
+    spec = SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(base_path),
+        image_spec=image_spec_for(base_path, config),
+        image_token_id=config.image_token_index,
+        num_image_tokens=num_image_tokens(config),
     )
+    return Preprocessor.for_run(cfg, spec)  # checks the image cache directory on this node
 
 
 @dataclass

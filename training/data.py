@@ -54,6 +54,27 @@ class Preprocessor:
     every sample to the longest; the same samples, in the same order of positions."""
     decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
 
+    @classmethod
+    def for_run(cls, cfg: Any, spec: Any, image_cache: bool = True) -> "Preprocessor":
+        """The run's preprocessor: `spec` is anything with tokenizer, image_spec, image_token_id, num_image_tokens
+        (a model bundle, training.data_checks.TokenSpec); the budget, overlong rule, data root and packing from
+        `cfg`; the image cache of `data.image_cache` unless `image_cache=False` (an unwritable directory fails
+        here, on the node that builds it: node-local paths differ)."""
+        from datasets_io.config import image_cache_dir
+        from datasets_io.image_cache import open_image_cache
+
+        return cls(
+            spec.tokenizer,
+            spec.image_spec,
+            spec.image_token_id,
+            spec.num_image_tokens,
+            cfg.data.max_seq_len,
+            cfg.data.overlong,
+            cfg.data.root,
+            image_cache=open_image_cache(image_cache_dir(cfg)) if image_cache else None,
+            packing=cfg.train.packing,
+        )
+
     def sample_at(self, stage: str, position: int, fields: dict[str, str]):
         """The training sample at `position` of `stage` (fields from `datasets_io.sampler.sample_fields`)."""
         for hook in self.decode_hooks:
