@@ -24,7 +24,7 @@ def prepared(synth_dir, tmp_path_factory):
     """(cfg, Preprocessor, run data) on the session's synthetic data, with the tiny base (tokenizer) built once."""
     from datasets_io.config import load_config
     from launcher.local import corpus_texts, load_run_data
-    from launcher.ray_train import make_preprocessor
+    from launcher.ray_worker import make_preprocessor
     from training.model import resolve_base_path
 
     out = tmp_path_factory.mktemp("ray_data_run")
