@@ -7,7 +7,7 @@
     launcher data prepare --config configs/tiny.yaml [--processes N]         # fill it ahead of a run
 
 What an entry holds: the (h, w) uint8 grayscale image that `load_gray` returns (longer side = S, ~94 KB at S=336,
-14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, ~0.2 ms), so a
+14x smaller than the float32 tensor). Padding and normalization run on every read (`normalize_gray`, cheap next to a decode), so a
 cached image gives exactly the floats of the uncached path, and one entry serves any mean/std.
 
 The key is the image's identity plus what decides the stored bytes: the absolute path (or the URI), its size and mtime

@@ -347,7 +347,7 @@ def fit(trainer: Any, cfg: Config, started_here: bool) -> Any:
     import ray.train
 
     # Nothing preempts a one-machine cluster started here, and Ray Train's preemption watcher is one more Python
-    # process (~3 CPU-s of imports) starting next to the worker's. fit() passes this to the Train controller.
+    # process (seconds of CPU in imports) starting next to the worker's. fit() passes this to the Train controller.
     watcher_off = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if started_here else {}
     try:
         with env_defaults(watcher_off):

@@ -224,7 +224,7 @@ def _check_ray_cluster(address: str, ray: Any) -> Check:
 
 def check_deepspeed(offload_optimizer: bool) -> Check:
     """Ops DeepSpeed would JIT-compile on first use (compatible here, not prebuilt). The engine disables
-    shm_comm on CPU and passes a torch optimizer, so only an offloaded optimizer (cpu_adam, ~2 min) is built."""
+    shm_comm on CPU and passes a torch optimizer, so only an offloaded optimizer (cpu_adam, compiled on first use) is built."""
     import importlib
 
     import deepspeed

@@ -5,5 +5,5 @@
 - `report_text.py`, `chexpert.py`, `icd.py`: one `evaluate.Metric` each, loaded offline from their file path.
 - `stats.py`: bootstrap confidence intervals and the paired A/B test (approximate randomization, paired bootstrap).
 
-Nothing here imports `evaluate` at import time (it costs ~8 s); only `scores.load_metric` and the module files do.
+Nothing here imports `evaluate` at import time (a slow import); only `scores.load_metric` and the module files do.
 """

@@ -522,7 +522,7 @@ def metric_path(name: str) -> Path:
 def load_metric(name: str, **load_kwargs: Any) -> evaluate.EvaluationModule:
     """`evaluate.load` on the module file shipped here: works offline (HF_HUB_OFFLINE=1), never touches the hub.
 
-    Importing `evaluate` costs ~8 s on 2 cores, so it happens here, not at module import.
+    Importing `evaluate` is slow, so it happens here, not at module import.
     """
     import evaluate
 
