@@ -303,7 +303,7 @@ def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weigh
 def label_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the label tokens, the same value as `model(**batch).loss`, but the LM head
     and softmax run only at the positions that predict a label (`logits_to_keep` as a boolean mask) instead of at
-    every position: prompts, EHR blocks and image tokens carry no labels, a saving that grows with the share of unlabeled positions.
+    every position: prompts, EHR blocks and image tokens carry no labels (the saving grows with their share).
     Used by every engine and by the step-overhead benchmark's hand-written loop. Padded and packed batches alike
     (training/packing.py): the mean over the same label tokens, so the same loss and gradients."""
     inputs, labels, _ = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
