@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, wait_http
+from conftest import free_ports, running_ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -158,56 +156,9 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
     dashboard; then stop THAT head by PID (never `ray stop`)."""
     import ray
 
-    if ray.is_initialized():  # no other Ray cluster of this session alive while a head runs
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dash, client, agent, metrics = free_ports(5)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    head = subprocess.Popen(
-        [
-            str(VENV_BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--ray-client-server-port",
-            str(client),
-            "--dashboard-agent-listen-port",
-            str(agent),
-            "--metrics-export-port",
-            str(metrics),
-            "--num-cpus",
-            "3",
-            "--temp-dir",
-            temp,
-            "--object-store-memory",
-            str(300 * 2**20),
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
-        results = {}
+    results = {}
+    with running_ray_head("rd", num_cpus=3, object_store_mb=300) as (env, ports):
+        gcs, dash = ports["gcs"], ports["dashboard"]
         for address in (f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"):
             done = subprocess.run(
                 [str(VENV_BIN / "launcher"), "doctor"],
@@ -218,13 +169,6 @@ def test_started_local_cluster_is_found_through_ray_address(tmp_path):
                 timeout=180,
             )
             results[address] = (done.returncode, table_rows(done.stdout), done.stdout + done.stderr)
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes of this head only
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
     rc, rows, out = results[f"127.0.0.1:{gcs}"]
     assert rc == 0, out[-3000:]
     assert rows["ray"][0] == "ok" and f"cluster 127.0.0.1:{gcs}: 1 node(s), CPU 3, GPU 0" in rows["ray"][1]

@@ -14,17 +14,14 @@ every Ray process on the machine).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_ports, tiny_overrides, wait_http
+from conftest import REPO, running_ray_head, tiny_overrides
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -254,57 +251,8 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
 @pytest.mark.slow
 def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
     """`ray start --head --node-ip-address 127.0.0.1` + `ray job submit -- launcher ray ...`, then stop THAT head."""
-    import ray
-
-    if ray.is_initialized():  # no other Ray cluster of this session alive while a head runs
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    gcs, dash, client, agent, metrics, worker_lo = free_ports(6)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: tear down now, not after a 30 s drain
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [
-            str(VENV_BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--ray-client-server-port",
-            str(client),
-            "--dashboard-agent-listen-port",
-            str(agent),
-            "--metrics-export-port",
-            str(metrics),
-            "--num-cpus",
-            "4",
-            "--temp-dir",
-            temp,
-            "--object-store-memory",
-            str(400 * 2**20),
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
     out = tmp_path / "job"
-    try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+    with running_ray_head("rj", num_cpus=4, object_store_mb=400) as (env, ports):
         overrides = tiny_overrides(
             train_data,
             out,
@@ -315,7 +263,7 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
             "job",
             "submit",
             "--address",
-            f"http://127.0.0.1:{dash}",
+            f"http://127.0.0.1:{ports['dashboard']}",
             "--",
             "launcher",
             "ray",
@@ -325,17 +273,10 @@ def test_ray_job_submit_against_a_started_head(train_data, tmp_path):
         for item in overrides:
             cmd += ["--set", item]
         job = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "[done] 2/2 steps on 1 workers" in job.stdout and "succeeded" in job.stdout.lower()
-        summary = json.loads((out / "run_summary.json").read_text())
-        assert summary["global_step"] == 2 and summary["runtime"] == "ray"
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` kills the processes of this head only
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "[done] 2/2 steps on 1 workers" in job.stdout and "succeeded" in job.stdout.lower()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["runtime"] == "ray"
 
 
 @pytest.mark.slow
