@@ -128,15 +128,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     ensure_data(cfg)
     data = load_run_data(cfg)
     bundle = build_model(cfg, corpus_texts(data))
-    pre = Preprocessor(
-        bundle.tokenizer,
-        bundle.image_spec,
-        bundle.image_token_id,
-        bundle.num_image_tokens,
-        args.budget,
-        "shorten_ehr",
-        cfg.data.root,
-    )
+    pre = Preprocessor.for_run(cfg, bundle, image_cache=False)  # data.max_seq_len = --budget (above)
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=args.ehr_dropout))
     samples = stage_b_samples(pre, stream, args.batches * args.batch, args.ehr_detail, args.budget)
     lengths = [len(t.input_ids) for _, t in samples]
