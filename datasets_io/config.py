@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -344,6 +345,29 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: `1e-3` and `3E4` are numbers (YAML 1.1, which PyYAML
+    implements, wants a dot and a signed exponent, `1.0e-3`, and reads `lr: 1e-3` as the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
     """Apply `a.b=c` overrides in place (values parsed as YAML scalars). Returns problems."""
     problems = []
@@ -360,7 +384,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
                 problems.append(f"--set {key}: {part} is not a section")
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            node[parts[-1]] = parse_yaml(raw) if raw != "" else ""
     return problems
 
 
@@ -373,7 +397,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError([f"config file not found: {p}"], source)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"invalid YAML: {e}"], source) from None
         if not isinstance(data, dict):

@@ -43,6 +43,15 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.mlflow.tracking_uri == "http://h:1"
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads `1e-3` as a string: `lr: 1e-3` was refused as "expected a valid number, got '1e-3'"
+    path = tmp_path / "c.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text().replace("lr: 3.0e-3", "lr: 2e-3", 1))
+    cfg = load_config(path, ["train.projector_lr=5E-4", "train.weight_decay=1e-2", "output.dir=1e3x"])
+    assert (cfg.train.lr, cfg.train.projector_lr, cfg.train.weight_decay) == (0.002, 0.0005, 0.01)
+    assert cfg.output.dir == "1e3x"  # not a number: stays a string
+
+
 def test_all_problems_reported_at_once_with_key_names():
     with pytest.raises(ConfigError) as e:
         load_config(
