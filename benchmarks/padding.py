@@ -29,6 +29,7 @@ from datasets_io.packing import pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
 from datasets_io.tokens import OverBudgetError
 from datasets_io.config import load_config
+from datasets_io.sampler import row_table
 from launcher.local import corpus_texts, ensure_data, load_run_data
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
 from training.model import build_model, label_loss
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     )
     ensure_data(cfg)
     data = load_run_data(cfg)
-    bundle = build_model(cfg, corpus_texts(data))
+    bundle = build_model(cfg, corpus_texts(data), stage_a=row_table(data.train["A"]))
     pre = Preprocessor.for_run(cfg, bundle, image_cache=False)  # data.max_seq_len = --budget (above)
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=args.ehr_dropout))
     samples = stage_b_samples(pre, stream, args.batches * args.batch, args.ehr_detail, args.budget)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from datasets_io.config import load_config
+from datasets_io.sampler import row_table
 from launcher.local import corpus_texts, load_run_data
 from training.checkpoint import Checkpointer
 from training.curriculum import plan_steps
@@ -104,7 +105,7 @@ def main() -> None:
 
         ensure_data(cfg)
         data = load_run_data(cfg)
-        bundle = build_model(cfg, corpus_texts(data))
+        bundle = build_model(cfg, corpus_texts(data), stage_a=row_table(data.train["A"]))
         pre = Preprocessor.for_run(cfg, bundle, image_cache=False)
         stream = StageStream("B", data.train["B"], StreamSpec(0))
         batch = to_torch(pre.batch([stream.item(i) for i in range(cfg.train.micro_batch_size)]))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from datasets_io.config import load_config
+from datasets_io.sampler import row_table
 from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
 from training.data import Preprocessor, StageStream, StreamSpec
 from training.model import build_model
@@ -65,7 +66,7 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
 
     data = load_run_data(cfg)
     torch.manual_seed(cfg.train.seed)
-    bundle = build_model(cfg, corpus_texts(data))
+    bundle = build_model(cfg, corpus_texts(data), stage_a=row_table(data.train["A"]))
     pre = Preprocessor.for_run(cfg, bundle, image_cache=False)
     stream = StageStream("B", data.train["B"], StreamSpec(cfg.train.seed, ehr_dropout=cfg.curriculum.ehr_dropout))
     mb = cfg.train.micro_batch_size
@@ -143,7 +144,9 @@ def main() -> None:
         ]
         base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
         ensure_data(base)
-        build_model(base, corpus_texts(load_run_data(base)))  # the tiny base model every run loads
+        build_model(
+            base, corpus_texts(data := load_run_data(base)), stage_a=row_table(data.train["A"])
+        )  # the tiny base model every run loads
         base_model = [f"model.name_or_path={d}/base/base_model"]
         sides = {
             "trainer": lambda r: trainer_run(base, args.steps, d / f"trainer{r}"),

@@ -111,6 +111,13 @@ class TinyModelConfig(Section):
     vocab_size: int = Field(
         1024, ge=1, description="Target vocabulary of the BPE tokenizer trained on the training corpus."
     )
+    vision_pretrain_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps pre-training the random vision tower on the Stage A training images' CheXpert labels "
+        "(a linear head on its patch tokens) when the tiny base is built, standing in for the pretrained CLIP tower "
+        "a real LLaVA brings (training/vision_pretrain.py); 0 = a random tower.",
+    )
 
     @field_validator("patch_size", "vision_heads", "text_heads", "text_kv_heads")
     @classmethod

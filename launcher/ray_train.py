@@ -187,7 +187,9 @@ def prepare_run(cfg: Config) -> DriverSetup:
 
     out = Path(cfg.output.dir)
     world = cfg.ray.num_workers
-    prep = prepare_run_data(cfg, world)  # every record validated, stages counted, tiny base built once, here
+    # every record validated, stages counted, the tiny base's tokenizer + config written once, here (its weights are
+    # drawn by rank 0: the modeling imports are the workers' anyway)
+    prep = prepare_run_data(cfg, world, tiny_weights=False)
     dtype = resolve_ds_dtype(cfg.model.dtype, cfg.ray.use_gpu)
     ds_config = deepspeed_config(prep.cfg, world, dtype)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))

@@ -289,10 +289,11 @@ class RankData:
 def build_worker_engine(w: WorkerRun, laps: Laps) -> tuple[Any, Any]:
     """(the LoRA model bundle, its DeepSpeedEngine): built inside ZeRO-3's init context when stage 3, so the base is
     loaded already partitioned across ranks. The phases go to `laps`: imports, model, deepspeed."""
+    import ray
     import torch
 
     from training.deepspeed_engine import DeepSpeedEngine, init_deepspeed_comm, prepare_deepspeed_cpu, zero3_init
-    from training.model import resolve_base_path
+    from training.model import ensure_tiny_weights, resolve_base_path
     from training.recipe import build_lora_model
 
     cfg, ds_config = w.cfg, w.config["deepspeed"]
@@ -301,9 +302,14 @@ def build_worker_engine(w: WorkerRun, laps: Laps) -> tuple[Any, Any]:
         torch.set_num_threads(max(1, math.floor(cfg.ray.cpus_per_worker)))
     init_deepspeed_comm()
     laps.mark("imports")
+    base_path = resolve_base_path(cfg, None, weights=False)
+    if not cfg.model.name_or_path:  # the tiny base: the driver wrote its tokenizer + config, rank 0 draws the weights
+        if w.rank == 0:  # from the Stage A rows the driver validated: the local runtime's weights, bit for bit
+            ensure_tiny_weights(base_path, cfg, ray.get(w.config["rows"])["A"])
+        torch.distributed.barrier()
     zero3_init(ds_config)  # ZeRO-3: from_pretrained below builds the base already partitioned across ranks
     dtype = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    bundle = build_lora_model(cfg, resolve_base_path(cfg, None), dtype=dtype)
+    bundle = build_lora_model(cfg, base_path, dtype=dtype)
     laps.mark("model")
     engine = DeepSpeedEngine(bundle.model, cfg.train, ds_config)
     laps.mark("deepspeed")

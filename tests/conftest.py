@@ -127,6 +127,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
         "model.tiny.text_layers": "2",
         "model.tiny.vision_layers": "2",
         "model.tiny.patch_size": "32",  # 16 image tokens: the suite's runs stay as cheap as before tiny.yaml's 64
+        "model.tiny.vision_pretrain_steps": "0",  # tests that pre-train the tower set it (a random tower here)
         "lora.r": "8",
         "lora.alpha": "16",
     }

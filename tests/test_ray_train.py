@@ -101,6 +101,45 @@ def test_config_is_resolved_for_the_cluster(train_data, tmp_path, monkeypatch):
         check_supported(ray_cfg(train_data, tmp_path / "x", **{"train.global_batch_size": 12}))
 
 
+def test_the_driver_leaves_the_tiny_weights_to_rank_0_and_they_are_the_local_builds(train_data, tmp_path):
+    """The Ray driver writes the tiny base's tokenizer + config only (no modeling imports on its critical path);
+    the weights rank 0 draws from that config and the Stage A rows, its vision tower pre-trained
+    (training/vision_pretrain.py), are the ones the local runtime's one-go build writes, bit for bit, although the
+    two processes run torch on different thread counts."""
+    import torch
+    from safetensors.torch import load_file
+
+    from datasets_io.sampler import row_table
+    from launcher.local import corpus_texts, load_run_data
+    from training.model import WEIGHTS_FILE, ensure_tiny_weights, resolve_base_path
+
+    pretrain = {"model.tiny.vision_pretrain_steps": 3}
+    cfg = ray_cfg(train_data, tmp_path / "driver", **pretrain)
+    data = load_run_data(cfg)
+    texts, stage_a = corpus_texts(data), row_table(data.train["A"])
+    base = Path(resolve_base_path(cfg, texts, weights=False))
+    assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
+    assert not (base / WEIGHTS_FILE).exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rank 0 of a 0.5-CPU worker
+    try:
+        ensure_tiny_weights(base, cfg, stage_a)  # what rank 0 does before anyone loads the model
+    finally:
+        torch.set_num_threads(threads)
+    local = Path(resolve_base_path(ray_cfg(train_data, tmp_path / "local", **pretrain), texts, stage_a=stage_a))
+    drawn, built = load_file(base / WEIGHTS_FILE), load_file(local / WEIGHTS_FILE)
+    assert drawn.keys() == built.keys() and len(drawn) > 50
+    assert all(torch.equal(drawn[k], built[k]) for k in drawn)
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in local.iterdir())  # no temp dir left
+    # the tower was trained (not the random draw), the rest is the random draw: both comparisons above can fail
+    random = load_file(Path(resolve_base_path(ray_cfg(train_data, tmp_path / "random"), texts)) / WEIGHTS_FILE)
+    tower = [k for k in built if k.startswith("vision_tower.")]
+    assert tower and all(not torch.equal(built[k], random[k]) for k in tower if k.endswith("fc1.weight"))
+    assert all(torch.equal(built[k], random[k]) for k in built if k.startswith("multi_modal_projector."))
+    with pytest.raises(Exception, match="needs Stage A training rows"):
+        resolve_base_path(ray_cfg(train_data, tmp_path / "norows", **pretrain), texts)
+
+
 def test_validation_rows_are_equal_whole_batches_per_rank(train_data, tmp_path):
     from launcher.local import load_run_data
     from training.recipe import validation_slice

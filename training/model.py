@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BASE_MODEL_DIRNAME = "base_model"
 ORIGIN_FILE = "origin.json"  # what a tiny base was built from (corpus hash, tiny config, seed)
+WEIGHTS_FILE = "model.safetensors"  # a tiny base's weights (one shard: it is a few MB)
 
 
 @dataclass
@@ -99,24 +101,74 @@ def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
     )
 
 
-def build_tiny_base(cfg: Config, train_texts: list[str], out_dir: Path) -> Path:
-    """Train the BPE tokenizer on the corpus, build the random tiny LLaVA (seeded) and save both to `out_dir`."""
-    from transformers import LlavaForConditionalGeneration
-
+def build_tiny_base(
+    cfg: Config, train_texts: list[str], out_dir: Path, weights: bool = True, stage_a: dict | None = None
+) -> Path:
+    """Train the BPE tokenizer on the corpus and write the tiny LLaVA's config, tokenizer, image spec and origin to
+    `out_dir`; with `weights`, also its weights (`ensure_tiny_weights`, which needs `stage_a` when the vision tower is
+    pre-trained). The Ray driver passes weights=False: drawing them needs transformers' modeling code (seconds of
+    imports), which only the workers load, so rank 0 draws them there, from the saved config, before anyone loads the
+    model."""
     from training.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(train_texts, cfg.model.tiny.vocab_size)
-    torch.manual_seed(cfg.train.seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(cfg, tokenizer))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
+    config = tiny_llava_config(cfg, tokenizer)
+    config.architectures = ["LlavaForConditionalGeneration"]  # what the model's own save_pretrained records
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "image_spec.json").write_text(
         json.dumps({"size": cfg.model.tiny.image_size, "mean": CLIP_MEAN, "std": CLIP_STD})
     )
     (tmp / ORIGIN_FILE).write_text(json.dumps(tiny_base_origin(cfg, train_texts), indent=2))
     tmp.rename(out_dir)
+    if weights:
+        ensure_tiny_weights(out_dir, cfg, stage_a)
     return out_dir
+
+
+def ensure_tiny_weights(base: str | Path, cfg: Config, stage_a: dict | None) -> None:
+    """Draw a tiny base's random weights (seeded, from its saved config), pre-train its vision tower on the Stage A
+    training rows `stage_a` (a datasets_io.sampler.row_table; training/vision_pretrain.py) when
+    `model.tiny.vision_pretrain_steps` > 0, and write them beside it, unless they are there already. The files are
+    written to a temp dir and moved in with the weights file last, so a reader that finds the weights finds
+    everything. The same config, seed and rows give the same weights bit for bit wherever they are drawn (tested), so
+    a run built by the Ray driver + rank 0 starts where the local runtime's starts."""
+    base = Path(base)
+    if (base / WEIGHTS_FILE).is_file():
+        return
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(cfg.train.seed)
+    config = LlavaConfig.from_pretrained(base)
+    model = LlavaForConditionalGeneration(config)
+    steps = cfg.model.tiny.vision_pretrain_steps
+    if steps:
+        from training.vision_pretrain import pretrain_vision_tower
+
+        if not stage_a or not stage_a["image"]:
+            raise LauncherError(f"pre-training the tiny base's vision tower ({base}) needs Stage A training rows")
+        done = pretrain_vision_tower(
+            model.model.vision_tower,
+            stage_a["image"],
+            stage_a["target"],
+            data_root=cfg.data.root,
+            spec=image_spec_for(str(base), config),
+            steps=steps,
+            lr=cfg.train.lr,
+            batch_size=cfg.train.micro_batch_size,
+            seed=cfg.train.seed,
+        )
+        print(
+            f"[model] tiny vision tower pre-trained on {done['images']} Stage A training images' CheXpert labels: "
+            f"{steps} steps, final loss {done['final_loss']}, {done['seconds']:.1f}s",
+            flush=True,
+        )
+    tmp = base / f".weights.tmp.{os.getpid()}"
+    model.save_pretrained(tmp)
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):  # the weights file last
+        f.replace(base / f.name)
+    tmp.rmdir()
 
 
 def image_spec_for(base_path: str, config: LlavaConfig) -> ImageSpec:
@@ -157,8 +209,12 @@ def load_base(path: str, dtype: torch.dtype, attn_implementation: str | None = N
     return model, tokenizer
 
 
-def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
-    """The HF directory to load: `model.name_or_path`, or the run's tiny base (built on first use)."""
+def resolve_base_path(
+    cfg: Config, train_texts: list[str] | None, weights: bool = True, stage_a: dict | None = None
+) -> str:
+    """The HF directory to load: `model.name_or_path`, or the run's tiny base (built on first use; `weights=False`
+    leaves its weights to `ensure_tiny_weights`, see `build_tiny_base`; `stage_a`: the Stage A training row table its
+    vision tower is pre-trained on)."""
     if cfg.model.name_or_path:
         return cfg.model.name_or_path
     base = Path(cfg.output.dir) / BASE_MODEL_DIRNAME
@@ -166,9 +222,12 @@ def resolve_base_path(cfg: Config, train_texts: list[str] | None) -> str:
         if train_texts is None:
             raise LauncherError(f"tiny base model not found at {base} and no corpus given to build it")
         base.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_base(cfg, train_texts, base)
-    elif train_texts is not None:
-        check_tiny_base_origin(cfg, train_texts, base)
+        build_tiny_base(cfg, train_texts, base, weights=weights, stage_a=stage_a)
+    else:
+        if train_texts is not None:
+            check_tiny_base_origin(cfg, train_texts, base)
+        if weights:
+            ensure_tiny_weights(base, cfg, stage_a)
     return str(base)
 
 
@@ -180,12 +239,15 @@ def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     for t in train_texts:
         h.update(t.encode())
         h.update(b"\x00")
-    return {
+    origin = {
         "corpus_texts": len(train_texts),
         "corpus_hash": h.hexdigest(),
         "model.tiny": cfg.model.tiny.model_dump(),
         "train.seed": cfg.train.seed,
     }
+    if cfg.model.tiny.vision_pretrain_steps:  # what else the vision tower's pre-training used
+        origin["vision_pretrain"] = {"train.lr": cfg.train.lr, "train.micro_batch_size": cfg.train.micro_batch_size}
+    return origin
 
 
 def check_tiny_base_origin(cfg: Config, train_texts: list[str], base: Path) -> None:
@@ -227,8 +289,12 @@ def apply_lora(cfg: Config, model: Any) -> Any:
     return peft_model
 
 
-def build_model(cfg: Config, train_texts: list[str] | None = None, dtype: torch.dtype = torch.float32) -> ModelBundle:
-    base_path = resolve_base_path(cfg, train_texts)
+def build_model(
+    cfg: Config, train_texts: list[str] | None = None, dtype: torch.dtype = torch.float32, stage_a: dict | None = None
+) -> ModelBundle:
+    """The base (`resolve_base_path`: a tiny one built from `train_texts` and the Stage A row table `stage_a`) with
+    LoRA."""
+    base_path = resolve_base_path(cfg, train_texts, stage_a=stage_a)
     base, tokenizer = load_base(base_path, dtype, cfg.model.attn_implementation)
     model = apply_lora(cfg, base)
     return bundle_for(model, tokenizer, base_path)

@@ -110,20 +110,25 @@ class RunPrep:
     resume_key: dict  # what a checkpoint of this run means (training.checkpoint.resume_key): stored, compared
 
 
-def prepare_run_data(cfg: Config, world_size: int) -> RunPrep:
+def prepare_run_data(cfg: Config, world_size: int, tiny_weights: bool = True) -> RunPrep:
+    """Everything both runtimes derive before the first step. `tiny_weights=False` (the Ray driver) leaves a new tiny
+    base's random weights to the workers (training.model.build_tiny_base)."""
     try:
         cfg = curriculum.with_derived_grad_accum(cfg, world_size)
     except ValueError as e:
         raise LauncherError(str(e)) from None
-    from training.model import resolve_base_path
+    from datasets_io.sampler import row_table
+    from training.model import ensure_tiny_weights, resolve_base_path
 
     from training.data_checks import token_spec
 
     ensure_data(cfg)
     data = load_run_data(cfg)  # every record validated; patients shared with the val file refused
-    base_path = resolve_base_path(cfg, corpus_texts(data))
+    base_path = resolve_base_path(cfg, corpus_texts(data), weights=False)  # tokenizer + config
     # token lengths before the first step (the same on both runtimes): shortened rows counted, over-budget ones out
     data = fit_run_data_to_budget(cfg, data, token_spec(cfg, lambda: corpus_texts(data)))
+    if tiny_weights and not cfg.model.name_or_path:  # the Ray workers draw them (rank 0) from the same rows
+        ensure_tiny_weights(base_path, cfg, row_table(data.train["A"]))
     counts = {s: len(data.train[s]) for s in ("A", "B")}
     plan = curriculum.plan_steps(cfg, counts["A"], counts["B"], world_size=world_size)
     key = resume_key(cfg, plan, world_size, records_fingerprint(data.train["A"] + data.train["B"]))
