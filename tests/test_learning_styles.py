@@ -24,8 +24,8 @@ def test_tiny_recipe_learns_pixels_and_ehr_on_a_held_out_style(tmp_path):
     import styles
 
     row = styles.one_run("inverted", seed=0, work=tmp_path, extra=[f"train.max_steps={STEPS}"])
-    # pixels -> labels: the style's five drawn findings (majority baseline: 0)
-    assert row["chexpert_pixel_macro_f1"] >= 0.6, row
+    # pixels -> labels: the style's five drawn findings (majority baseline: 0); the target for the full run
+    assert row["chexpert_pixel_macro_f1"] >= 0.8, row
     # EHR -> ICD: the paired A/B of the same model with and without the Patient Data block
     assert row["icd_on_minus_off"] >= 0.15 and row["icd_p_value"] < 0.01, row
     # both arms write well-formed reports, so the A/B measures the EHR, not a broken prompt
