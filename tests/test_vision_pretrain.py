@@ -52,3 +52,26 @@ def test_pretraining_lowers_the_label_loss_and_changes_the_tower(synth_dir):
     assert done["images"] == len(rows) and done["steps"] == 60
     assert done["final_loss"] < 0.6 * done["first_loss"]
     assert any(not np.array_equal(before[k].numpy(), v.numpy()) for k, v in tower.state_dict().items())
+
+
+def test_the_base_origin_records_the_pretraining_and_refuses_another(tiny_cfg, tmp_path):
+    import pytest
+
+    from datasets_io.errors import LauncherError
+    from training.model import ORIGIN_FILE, check_tiny_base_origin, tiny_base_origin
+
+    texts = ["a corpus", "of two texts"]
+    plain, pretrained = tiny_cfg(), tiny_cfg(**{"model.tiny.vision_pretrain_steps": 5})
+    # without pre-training the origin is what bases built before it recorded (they still match)
+    assert "vision_pretrain_steps" not in tiny_base_origin(plain, texts)["model.tiny"]
+    assert "vision_pretrain" not in tiny_base_origin(plain, texts)
+    with_it = tiny_base_origin(pretrained, texts)
+    assert with_it["model.tiny"]["vision_pretrain_steps"] == 5 and with_it["vision_pretrain"]["train.lr"] == 3e-3
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / ORIGIN_FILE).write_text(json.dumps(tiny_base_origin(plain, texts)))
+    check_tiny_base_origin(plain, texts, base)
+    with pytest.raises(
+        LauncherError, match="does not belong to this run's data and settings: it was built from model.tiny"
+    ):
+        check_tiny_base_origin(pretrained, texts, base)  # a random tower is not silently reused as a pre-trained one

@@ -239,13 +239,15 @@ def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     for t in train_texts:
         h.update(t.encode())
         h.update(b"\x00")
+    pretrain = cfg.model.tiny.vision_pretrain_steps
     origin = {
         "corpus_texts": len(train_texts),
         "corpus_hash": h.hexdigest(),
-        "model.tiny": cfg.model.tiny.model_dump(),
+        # without pre-training the key is left out, so a base built before it existed still matches
+        "model.tiny": cfg.model.tiny.model_dump(exclude=set() if pretrain else {"vision_pretrain_steps"}),
         "train.seed": cfg.train.seed,
     }
-    if cfg.model.tiny.vision_pretrain_steps:  # what else the vision tower's pre-training used
+    if pretrain:  # what else the vision tower's pre-training used
         origin["vision_pretrain"] = {"train.lr": cfg.train.lr, "train.micro_batch_size": cfg.train.micro_batch_size}
     return origin
 
