@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from datasets_io.images import GRAY_RECIPE, ImageSpec, load_gray, normalize_gray
+from datasets_io.images import GRAY_RECIPE, ImageSpec, load_gray, normalize_gray, preprocess_image
 from datasets_io.jsonl import read_bytes, resolve_fs
 from datasets_io.errors import LauncherError
 
@@ -85,6 +85,12 @@ def open_image_cache(directory: str) -> ImageCache | None:
     cache = ImageCache(directory)
     cache.make_fanout_dirs()
     return cache
+
+
+def load_pixels(path: str, spec: ImageSpec, cache: ImageCache | None) -> np.ndarray:
+    """The image at `path` as model-ready (3, S, S) float32: through `cache` when there is one (an entry written on a
+    miss), else decoded. The same floats either way."""
+    return cache.pixels(path, spec) if cache is not None else preprocess_image(read_bytes(path), spec)
 
 
 def encode_entry(key_digest: bytes, gray: np.ndarray) -> bytes:

@@ -15,20 +15,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from datasets_io.images import ImageSpec, preprocess_image
-from datasets_io.jsonl import join, read_bytes
+from datasets_io.image_cache import ImageCache, load_pixels
+from datasets_io.images import ImageSpec
+from datasets_io.jsonl import join
 from datasets_io.packing import packed_batch
 from datasets_io.records import Record
 from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row_table, sample_fields
 from datasets_io.tokens import build_sample, pad_batch
 from training.curriculum import stage_at
-
-if TYPE_CHECKING:
-    from datasets_io.image_cache import ImageCache
 
 DECODE_HOOKS: list = []  # test-only: callables hook(stage, position), run before each training sample's decode
 
@@ -83,8 +81,7 @@ class Preprocessor:
 
     def sample(self, prompt: str, target: str, image: str, where: str = ""):
         path = join(self.data_root, image)
-        cache, spec = self.image_cache, self.image_spec
-        pixels = cache.pixels(path, spec) if cache is not None else preprocess_image(read_bytes(path), spec)  # (3,S,S)
+        pixels = load_pixels(path, self.image_spec, self.image_cache)  # (3, S, S)
         tok = build_sample(
             self.tokenizer,
             prompt,

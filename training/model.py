@@ -144,6 +144,8 @@ def ensure_tiny_weights(base: str | Path, cfg: Config, stage_a: dict | None) -> 
     model = LlavaForConditionalGeneration(config)
     steps = cfg.model.tiny.vision_pretrain_steps
     if steps:
+        from datasets_io.config import image_cache_dir
+        from datasets_io.image_cache import open_image_cache
         from training.vision_pretrain import pretrain_vision_tower
 
         if not stage_a or not stage_a["image"]:
@@ -158,6 +160,7 @@ def ensure_tiny_weights(base: str | Path, cfg: Config, stage_a: dict | None) -> 
             lr=cfg.train.lr,
             batch_size=cfg.train.micro_batch_size,
             seed=cfg.train.seed,
+            image_cache=open_image_cache(image_cache_dir(cfg)),  # the run's: its first epoch then finds them decoded
         )
         print(
             f"[model] tiny vision tower pre-trained on {done['images']} Stage A training images' CheXpert labels: "

@@ -24,8 +24,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from datasets_io.images import ImageSpec, preprocess_image
-from datasets_io.jsonl import join, read_bytes
+from datasets_io.image_cache import ImageCache, load_pixels
+from datasets_io.images import ImageSpec
+from datasets_io.jsonl import join
 from datasets_io.records import CHEXPERT_LABELS, parse_target
 
 MAX_IMAGES = 4096  # images decoded for the pre-training (a random subset of larger curricula), ~200 MB at 128 px
@@ -62,13 +63,15 @@ def pretrain_vision_tower(
     lr: float,
     batch_size: int,
     seed: int,
+    image_cache: ImageCache | None = None,
 ) -> dict[str, float]:
     """Train `tower` (a CLIPVisionModel, in place) for `steps` steps on (image path, target) pairs of Stage A training
-    records; returns what it did (for the log and the base's origin)."""
+    records, their images read through the run's `image_cache` (so the first epoch finds them decoded); returns what
+    it did (for the log)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(images), size=min(len(images), MAX_IMAGES), replace=False))
-    pixels = torch.from_numpy(np.stack([preprocess_image(read_bytes(join(data_root, images[i])), spec) for i in keep]))
+    pixels = torch.from_numpy(np.stack([load_pixels(join(data_root, images[i]), spec, image_cache) for i in keep]))
     labels = torch.from_numpy(label_matrix([targets[i] for i in keep]))
     with one_thread():
         torch.manual_seed(seed)
