@@ -206,6 +206,15 @@ class TrainConfig(Section):
         3, ge=1, description="Keep the N newest step checkpoints (stage_A_end and final are always kept)."
     )
     num_workers: int = Field(0, description="DataLoader worker processes on the local path.")
+    prompt_loss: bool = Field(
+        False,
+        description=(
+            "Also supervise the prompt's text tokens (the Patient Data block and the instruction; never image tokens, "
+            "never a sample's first token): next-token loss on the EHR's numbers teaches a random LM to read them "
+            "(the tiny default; measured in README 'Learning on other generators'). A pretrained LM reads them "
+            "already: off for real bases, like axolotl's train_on_inputs."
+        ),
+    )
     packing: bool = Field(
         False,
         description=(

@@ -69,6 +69,14 @@ def encode_target(tokenizer: Any, target: str) -> list[int]:
     return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def prompt_labels(prompt_ids: list[int], image_token_id: int, prompt_loss: bool) -> list[int]:
+    """The labels of a prompt: all IGNORE_INDEX, or with `prompt_loss` its own ids except the image tokens (features,
+    not text) and the first token (no token before it predicts it)."""
+    if not prompt_loss:
+        return [IGNORE_INDEX] * len(prompt_ids)
+    return [IGNORE_INDEX] + [IGNORE_INDEX if t == image_token_id else t for t in prompt_ids[1:]]
+
+
 def build_sample(
     tokenizer: Any,
     prompt: str,
@@ -79,8 +87,10 @@ def build_sample(
     max_len: int,
     overlong: Overlong = "shorten_ehr",
     where: str = "",
+    prompt_loss: bool = False,
 ) -> TokenizedSample:
-    """One training sample; the whole target (and EOS) is always supervised, never cut.
+    """One training sample; the whole target (and EOS) is always supervised, never cut; with `prompt_loss` the
+    prompt's text tokens too (`prompt_labels`).
 
     Over `max_len`: with `overlong="shorten_ehr"` a Stage B prompt gets its Patient Data block shortened by the rule
     of datasets_io.ehr_fit (farthest measurements first, then low-priority fields) and the sample is marked
@@ -102,7 +112,9 @@ def build_sample(
                 where, over_budget_reason(prompt, prompt_ids, target_ids, num_image_tokens, max_len, overlong, encode)
             )
         prompt_ids, shortened = encode(fitted[0]), True
-    return TokenizedSample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, shortened)
+    return TokenizedSample(
+        prompt_ids + target_ids, prompt_labels(prompt_ids, image_token_id, prompt_loss) + target_ids, shortened
+    )
 
 
 def over_budget_reason(

@@ -84,6 +84,22 @@ def test_label_mask_covers_exactly_target_plus_eos(tokenizer):
     assert len(s.attention_mask) == len(s.input_ids)
 
 
+def test_prompt_loss_supervises_the_prompt_text_but_never_image_tokens(tokenizer):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    kw = dict(image_token_id=image_id, num_image_tokens=16, max_len=1024)
+    off = build_sample(tokenizer, prompt_b(EHR), TARGET, **kw)
+    on = build_sample(tokenizer, prompt_b(EHR), TARGET, prompt_loss=True, **kw)
+    assert on.input_ids == off.input_ids
+    n_prompt = next(i for i, l in enumerate(off.labels) if l != IGNORE_INDEX)
+    assert on.labels[n_prompt:] == off.labels[n_prompt:]  # the target is supervised as before
+    prompt_ids, prompt_labels = on.input_ids[:n_prompt], on.labels[:n_prompt]
+    assert prompt_labels[0] == IGNORE_INDEX  # nothing before the first token predicts it
+    for i in range(1, n_prompt):
+        assert prompt_labels[i] == (IGNORE_INDEX if prompt_ids[i] == image_id else prompt_ids[i]), i
+    assert "2693" in tokenizer.decode([t for t in prompt_labels if t != IGNORE_INDEX]).replace(" ", "")  # the EHR
+    assert sum(l != IGNORE_INDEX for l in prompt_labels) == n_prompt - 1 - 16  # all text but the first token
+
+
 def test_numbers_are_single_digits(tokenizer):
     ids = tokenizer("2693.0", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["2", "6", "9", "3", ".", "0"]

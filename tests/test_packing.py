@@ -38,8 +38,9 @@ def test_packed_layout_restarts_positions_and_masks_each_sample():
     assert p.labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100], [-100, -100, 102, 103, -100, 301, 302]]
 
 
-def tiny_batches(cfg, rows: int, budget: int):
-    """The tiny model and one Stage B micro-batch (EHR dropped on half: short and long prompts), padded and packed."""
+def tiny_batches(cfg, rows: int, budget: int, prompt_loss: bool = False):
+    """The tiny model and one Stage B micro-batch (EHR dropped on half: short and long prompts), padded and packed;
+    with `prompt_loss` the prompts' text tokens are labels too."""
     from launcher.local import corpus_texts, load_run_data
     from training.data import Preprocessor, StageStream, StreamSpec, to_torch
     from training.model import build_model
@@ -54,6 +55,7 @@ def tiny_batches(cfg, rows: int, budget: int):
         budget,
         "shorten_ehr",
         cfg.data.root,
+        prompt_loss=prompt_loss,
     )
     stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
     out = [pre.sample(*stream.item(i)) for i in range(rows)]
@@ -69,12 +71,16 @@ def grads(model, loss):
     return [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
 
 
-def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg):
+@pytest.mark.parametrize("prompt_loss", [False, True], ids=["target-labels", "prompt-labels-too"])
+def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, prompt_loss):
     from training.model import label_loss
     from training.packing import per_sample_losses
 
     cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
-    bundle, padded, packed, toks = tiny_batches(cfg, rows=8, budget=512)
+    bundle, padded, packed, toks = tiny_batches(cfg, rows=8, budget=512, prompt_loss=prompt_loss)
+    assert all((t.labels[0] == IGNORE_INDEX) for t in toks)
+    if prompt_loss:  # the Patient Data block is supervised: most of each sample's tokens are labels
+        assert all(sum(l != IGNORE_INDEX for l in t.labels) > 0.5 * len(t.labels) for t in toks)
     lengths = sorted(len(t.input_ids) for t in toks)
     assert lengths[0] < 0.8 * lengths[-1]  # short and long prompts: the padded batch computes on padding
     assert packed["input_ids"].shape[0] < len(toks)  # rows hold several samples (image tokens of each inside)

@@ -47,6 +47,8 @@ class Preprocessor:
     data_root: str
     image_cache: ImageCache | None = None
     """Decoded images on disk (datasets_io.image_cache), shared by both stages and all epochs; None = decode always."""
+    prompt_loss: bool = False
+    """train.prompt_loss: supervise the prompt's text tokens too (datasets_io.tokens.prompt_labels)."""
     packing: bool = False
     """train.packing: lay a micro-batch out in rows of `max_len` tokens (datasets_io/packing.py) instead of padding
     every sample to the longest; the same samples, in the same order of positions."""
@@ -70,6 +72,7 @@ class Preprocessor:
             cfg.data.overlong,
             cfg.data.root,
             image_cache=open_image_cache(image_cache_dir(cfg)) if image_cache else None,
+            prompt_loss=cfg.train.prompt_loss,
             packing=cfg.train.packing,
         )
 
@@ -91,6 +94,7 @@ class Preprocessor:
             max_len=self.max_len,
             overlong=self.overlong,
             where=where,
+            prompt_loss=self.prompt_loss,
         )
         return pixels, tok
 
