@@ -2,11 +2,11 @@
 (`launcher data synth --style inverted`, `launcher local --config configs/tiny.yaml`, `launcher evaluate --ehr both`)
 on a held-out synth style, through benchmarks/styles.py (the same code that measures the README's table).
 
-The recipe was tuned on the default generator; `inverted` draws other findings (negative polarity, one-sided, a
-portrait image) and decides its ICD flags by other EHR fields, units and a below-threshold rule. The reduced run
-(600 steps instead of 1000) must still be far above what a model that never looked at the pixels or the EHR gets:
-the majority baseline scores CheXpert F1 0 on these labels (each is Positive in a minority of studies) and the
-EHR-OFF arm is the model itself without the Patient Data block.
+The recipe was tuned on the default generator, and its prompt loss and step count on `faint` and `default`; `inverted`
+draws other findings (negative polarity, one-sided, a portrait image) and decides its ICD flags by other
+EHR fields, units and a below-threshold rule. The reduced run (600 steps instead of 1500) must still be far above what
+a model that never looked at the pixels or the EHR gets: the majority baseline scores CheXpert F1 0 on these labels
+(each is Positive in a minority of studies) and the EHR-OFF arm is the model itself without the Patient Data block.
 """
 
 import sys
