@@ -206,13 +206,15 @@ class TrainConfig(Section):
         3, ge=1, description="Keep the N newest step checkpoints (stage_A_end and final are always kept)."
     )
     num_workers: int = Field(0, description="DataLoader worker processes on the local path.")
-    prompt_loss: bool = Field(
-        False,
+    prompt_loss_weight: float = Field(
+        0.0,
+        ge=0,
         description=(
             "Also supervise the prompt's text tokens (the Patient Data block and the instruction; never image tokens, "
-            "never a sample's first token): next-token loss on the EHR's numbers teaches a random LM to read them "
-            "(the tiny default; measured in README 'Learning on other generators'). A pretrained LM reads them "
-            "already: off for real bases, like axolotl's train_on_inputs."
+            "never a sample's first token): the loss is the target's mean next-token loss + this weight x the "
+            "prompt's. Predicting the EHR's numbers teaches a random LM to read them (the tiny default; measured in "
+            "README 'Learning on other generators'). 0 = the target only: a pretrained LM reads them already (off "
+            "for real bases, like axolotl's train_on_inputs: false)."
         ),
     )
     packing: bool = Field(

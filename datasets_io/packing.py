@@ -12,8 +12,8 @@ padded batch as long as attention stays inside each sample:
   batch's; transformers 5.24 (masking_utils.find_packed_sequence_indices) turns restarting position ids with no
   2D attention mask into a block-diagonal causal mask for SDPA / eager / flex, and FlashAttention-2 takes its
   variable-length path from them (training/packing.py flattens the rows to the one row it needs);
-- `labels` are each sample's own, and the first label of every segment is IGNORE_INDEX, so no token is ever trained
-  to predict the next sample's first token;
+- `labels` (and `prompt_labels` with a prompt loss) are each sample's own, and the first label of every segment is
+  IGNORE_INDEX, so no token is ever trained to predict the next sample's first token;
 - `segment_ids` (-1 on padding) say which sample of the micro-batch each token belongs to (per-sample losses, tests);
 - `pixel_values` are stacked in layout order (row by row, left to right): LLaVA fills the image-token positions in
   that order, so each sample's image features land in its own segment.
@@ -32,7 +32,7 @@ import numpy as np
 
 from datasets_io.tokens import IGNORE_INDEX, TokenizedSample
 
-NON_MODEL_KEYS = ("labels", "segment_ids", "shortened")
+NON_MODEL_KEYS = ("labels", "prompt_labels", "segment_ids", "shortened")
 """Batch keys that are not forward() arguments of the model."""
 
 
@@ -43,6 +43,7 @@ class PackedRows:
     position_ids: np.ndarray  # (R, W) int64, restart at every sample
     segment_ids: np.ndarray  # (R, W) int64, sample index in the micro-batch; -1 on padding
     order: list[int]  # sample indices in layout order (the order of their image tokens)
+    prompt_labels: np.ndarray | None = None  # (R, W) int64, when the samples carry them
 
 
 def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
@@ -104,6 +105,8 @@ def pack_samples(samples: list[TokenizedSample], budget: int, pad_id: int) -> Pa
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    with_prompt = samples[0].prompt_labels is not None
+    prompt_labels = np.full(shape, IGNORE_INDEX, dtype=np.int64) if with_prompt else None
     position_ids = np.zeros(shape, dtype=np.int64)
     segment_ids = np.full(shape, -1, dtype=np.int64)
     for r, row in enumerate(rows):
@@ -113,18 +116,22 @@ def pack_samples(samples: list[TokenizedSample], budget: int, pad_id: int) -> Pa
             input_ids[r, at : at + n] = samples[i].input_ids
             labels[r, at : at + n] = samples[i].labels
             labels[r, at] = IGNORE_INDEX  # never predicted from the previous sample's last token
+            if prompt_labels is not None:
+                prompt_labels[r, at : at + n] = samples[i].prompt_labels
+                prompt_labels[r, at] = IGNORE_INDEX
             position_ids[r, at : at + n] = np.arange(n)
             segment_ids[r, at : at + n] = i
             at += n
         position_ids[r, at:] = np.arange(width - at)  # the tail padding is a segment of its own
-    return PackedRows(input_ids, labels, position_ids, segment_ids, [i for row in rows for i in row])
+    order = [i for row in rows for i in row]
+    return PackedRows(input_ids, labels, position_ids, segment_ids, order, prompt_labels)
 
 
 def packed_batch(pixels: list[np.ndarray], samples: list[TokenizedSample], budget: int, pad_id: int) -> dict:
     """The packed counterpart of `Preprocessor.collate`'s padded batch (numpy arrays; no attention_mask: the
     restarting position ids are the mask)."""
     p = pack_samples(samples, budget, pad_id)
-    return {
+    batch = {
         "pixel_values": np.stack([pixels[i] for i in p.order]).astype(np.float32),  # (B, 3, S, S), layout order
         "input_ids": p.input_ids,  # (R, W)
         "labels": p.labels,
@@ -132,6 +139,9 @@ def packed_batch(pixels: list[np.ndarray], samples: list[TokenizedSample], budge
         "segment_ids": p.segment_ids,
         "shortened": np.asarray([s.shortened for s in samples], dtype=bool),
     }
+    if p.prompt_labels is not None:
+        batch["prompt_labels"] = p.prompt_labels
+    return batch
 
 
 def padding_efficiency(lengths: list[int], computed_tokens: int) -> float:

@@ -12,8 +12,9 @@ from the driver's one `ray.put` (fetched once per task process, not per step). `
 preserve_order gives the micro-batches in position order, so a Ray micro-batch is exactly the local one of the same
 positions. Resuming seeks: positions before the cursor are never read, decoded or tokenized.
 
-Columns are fixed-shape (Ray Data stores them as tensor columns); per row ~ 4*3*S*S + 8*max_seq_len bytes:
-  pixel_values (3, S, S) float32      input_ids, labels (max_seq_len,) int32, right-padded; length int32
+Columns are fixed-shape (Ray Data stores them as tensor columns); per row ~ 4*3*S*S + 12*max_seq_len bytes:
+  pixel_values (3, S, S) float32      input_ids, labels, prompt_labels (max_seq_len,) int32, right-padded (prompt_labels
+                                      all IGNORE_INDEX without a prompt loss); length int32
   shortened, ehr_dropped, replay bool  study_id str, position int64
 The worker's `collate` trims to the batch's longest row and pads with `Preprocessor.collate`.
 """
@@ -58,28 +59,27 @@ def _tables(rows: Any) -> dict:
     return _fetched[key]
 
 
-def _fixed(tok: TokenizedSample, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-    n = len(tok.input_ids)
-    ids = np.full(width, pad_id, dtype=np.int32)
-    labels = np.full(width, IGNORE_INDEX, dtype=np.int32)
-    ids[:n], labels[:n] = tok.input_ids, tok.labels
-    return ids, labels, n
+def _fixed(seq: list[int], width: int, fill: int) -> np.ndarray:
+    out = np.full(width, fill, dtype=np.int32)
+    out[: len(seq)] = seq
+    return out
 
 
 def decode_items(batch: dict[str, np.ndarray], *, rows: Any, stage: str, pre: Any) -> dict[str, np.ndarray]:
     """map_batches step: sampler draws -> model-ready fixed-shape columns (decode/resize, tokenize, pad)."""
     tables, width, pad = _tables(rows), pre.max_len, pre.tokenizer.pad_token_id
-    out: dict[str, list] = {k: [] for k in ("pixel_values", "input_ids", "labels", "length", "shortened", "study_id")}
+    keys = ("pixel_values", "input_ids", "labels", "prompt_labels", "length", "shortened", "study_id")
+    out: dict[str, list] = {k: [] for k in keys}
     for pos, row, replay, dropped in zip(batch["position"], batch["row"], batch["replay"], batch["ehr_dropped"]):
         d = Draw(int(pos), int(row), bool(replay), bool(dropped))
         fields = sample_fields(tables, stage, d)
         pixels, tok = pre.sample_at(stage, d.position, fields)  # (3, S, S), tokens
-        ids, labels, n = _fixed(tok, width, pad)
         for k, v in (
             ("pixel_values", pixels),
-            ("input_ids", ids),
-            ("labels", labels),
-            ("length", n),
+            ("input_ids", _fixed(tok.input_ids, width, pad)),
+            ("labels", _fixed(tok.labels, width, IGNORE_INDEX)),
+            ("prompt_labels", _fixed(tok.prompt_labels or [], width, IGNORE_INDEX)),  # all IGNORE without one
+            ("length", len(tok.input_ids)),
             ("shortened", tok.shortened),
             ("study_id", fields["study_id"]),
         ):
@@ -88,6 +88,7 @@ def decode_items(batch: dict[str, np.ndarray], *, rows: Any, stage: str, pre: An
         "pixel_values": np.stack(out["pixel_values"]).astype(np.float32),  # (B, 3, S, S)
         "input_ids": np.stack(out["input_ids"]),
         "labels": np.stack(out["labels"]),  # (B, max_len) int32
+        "prompt_labels": np.stack(out["prompt_labels"]),  # (B, max_len) int32
         "length": np.asarray(out["length"], dtype=np.int32),
         "shortened": np.asarray(out["shortened"], dtype=bool),
         "study_id": np.asarray(out["study_id"], dtype=object),
@@ -128,7 +129,12 @@ def collate(rows: dict[str, np.ndarray], pre: Any) -> dict[str, np.ndarray]:
     """Fixed-width columns of one micro-batch -> the padded batch `Preprocessor.collate` builds on the local path,
     with the per-sample bookkeeping (study_id, ehr_dropped, replay) the data-order log records."""
     toks = [
-        TokenizedSample(rows["input_ids"][i][:n].tolist(), rows["labels"][i][:n].tolist(), bool(rows["shortened"][i]))
+        TokenizedSample(
+            rows["input_ids"][i][:n].tolist(),
+            rows["labels"][i][:n].tolist(),
+            bool(rows["shortened"][i]),
+            rows["prompt_labels"][i][:n].tolist() if pre.prompt_loss else None,
+        )
         for i, n in enumerate(rows["length"].tolist())
     ]
     batch = pre.collate(list(rows["pixel_values"]), toks)

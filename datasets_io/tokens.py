@@ -2,6 +2,7 @@
 
     [prompt tokens ... <image> x N ... prompt tokens][target tokens ... EOS]
      labels = -100 on everything before the target;  labels = ids on the target and EOS
+     prompt_labels (train.prompt_loss_weight > 0 only) = ids on the prompt's text, -100 on image tokens and the target
 
 The `<image>` placeholder expands to the vision tower's number of image tokens (LLaVA splices one image feature into
 each). Prompt and target are tokenized separately and concatenated, so the label mask is exact by construction (the
@@ -39,6 +40,8 @@ class TokenizedSample:
     labels: list[int]
     shortened: bool = False
     """The Patient Data block was shortened to fit (datasets_io.ehr_fit); callers count these."""
+    prompt_labels: list[int] | None = None
+    """With a prompt loss: the prompt's own text ids as labels (`prompt_labels`), IGNORE_INDEX on the target."""
 
     @property
     def attention_mask(self) -> list[int]:
@@ -69,11 +72,9 @@ def encode_target(tokenizer: Any, target: str) -> list[int]:
     return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def prompt_labels(prompt_ids: list[int], image_token_id: int, prompt_loss: bool) -> list[int]:
-    """The labels of a prompt: all IGNORE_INDEX, or with `prompt_loss` its own ids except the image tokens (features,
-    not text) and the first token (no token before it predicts it)."""
-    if not prompt_loss:
-        return [IGNORE_INDEX] * len(prompt_ids)
+def prompt_labels(prompt_ids: list[int], image_token_id: int) -> list[int]:
+    """A prompt's own ids as labels, except the image tokens (features, not text) and the first token (no token
+    before it predicts it)."""
     return [IGNORE_INDEX] + [IGNORE_INDEX if t == image_token_id else t for t in prompt_ids[1:]]
 
 
@@ -90,7 +91,7 @@ def build_sample(
     prompt_loss: bool = False,
 ) -> TokenizedSample:
     """One training sample; the whole target (and EOS) is always supervised, never cut; with `prompt_loss` the
-    prompt's text tokens too (`prompt_labels`).
+    sample also carries the prompt's text tokens as `prompt_labels` (training.model.label_loss weighs their loss).
 
     Over `max_len`: with `overlong="shorten_ehr"` a Stage B prompt gets its Patient Data block shortened by the rule
     of datasets_io.ehr_fit (farthest measurements first, then low-priority fields) and the sample is marked
@@ -112,8 +113,12 @@ def build_sample(
                 where, over_budget_reason(prompt, prompt_ids, target_ids, num_image_tokens, max_len, overlong, encode)
             )
         prompt_ids, shortened = encode(fitted[0]), True
+    ignore_prompt, ignore_target = [IGNORE_INDEX] * len(prompt_ids), [IGNORE_INDEX] * len(target_ids)
     return TokenizedSample(
-        prompt_ids + target_ids, prompt_labels(prompt_ids, image_token_id, prompt_loss) + target_ids, shortened
+        prompt_ids + target_ids,
+        ignore_prompt + target_ids,
+        shortened,
+        prompt_labels(prompt_ids, image_token_id) + ignore_target if prompt_loss else None,
     )
 
 
@@ -141,13 +146,19 @@ def over_budget_reason(
 
 
 def pad_batch(samples: list[TokenizedSample], pad_id: int, side: Literal["right", "left"] = "right") -> dict:
-    """Pad to the longest sample. Returns lists (callers make tensors): input_ids, attention_mask, labels."""
+    """Pad to the longest sample. Returns lists (callers make tensors): input_ids, attention_mask, labels, and
+    prompt_labels when the samples carry them."""
     width = max(len(s.input_ids) for s in samples)
+    with_prompt = samples[0].prompt_labels is not None
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    if with_prompt:
+        out["prompt_labels"] = []
     for s in samples:
         n = width - len(s.input_ids)
         fill = lambda seq, v: ([v] * n + seq) if side == "left" else (seq + [v] * n)  # noqa: E731
         out["input_ids"].append(fill(s.input_ids, pad_id))
         out["attention_mask"].append(fill(s.attention_mask, 0))
         out["labels"].append(fill(s.labels, IGNORE_INDEX))
+        if with_prompt:
+            out["prompt_labels"].append(fill(s.prompt_labels, IGNORE_INDEX))
     return out

@@ -72,7 +72,7 @@ def test_all_problems_reported_at_once_with_key_names():
         "model.tiny.image_size: expected a valid integer, got True",
         "train.lr: expected a valid number, got 'fast'",
         "train.max_stepz: unknown key (known: epochs, eval_every, global_batch_size, grad_accum, keep_last, "
-        "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, num_workers, packing, projector_lr, prompt_loss, "
+        "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, num_workers, packing, projector_lr, prompt_loss_weight, "
         "record_data_order, save_every, seed, val_batches, warmup_steps, weight_decay)",
     ]
 

@@ -89,10 +89,11 @@ def test_prompt_loss_supervises_the_prompt_text_but_never_image_tokens(tokenizer
     kw = dict(image_token_id=image_id, num_image_tokens=16, max_len=1024)
     off = build_sample(tokenizer, prompt_b(EHR), TARGET, **kw)
     on = build_sample(tokenizer, prompt_b(EHR), TARGET, prompt_loss=True, **kw)
-    assert on.input_ids == off.input_ids
+    assert on.input_ids == off.input_ids and off.prompt_labels is None
+    assert on.labels == off.labels  # the target is supervised as before, and is all `labels` holds
     n_prompt = next(i for i, l in enumerate(off.labels) if l != IGNORE_INDEX)
-    assert on.labels[n_prompt:] == off.labels[n_prompt:]  # the target is supervised as before
-    prompt_ids, prompt_labels = on.input_ids[:n_prompt], on.labels[:n_prompt]
+    assert on.prompt_labels[n_prompt:] == [IGNORE_INDEX] * (len(on.input_ids) - n_prompt)  # not the target's
+    prompt_ids, prompt_labels = on.input_ids[:n_prompt], on.prompt_labels[:n_prompt]
     assert prompt_labels[0] == IGNORE_INDEX  # nothing before the first token predicts it
     for i in range(1, n_prompt):
         assert prompt_labels[i] == (IGNORE_INDEX if prompt_ids[i] == image_id else prompt_ids[i]), i
@@ -131,6 +132,10 @@ def test_pad_batch_left_and_right(tokenizer):
     n = len(b.input_ids) - len(a.input_ids)
     assert right["input_ids"][0][-n:] == [3] * n and right["labels"][0][-n:] == [IGNORE_INDEX] * n
     assert left["input_ids"][0][:n] == [3] * n and left["attention_mask"][0][:n] == [0] * n
+    assert "prompt_labels" not in right
+    a.prompt_labels, b.prompt_labels = list(a.input_ids), list(b.input_ids)  # samples with prompt labels: padded too
+    right = pad_batch([a, b], 3, "right")
+    assert right["prompt_labels"][0] == a.input_ids + [IGNORE_INDEX] * n and right["prompt_labels"][1] == b.input_ids
 
 
 def test_between_measurements_cuts_at_numbers_but_not_at_names_or_reference_ranges():

@@ -13,9 +13,10 @@ from datasets_io.packing import pack_samples, plan_rows
 from datasets_io.tokens import IGNORE_INDEX, TokenizedSample
 
 
-def sample(n: int, prompt: int, tag: int) -> TokenizedSample:
+def sample(n: int, prompt: int, tag: int, prompt_labels: bool = False) -> TokenizedSample:
     ids = [tag * 100 + k for k in range(n)]
-    return TokenizedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:])
+    own = ([IGNORE_INDEX] + ids[1:prompt] + [IGNORE_INDEX] * (n - prompt))[:n] if prompt_labels else None
+    return TokenizedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:], prompt_labels=own)
 
 
 def test_rows_are_the_fewest_and_balanced_within_the_budget():
@@ -36,11 +37,15 @@ def test_packed_layout_restarts_positions_and_masks_each_sample():
     assert p.segment_ids.tolist() == [[1, 1, 1, 1, 1, 1, -1], [0, 0, 0, 0, 2, 2, 2]]
     assert p.input_ids[1].tolist() == [100, 101, 102, 103, 300, 301, 302]
     assert p.labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100], [-100, -100, 102, 103, -100, 301, 302]]
+    assert p.prompt_labels is None
+    with_prompt = pack_samples([sample(4, 2, 1, True), sample(6, 0, 2, True), sample(3, 1, 3, True)], 8, 0)
+    assert with_prompt.labels.tolist() == p.labels.tolist()
+    assert with_prompt.prompt_labels.tolist() == [[-100] * 7, [-100, 101, -100, -100, -100, -100, -100]]
 
 
 def tiny_batches(cfg, rows: int, budget: int, prompt_loss: bool = False):
     """The tiny model and one Stage B micro-batch (EHR dropped on half: short and long prompts), padded and packed;
-    with `prompt_loss` the prompts' text tokens are labels too."""
+    with `prompt_loss` the prompts' text tokens are `prompt_labels` too."""
     from launcher.local import corpus_texts, load_run_data
     from training.data import Preprocessor, StageStream, StreamSpec, to_torch
     from training.model import build_model
@@ -79,8 +84,10 @@ def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, 
     cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
     bundle, padded, packed, toks = tiny_batches(cfg, rows=8, budget=512, prompt_loss=prompt_loss)
     assert all((t.labels[0] == IGNORE_INDEX) for t in toks)
-    if prompt_loss:  # the Patient Data block is supervised: most of each sample's tokens are labels
-        assert all(sum(l != IGNORE_INDEX for l in t.labels) > 0.5 * len(t.labels) for t in toks)
+    if prompt_loss:  # the Patient Data block is supervised: most of each sample's tokens are prompt labels
+        supervised = lambda t: sum(a != IGNORE_INDEX or b != IGNORE_INDEX for a, b in zip(t.labels, t.prompt_labels))  # noqa: E731
+        assert all(supervised(t) > 0.5 * len(t.labels) for t in toks)
+        assert "prompt_labels" in padded and "prompt_labels" in packed
     lengths = sorted(len(t.input_ids) for t in toks)
     assert lengths[0] < 0.8 * lengths[-1]  # short and long prompts: the padded batch computes on padding
     assert packed["input_ids"].shape[0] < len(toks)  # rows hold several samples (image tokens of each inside)
@@ -92,7 +99,12 @@ def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, 
     per_padded, per_packed = per_sample_losses(model, padded), per_sample_losses(model, packed)
     assert torch.isfinite(per_padded).all()
     assert torch.allclose(per_padded, per_packed, rtol=1e-5, atol=1e-5), (per_padded, per_packed)
-    loss_padded, loss_packed = label_loss(model, padded), label_loss(model, packed)
+    if prompt_loss:
+        prompt_padded, prompt_packed = (per_sample_losses(model, b, "prompt_labels") for b in (padded, packed))
+        assert torch.isfinite(prompt_padded).all()
+        assert torch.allclose(prompt_padded, prompt_packed, rtol=1e-5, atol=1e-5), (prompt_padded, prompt_packed)
+    weight = 0.5 if prompt_loss else 0.0
+    loss_padded, loss_packed = label_loss(model, padded, weight), label_loss(model, packed, weight)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-5, atol=1e-5)
     g_padded, g_packed = grads(model, loss_padded), grads(model, loss_packed)
     assert len(g_padded) == len(g_packed) and any(
@@ -151,10 +163,14 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
     flash = SimpleNamespace(
         config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     )
-    inputs, labels, owner = model_layout(flash, batch)
+    inputs, tokens = model_layout(flash, batch)
     assert inputs["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 100, 101, 102, 103, 300, 301, 302]]
-    assert labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
-    assert owner.tolist() == [[1] * 6 + [0] * 4 + [2] * 3] and inputs["use_cache"] is False
+    assert tokens["labels"].tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
+    assert tokens["owner"].tolist() == [[1] * 6 + [0] * 4 + [2] * 3] and inputs["use_cache"] is False
+    assert "prompt_labels" not in tokens and "labels" not in inputs and "segment_ids" not in inputs
+    with_prompt = dict(batch, prompt_labels=torch.from_numpy(np.where(p.labels == -100, p.input_ids, -100)))
+    flat = model_layout(flash, with_prompt)[1]["prompt_labels"].tolist()
+    assert flat == [[200] + [-100] * 5 + [100, 101, -100, -100, 300, -100, -100]]  # the same real tokens as labels
     (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
     assert cu_q.tolist() == [0, 6, 10, 13] and int(max_q) == 6
     sdpa = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="sdpa")))

@@ -67,10 +67,11 @@ def test_decoded_items_collate_to_the_local_micro_batch(prepared):
     s, width = pre.image_spec.size, cfg.data.max_seq_len
     assert cols["pixel_values"].shape == (24, 3, s, s) and cols["input_ids"].shape == (24, width)
     assert cols["replay"].any() and cols["ehr_dropped"].any()
+    assert pre.prompt_loss  # tiny.yaml's prompt loss: the prompt's labels travel through the columns too
     for k in range(4):
         got = collate({c: v[6 * k : 6 * (k + 1)] for c, v in cols.items()}, pre)
         want = micro_batch(pre, tables, spec, "B", range(6 * k, 6 * (k + 1)))
-        for key in ("pixel_values", "input_ids", "attention_mask", "labels", "ehr_dropped", "replay"):
+        for key in ("pixel_values", "input_ids", "attention_mask", "labels", "prompt_labels", "ehr_dropped", "replay"):
             np.testing.assert_array_equal(got[key], want[key])
         assert list(got["study_id"]) == list(want["study_id"])
 

@@ -48,8 +48,9 @@ def test_lora_only_in_the_language_model(tiny_cfg):
     assert trainable == set(lora) | {n for n in trainable if "multi_modal_projector.modules_to_save" in n}
 
 
-def model_and_stage_b_batch(cfg, rows: int, spec):
-    """The tiny model built from `cfg` and one Stage B batch of its training data (the first `rows` positions)."""
+def model_and_stage_b_batch(cfg, rows: int, spec, prompt_loss: bool = False):
+    """The tiny model built from `cfg` and one Stage B batch of its training data (the first `rows` positions); with
+    `prompt_loss` the batch has `prompt_labels` too."""
     from launcher.local import corpus_texts, load_run_data
     from training.data import Preprocessor, StageStream, to_torch
     from training.model import build_model
@@ -64,6 +65,7 @@ def model_and_stage_b_batch(cfg, rows: int, spec):
         512,
         "shorten_ehr",
         cfg.data.root,
+        prompt_loss=prompt_loss,
     )
     stream = StageStream("B", data.train["B"], spec)
     return bundle, to_torch(pre.batch([stream.item(i) for i in range(rows)]))
@@ -107,6 +109,32 @@ def test_label_loss_equals_the_models_own_loss_and_gradients(tiny_cfg):
     empty = label_loss(model, batch)
     empty.backward()
     assert float(empty) == 0.0 and all(p.grad is None or not p.grad.any() for p in params)
+
+
+def test_prompt_loss_adds_the_prompts_own_mean_loss_at_its_weight(tiny_cfg):
+    """loss = the target's mean next-token loss + w x the prompt's: each part is what the model's own loss gives with
+    that part as its labels, so the parts' balance is w whatever their token counts."""
+    from training.data import StreamSpec
+    from training.model import label_loss
+
+    bundle, batch = model_and_stage_b_batch(tiny_cfg(), 6, StreamSpec(0, ehr_dropout=0.5), prompt_loss=True)
+    batch.pop("shortened", None)
+    prompt = batch.pop("prompt_labels")
+    assert int((prompt != -100).sum()) > 100 and int((batch["labels"] != -100).sum()) > 100  # both parts present
+    assert not ((prompt != -100) & (batch["labels"] != -100)).any()  # no token is in both parts
+    model = bundle.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target_only = label_loss(model, batch)
+    prompt_part = model(**dict(batch, labels=prompt)).loss
+    for weight in (0.5, 1.0):
+        ours = label_loss(model, dict(batch, prompt_labels=prompt), weight)
+        theirs = model(**batch).loss + weight * prompt_part
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), (weight, ours, theirs)
+    g_ours = torch.autograd.grad(ours, params, allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs, params, allow_unused=True)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_ours, g_theirs) if a is not None)
+    assert torch.allclose(label_loss(model, dict(batch, prompt_labels=prompt), 0.0), target_only)  # weight 0: off
+    assert float(prompt_part) > 0.1 and not torch.allclose(ours, target_only)
 
 
 def test_run_writes_bundle_summary_and_mlflow(tiny_cfg):

@@ -48,7 +48,7 @@ class Preprocessor:
     image_cache: ImageCache | None = None
     """Decoded images on disk (datasets_io.image_cache), shared by both stages and all epochs; None = decode always."""
     prompt_loss: bool = False
-    """train.prompt_loss: supervise the prompt's text tokens too (datasets_io.tokens.prompt_labels)."""
+    """train.prompt_loss_weight > 0: samples carry the prompt's text tokens as `prompt_labels` too."""
     packing: bool = False
     """train.packing: lay a micro-batch out in rows of `max_len` tokens (datasets_io/packing.py) instead of padding
     every sample to the longest; the same samples, in the same order of positions."""
@@ -72,7 +72,7 @@ class Preprocessor:
             cfg.data.overlong,
             cfg.data.root,
             image_cache=open_image_cache(image_cache_dir(cfg)) if image_cache else None,
-            prompt_loss=cfg.train.prompt_loss,
+            prompt_loss=cfg.train.prompt_loss_weight > 0,
             packing=cfg.train.packing,
         )
 
@@ -104,9 +104,8 @@ class Preprocessor:
         padded = pad_batch(toks, self.tokenizer.pad_token_id, side="right")
         return {
             "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, S, S)
-            "input_ids": np.asarray(padded["input_ids"], dtype=np.int64),  # (B, T)
-            "attention_mask": np.asarray(padded["attention_mask"], dtype=np.int64),
-            "labels": np.asarray(padded["labels"], dtype=np.int64),
+            # input_ids (B, T), attention_mask, labels and prompt_labels when the samples carry them
+            **{k: np.asarray(v, dtype=np.int64) for k, v in padded.items()},
             "shortened": np.asarray([t.shortened for t in toks], dtype=bool),
         }
 

@@ -140,6 +140,7 @@ class DeepSpeedEngine:
         self.optimizer = make_optimizer(model, train_cfg)  # param groups carry base_lr: LoRA and projector rates
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.prompt_weight = train_cfg.prompt_loss_weight
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_writer = self.rank == 0
@@ -168,7 +169,7 @@ class DeepSpeedEngine:
             )
         if not self.engine.training:  # train() walks every submodule: once after an evaluation, not every step
             self.engine.train()
-        loss = label_loss(self.engine, self._to_device(batch))
+        loss = label_loss(self.engine, self._to_device(batch), self.prompt_weight)
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
             self._boundary_pending = True  # the optimizer step happens in optimizer_step(), after the lr is set
@@ -198,7 +199,7 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.engine.eval()  # ZeRO-3: the forward all-gathers parameters, so every rank evaluates as many batches
-        return label_loss(self.engine, self._to_device(batch)).detach()
+        return label_loss(self.engine, self._to_device(batch), self.prompt_weight).detach()
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -108,6 +108,7 @@ class AccelerateEngine:
         self.optimizer = make_optimizer(model, train_cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.max_grad_norm = train_cfg.max_grad_norm
+        self.prompt_weight = train_cfg.prompt_loss_weight
         self.device = self.accelerator.device
         self.is_writer = True
 
@@ -118,7 +119,7 @@ class AccelerateEngine:
         if not self.model.training:  # train() walks every submodule: once after an evaluation, not every step
             self.model.train()
         with self.accelerator.autocast():
-            loss = label_loss(self.model, self._to_device(batch))
+            loss = label_loss(self.model, self._to_device(batch), self.prompt_weight)
         self.accelerator.backward(loss * scale)
         return loss.detach()
 
@@ -140,7 +141,7 @@ class AccelerateEngine:
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.model.eval()
         with self.accelerator.autocast():
-            return label_loss(self.model, self._to_device(batch)).detach()
+            return label_loss(self.model, self._to_device(batch), self.prompt_weight).detach()
 
     def trainable_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)

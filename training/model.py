@@ -371,16 +371,29 @@ def trainable_parameter_groups(model: Any, lr: float, projector_lr: float, weigh
     return [g for g in groups if g["params"]]
 
 
-def label_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the label tokens, the same value as `model(**batch).loss`, but the LM head
-    and softmax run only at the positions that predict a label (`logits_to_keep` as a boolean mask) instead of at
-    every position: prompts, EHR blocks and image tokens carry no labels (the saving grows with their share).
-    Used by every engine and by the step-overhead benchmark's hand-written loop. Padded and packed batches alike
-    (training/packing.py): the mean over the same label tokens, so the same loss and gradients."""
-    inputs, labels, _ = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-    logits = model(**inputs, logits_to_keep=keep).logits  # (label tokens, vocab)
-    if logits.shape[0] == 0:  # no label in the whole micro-batch (prompts that fill max_seq_len): no signal, not NaN
-        return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
+def label_loss(model: Any, batch: dict[str, torch.Tensor], prompt_weight: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target's label tokens, the same value as `model(**batch).loss`, plus,
+    when the batch has `prompt_labels` (train.prompt_loss_weight > 0), `prompt_weight` x the mean over the prompt's
+    text tokens. Each part is its own mean, so their balance is `prompt_weight` whatever their token counts (in one
+    mean over all tokens a MIMIC-length Patient Data block, hundreds of tokens, would outweigh the answer), and the
+    target's gradient is the target-only run's. The LM head and softmax run only at the positions that predict a label (`logits_to_keep` as
+    a boolean mask) instead of at every position (the saving grows with the unsupervised share: image tokens, and
+    the prompt without a prompt loss). Used by every engine and by the step-overhead benchmark's hand-written loop.
+    Padded and packed batches alike (training/packing.py): the means over the same label tokens, so the same loss
+    and gradients."""
+    inputs, tokens = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
+    targets = tokens["labels"][:, 1:]  # position t predicts token t+1
+    prompts = tokens["prompt_labels"][:, 1:] if prompt_weight > 0 and "prompt_labels" in tokens else None
+    has_target = targets != IGNORE_INDEX
+    has_prompt = prompts != IGNORE_INDEX if prompts is not None else torch.zeros_like(has_target)
+    keep = torch.zeros_like(tokens["labels"], dtype=torch.bool)
+    keep[:, :-1] = has_target | has_prompt
+    logits = model(**inputs, logits_to_keep=keep).logits.float()  # (label tokens, vocab), in position order
+    is_target = has_target[keep[:, :-1]]  # (label tokens,)
+    ids = torch.where(has_target, targets, prompts if prompts is not None else targets)[keep[:, :-1]]
+    per_token = torch.nn.functional.cross_entropy(logits, ids, reduction="none")
+    # a micro-batch with no label of a part (prompts that fill max_seq_len): that part adds no signal, not NaN
+    loss = per_token[is_target].mean() if bool(is_target.any()) else per_token.sum() * 0.0
+    if prompts is not None and bool((~is_target).any()):
+        loss = loss + prompt_weight * per_token[~is_target].mean()
+    return loss

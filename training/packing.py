@@ -32,19 +32,19 @@ def attn_implementation(model: Any) -> str:
     raise ValueError(f"cannot find the attention implementation of {type(model).__name__}")
 
 
-def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """(forward() arguments, labels, sample ids) in the layout fed to the model. Bookkeeping keys are dropped; for
-    FlashAttention the packed rows become one row without their padding, (R, W) -> (1, real tokens): its
-    variable-length path computes on real tokens only."""
+def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(forward() arguments, per-token tensors: `labels`, `prompt_labels` when the batch has them, `owner` = sample
+    ids) in the layout fed to the model. Bookkeeping keys are dropped; for FlashAttention the packed rows become one
+    row without their padding, (R, W) -> (1, real tokens): its variable-length path computes on real tokens only."""
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     inputs["use_cache"] = False  # training needs no KV cache, and with one transformers ignores packed position ids
-    labels, owner = batch["labels"], sample_ids(batch)
+    tokens = {k: batch[k] for k in ("labels", "prompt_labels") if k in batch} | {"owner": sample_ids(batch)}
     if "segment_ids" in batch and attn_implementation(model).startswith("flash"):
         real = batch["segment_ids"].reshape(-1) >= 0  # (R*W,)
-        inputs["input_ids"] = inputs["input_ids"].reshape(-1)[real][None]  # (1, real tokens)
-        inputs["position_ids"] = inputs["position_ids"].reshape(-1)[real][None]
-        labels, owner = labels.reshape(-1)[real][None], owner.reshape(-1)[real][None]
-    return inputs, labels, owner
+        flat = lambda t: t.reshape(-1)[real][None]  # noqa: E731  (R, W) -> (1, real tokens)
+        inputs["input_ids"], inputs["position_ids"] = flat(inputs["input_ids"]), flat(inputs["position_ids"])
+        tokens = {k: flat(v) for k, v in tokens.items()}
+    return inputs, tokens
 
 
 def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,12 +55,13 @@ def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows[:, None].expand_as(batch["input_ids"])
 
 
-def per_sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) mean next-token cross-entropy of each sample over its own label tokens, in micro-batch sample order
-    (NaN for a sample without labels). Full logits: for tests and benchmarks, not the training step."""
-    inputs, labels, owner = model_layout(model, batch)
+def per_sample_losses(model: Any, batch: dict[str, torch.Tensor], key: str = "labels") -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each sample over its own label tokens (`key`: the target's `labels`, or
+    `prompt_labels`), in micro-batch sample order (NaN for a sample without labels). Full logits: for tests and
+    benchmarks, not the training step."""
+    inputs, tokens = model_layout(model, batch)
     logits = model(**inputs).logits.float()  # (R, W, V)
-    labels, owner = labels[:, 1:], owner[:, 1:]  # position t predicts token t+1
+    labels, owner = tokens[key][:, 1:], tokens["owner"][:, 1:]  # position t predicts token t+1
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
     )  # (R, W-1)
