@@ -227,6 +227,20 @@ class TrainConfig(Section):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_prompt_loss(cls, data: Any) -> Any:
+        """`prompt_loss: true | false`, the key before `prompt_loss_weight` (in the config.yaml of bundles trained by
+        458350d..7662a02), reads as weight 1.0 | 0.0, so those bundles still evaluate, register and serve. (Their
+        training took one mean over prompt and target tokens; the weight is read only by training.)"""
+        if isinstance(data, dict) and "prompt_loss" in data:
+            data = dict(data)
+            legacy = data.pop("prompt_loss")
+            if not isinstance(legacy, bool):
+                raise ValueError(f"prompt_loss (now prompt_loss_weight): expected true or false, got {legacy!r}")
+            data.setdefault("prompt_loss_weight", 1.0 if legacy else 0.0)
+        return data
+
     @field_validator("epochs")
     @classmethod
     def _epochs_when_no_max_steps(cls, value: float, info: ValidationInfo) -> float:

@@ -52,6 +52,20 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     assert cfg.output.dir == "1e3x"  # not a number: stays a string
 
 
+def test_the_former_prompt_loss_key_still_loads(tmp_path):
+    # bundles trained by 458350d..7662a02 carry `train.prompt_loss` in their config.yaml: they must still evaluate,
+    # register and serve
+    text = (REPO / "configs" / "tiny.yaml").read_text()
+    assert "  prompt_loss_weight: 0.5" in text
+    for legacy, weight in (("true", 1.0), ("false", 0.0)):
+        path = tmp_path / f"{legacy}.yaml"
+        path.write_text(text.replace("  prompt_loss_weight: 0.5", f"  prompt_loss: {legacy}", 1))
+        assert load_config(path).train.prompt_loss_weight == weight
+    path.write_text(text.replace("  prompt_loss_weight: 0.5", "  prompt_loss: sometimes", 1))
+    with pytest.raises(ConfigError, match="prompt_loss .now prompt_loss_weight.: expected true or false"):
+        load_config(path)
+
+
 def test_all_problems_reported_at_once_with_key_names():
     with pytest.raises(ConfigError) as e:
         load_config(
