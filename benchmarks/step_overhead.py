@@ -31,12 +31,12 @@ from training.tracking import MlflowTracker
 REPO = Path(__file__).resolve().parents[1]
 
 
-def hand_loop(model, batch, steps: int, lr: float) -> float:
+def hand_loop(model, batch, steps: int, lr: float, prompt_weight: float) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = label_loss(model, batch)
+        loss = label_loss(model, batch, prompt_weight)  # the engine's loss (tiny.yaml's prompt loss included)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -114,7 +114,7 @@ def main() -> None:
         for r in range(args.rounds):  # interleaved rounds, alternating which side goes first: noise hits both alike
             for side in ("hand", "ours") if r % 2 == 0 else ("ours", "hand"):
                 if side == "hand":
-                    hand.append(hand_loop(bundle.model, batch, args.steps, cfg.train.lr))
+                    hand.append(hand_loop(bundle.model, batch, args.steps, cfg.train.lr, cfg.train.prompt_loss_weight))
                 else:
                     step_s, ckpt_s = project_loop(cfg, bundle.model, bundle.tokenizer, batch, args.steps, d / f"r{r}")
                     ours.append(step_s)

@@ -5,7 +5,8 @@ optimizer, schedule and step count.
 
 Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
 Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, AdamW at the
-config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process.
+config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process, the
+target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Trainer's collator has no prompt loss).
 - Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
   labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
   `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
@@ -141,6 +142,7 @@ def main() -> None:
             "train.save_every=0",
             "train.warmup_steps=2",
             "train.log_every=10",
+            "train.prompt_loss_weight=0",
         ]
         base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
         ensure_data(base)
