@@ -46,7 +46,7 @@ def test_overrides_parse_yaml_scalars():
 def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     # YAML 1.1 (PyYAML) reads `1e-3` as a string: `lr: 1e-3` was refused as "expected a valid number, got '1e-3'"
     path = tmp_path / "c.yaml"
-    path.write_text((REPO / "configs" / "tiny.yaml").read_text().replace("lr: 3.0e-3", "lr: 2e-3", 1))
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text().replace("lr: 2.5e-3", "lr: 2e-3", 1))
     cfg = load_config(path, ["train.projector_lr=5E-4", "train.weight_decay=1e-2", "output.dir=1e3x"])
     assert (cfg.train.lr, cfg.train.projector_lr, cfg.train.weight_decay) == (0.002, 0.0005, 0.01)
     assert cfg.output.dir == "1e3x"  # not a number: stays a string

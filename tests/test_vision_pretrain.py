@@ -66,7 +66,7 @@ def test_the_base_origin_records_the_pretraining_and_refuses_another(tiny_cfg, t
     assert "vision_pretrain_steps" not in tiny_base_origin(plain, texts)["model.tiny"]
     assert "vision_pretrain" not in tiny_base_origin(plain, texts)
     with_it = tiny_base_origin(pretrained, texts)
-    assert with_it["model.tiny"]["vision_pretrain_steps"] == 5 and with_it["vision_pretrain"]["train.lr"] == 3e-3
+    assert with_it["model.tiny"]["vision_pretrain_steps"] == 5 and with_it["vision_pretrain"]["train.lr"] == 2.5e-3
     base = tmp_path / "base"
     base.mkdir()
     (base / ORIGIN_FILE).write_text(json.dumps(tiny_base_origin(plain, texts)))
