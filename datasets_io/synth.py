@@ -59,6 +59,10 @@ PREVALENCE = {
     "Support Devices": (0.25, 0.0),
 }
 
+# The findings render_xray draws (faintly when Uncertain). Pneumonia is not drawn: a Positive one makes Lung Opacity
+# Positive (draw_labels), so the image shows the opacity, not the pneumonia. No Finding is Positive when nothing is.
+DRAWN_FINDINGS = tuple(label for label in PREVALENCE if label != "Pneumonia")
+
 POSITIVE_PHRASES = {
     "Enlarged Cardiomediastinum": ["Widened mediastinal contour.", "The cardiomediastinal silhouette is enlarged."],
     "Cardiomegaly": ["Moderate cardiomegaly.", "The heart is enlarged.", "Enlarged cardiac silhouette."],
@@ -454,6 +458,8 @@ def write_synthetic(
     `ehr_detail`: "basic" (the demo's short Patient Data) or "mimic" (MIMIC-build-size blocks, see mimic_detail_ehr).
     `style` (datasets_io/synth_styles.py) swaps in another generator's studies and renderer; None = this module's."""
     out = Path(out)
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: expected a fraction of the patients, 0 to 1")
     if style is not None and ehr_detail != "basic":
         raise ValueError("ehr_detail applies to the default generator only, not to a --style")
     studies = style.make_studies(n_studies, seed) if style else make_studies(n_studies, seed, ehr_detail)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from datasets_io.errors import LauncherError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 STEPS = 600
@@ -30,3 +32,19 @@ def test_tiny_recipe_learns_pixels_and_ehr_on_a_held_out_style(tmp_path):
     assert row["icd_on_minus_off"] >= 0.15 and row["icd_p_value"] < 0.01, row
     # both arms write well-formed reports, so the A/B measures the EHR, not a broken prompt
     assert row["validity_on"] >= 0.98 and row["validity_off"] >= 0.98, row
+
+
+def test_evaluation_file_is_other_patients_of_the_same_generator(tmp_path, monkeypatch):
+    """The benchmark scores each run on its own evaluation file (data seed 1, every patient in it), not on the
+    training file's 10% split; a file sharing a patient with the training file is refused, naming it."""
+    import styles
+
+    monkeypatch.setattr(styles, "TRAIN_STUDIES", 20)
+    data, eval_file = styles.style_data("blocks", tmp_path, eval_studies=15)
+    assert data == tmp_path / "data" / "blocks" and (data / "curriculum_train.jsonl").stat().st_size > 0
+    assert len(eval_file.read_text().splitlines()) == 2 * 15  # every study, both stages
+    assert (eval_file.parent / "curriculum_train.jsonl").read_text() == ""
+
+    monkeypatch.setattr(styles, "EVAL_DATA_SEED", styles.TRAIN_DATA_SEED)  # the training file's own patients
+    with pytest.raises(LauncherError, match=r"patient leakage: \d+ subject\(s\) of .*curriculum_val.jsonl"):
+        styles.style_data("blocks", tmp_path / "same", eval_studies=15)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datasets_io.jsonl import read_records
 from datasets_io.records import CHEXPERT_LABELS, ehr_from_prompt, parse_target
-from datasets_io.synth import make_studies, render_xray, write_synthetic
+from datasets_io.synth import DRAWN_FINDINGS, make_studies, render_xray, write_synthetic
 
 
 def digest(root):
@@ -65,6 +65,22 @@ def test_pixels_carry_the_findings():
     assert (cardio[heart_band] > 160).sum() > 1.3 * (base[heart_band] > 160).sum()
     assert effusion[60:90, 20:60].mean() > base[60:90, 20:60].mean() + 20
     assert (devices > 235).sum() > (base > 235).sum() + 50
+
+
+def test_drawn_findings_are_the_ones_the_renderer_draws():
+    """DRAWN_FINDINGS (what benchmarks/styles.py scores as 'drawn in the pixels') is exactly what render_xray draws:
+    each of them, toggled alone with the same random draws, changes the image; pneumonia changes nothing."""
+    neg = {label: "Negative" for label in CHEXPERT_LABELS}
+    base = render_xray(neg, 256, 256, np.random.default_rng(7)).astype(float)
+    changed = {
+        label: int(
+            (np.abs(render_xray(neg | {label: "Positive"}, 256, 256, np.random.default_rng(7)) - base) > 12).sum()
+        )
+        for label in CHEXPERT_LABELS
+        if label != "No Finding"
+    }
+    assert {label for label, n in changed.items() if n > 0} == set(DRAWN_FINDINGS), changed
+    assert changed["Pneumonia"] == 0 and len(DRAWN_FINDINGS) == 12
 
 
 def test_ehr_values_decide_icd_flags():
@@ -196,3 +212,18 @@ def test_synth_command_style_and_its_image_size(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--studies", "6", "--style", "nope"]) == 2
     assert "unknown synth style 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_synth_val_fraction_out_of_range_is_a_clear_error(tmp_path, capsys):
+    from launcher.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--studies", "6", "--val-fraction", "1.5"]) == 2
+    assert "--val-fraction 1.5: expected a fraction of the patients, 0 to 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="val_fraction=-0.1"):
+        write_synthetic(tmp_path / "y", 6, seed=0, val_fraction=-0.1, progress=False)
+
+
+def test_val_fraction_one_writes_an_evaluation_only_set(tmp_path):
+    summary = write_synthetic(tmp_path, 12, seed=0, image_size=(32, 32), val_fraction=1.0, progress=False)
+    assert summary["rows"] == {"train": 0, "val": 24} and summary["val_patients"] == summary["patients"]

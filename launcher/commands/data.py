@@ -53,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="generator: default (the demo's), blocks, inverted or faint (datasets_io/synth_styles.py)",
     )
-    s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of PATIENTS in validation")
+    s.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of PATIENTS in validation (1: an evaluation-only set)"
+    )
     s.add_argument(
         "--ehr-detail",
         choices=["basic", "mimic"],
@@ -239,6 +241,8 @@ def run_synth(args: argparse.Namespace) -> int:
     if style is not None and args.ehr_detail != "basic":
         raise LauncherError("--ehr-detail applies to the default generator only, not to --style")
     size = tuple(args.image_size) if args.image_size else (style.image_size if style else (256, 256))
+    if not 0.0 <= args.val_fraction <= 1.0:
+        raise LauncherError(f"--val-fraction {args.val_fraction}: expected a fraction of the patients, 0 to 1")
     summary = write_synthetic(
         args.out, args.studies, args.seed, size, args.val_fraction, ehr_detail=args.ehr_detail, style=style
     )
