@@ -1,7 +1,7 @@
 """Training throughput of `launcher local` against transformers.Trainer: same tiny LLaVA + LoRA, same data, batch,
 optimizer, schedule and step count.
 
-    python benchmarks/vs_hf_trainer.py [--steps 20] [--batch 8] [--rounds 3]
+    python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 8] [--rounds 3]
 
 Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
 Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, AdamW at the
@@ -12,8 +12,8 @@ target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Traine
   `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
 - launcher: `run_local` (the CLI's `launcher local`) with validation off and one checkpoint at the end, MLflow
   tracking on (sqlite), padded batches and, as a second variant, `train.packing=true`.
-What is timed: the steady state, from the end of optimizer step 10 to the end of step 20 (wall clock: Trainer's
-`on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps: data loading, the step and
+What is timed: the steady state, from the end of optimizer step 10 to the end of the last step (`--steps`, a multiple
+of 10; wall clock: Trainer's `on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps: data loading, the step and
 the bookkeeping between steps are in; start-up (imports, data index, model build), the first steps' warm-up and
 the end-of-run save are out (printed apart: from the end of step 1 to the end of the run). Rounds alternate which
 side goes first (the 2-core machine is shared with other jobs); medians and best rounds are printed, and the last
@@ -39,7 +39,7 @@ from training.data import Preprocessor, StageStream, StreamSpec
 from training.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-WINDOW = (10, 20)  # optimizer steps whose ends bound the timed span (both sides log at steps 10 and 20)
+FIRST = 10  # the timed span runs from the end of this optimizer step to the end of the last (both log every 10)
 
 
 class StageBDataset(torch.utils.data.Dataset):
@@ -62,7 +62,7 @@ class StageBDataset(torch.utils.data.Dataset):
 
 
 def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
-    """(seconds from the end of step 10 to the end of step 20, from the end of step 1 to the end of the run)."""
+    """(seconds from the end of step 10 to the end of the last step, from the end of step 1 to the end of the run)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     data = load_run_data(cfg)
@@ -107,7 +107,7 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
-    return ends[WINDOW[1]] - ends[WINDOW[0]], time.time() - ends[1]
+    return ends[steps] - ends[FIRST], time.time() - ends[1]
 
 
 def launcher_run(cfg) -> tuple[float, float]:
@@ -118,17 +118,17 @@ def launcher_run(cfg) -> tuple[float, float]:
     history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "train/loss")
     ends = {m.step: m.timestamp / 1000 for m in history}
     tail = summary["wall_time_s"] - summary["time_to_first_step_s"]
-    return ends[WINDOW[1]] - ends[WINDOW[0]], tail
+    return ends[cfg.train.max_steps] - ends[FIRST], tail
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help=f">= {WINDOW[1]}")
+    ap.add_argument("--steps", type=int, default=60, help=f"a multiple of 10, > {FIRST}: steps {FIRST + 1}.. are timed")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.steps < WINDOW[1]:
-        ap.error(f"--steps must be >= {WINDOW[1]}")
+    if args.steps <= FIRST or args.steps % 10:
+        ap.error(f"--steps {args.steps}: expected a multiple of 10 above {FIRST}")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         common = [
@@ -171,11 +171,11 @@ def main() -> None:
                 seconds[name].append(steady)
                 tails[name].append(tail)
                 print(
-                    f"round {r} {name}: steps {WINDOW[0] + 1}-{WINDOW[1]} {steady:.1f} s; end of step 1 to "
+                    f"round {r} {name}: steps {FIRST + 1}-{args.steps} {steady:.1f} s; end of step 1 to "
                     f"end of run {tail:.1f} s",
                     flush=True,
                 )
-    n = (WINDOW[1] - WINDOW[0]) * args.batch
+    n = (args.steps - FIRST) * args.batch
     sps = {k: n / np.asarray(v) for k, v in seconds.items()}
     for k, v in sps.items():
         print(
