@@ -41,7 +41,7 @@ def hand_loop(model, batch, steps: int, lr: float, prompt_weight: float) -> floa
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        loss.item()
     return (time.perf_counter() - t0) / steps
 
 

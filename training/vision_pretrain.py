@@ -86,7 +86,7 @@ def pretrain_vision_tower(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     tail = losses[-max(1, steps // 10) :]  # the last tenth: one batch's loss is noisy
     return {
         "steps": steps,
