@@ -13,7 +13,8 @@ target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Traine
 - launcher: `run_local` (the CLI's `launcher local`) with validation off and one checkpoint at the end, MLflow
   tracking on (sqlite), padded batches and, as a second variant, `train.packing=true`.
 What is timed: the steady state, from the end of optimizer step 10 to the end of the last step (`--steps`, a multiple
-of 10; wall clock: Trainer's `on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps: data loading, the step and
+of 10; wall clock: Trainer's `on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps:
+data loading, the step and
 the bookkeeping between steps are in; start-up (imports, data index, model build), the first steps' warm-up and
 the end-of-run save are out (printed apart: from the end of step 1 to the end of the run). Rounds alternate which
 side goes first (the 2-core machine is shared with other jobs); medians and best rounds are printed, and the last
@@ -39,7 +40,8 @@ from training.data import Preprocessor, StageStream, StreamSpec
 from training.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-FIRST = 10  # the timed span runs from the end of this optimizer step to the end of the last (both log every 10)
+LOG_EVERY = 10  # both sides log every LOG_EVERY steps: the launcher's timestamps exist only at those steps
+FIRST = LOG_EVERY  # the timed span runs from the end of this optimizer step to the end of the last
 
 
 class StageBDataset(torch.utils.data.Dataset):
@@ -123,12 +125,14 @@ def launcher_run(cfg) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60, help=f"a multiple of 10, > {FIRST}: steps {FIRST + 1}.. are timed")
+    ap.add_argument(
+        "--steps", type=int, default=60, help=f"a multiple of {LOG_EVERY}, > {FIRST}: steps {FIRST + 1}.. are timed"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.steps <= FIRST or args.steps % 10:
-        ap.error(f"--steps {args.steps}: expected a multiple of 10 above {FIRST}")
+    if args.steps <= FIRST or args.steps % LOG_EVERY:
+        ap.error(f"--steps {args.steps}: expected a multiple of {LOG_EVERY} above {FIRST}")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         common = [
@@ -141,7 +145,7 @@ def main() -> None:
             "train.eval_every=0",
             "train.save_every=0",
             "train.warmup_steps=2",
-            "train.log_every=10",
+            f"train.log_every={LOG_EVERY}",
             "train.prompt_loss_weight=0",
         ]
         base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
