@@ -24,6 +24,21 @@ def test_labels_are_the_positive_chexpert_entries_of_each_target():
     assert not m[1].any()  # a target without a CheXpert block teaches "nothing there", never crashes
 
 
+def test_rare_labels_are_weighted_by_their_negatives_per_positive():
+    import torch
+
+    from training.vision_pretrain import positive_weights
+
+    labels = torch.zeros(40, len(CHEXPERT_LABELS))
+    labels[:1, 0] = 1  # 1 positive in 40
+    labels[:10, 1] = 1  # 10 in 40
+    labels[:, 2] = 1  # always positive: no negative to balance against
+    w = positive_weights(labels)
+    assert w.shape == (len(CHEXPERT_LABELS),)
+    assert w[0].item() == 39.0 and w[1].item() == 3.0  # a 1-in-40 finding pulls like a common one
+    assert w[2].item() == 1.0 and (w[3:] == 1.0).all()  # never positive: weight 1, never a division by zero
+
+
 def test_pretraining_lowers_the_label_loss_and_changes_the_tower(synth_dir):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

@@ -9,6 +9,9 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
 - a linear head on the tower's patch tokens, its logits max-pooled over patches (a finding anywhere in the image);
 - binary cross-entropy on the 14 CheXpert labels of the Stage A TRAINING records (Positive = 1, anything else 0: the
   recipe does not know which labels a curriculum draws in the pixels); no validation row is ever read;
+- each label's positives weighted by its negatives / positives in those images (`positive_weights`), so a finding
+  drawn in 2% of the studies pulls on the tower as hard as one in 30%: unweighted, the rare ones stayed unseen
+  (README "Learning on other generators": `default`'s pleural other 0.37 -> 0.86);
 - AdamW at `train.lr`, batches of `train.micro_batch_size` drawn with `train.seed`, on one CPU thread, so the weights
   are the same bits wherever the tiny base is built (the local runtime, or rank 0 of a Ray run); the head is dropped.
 
@@ -52,6 +55,14 @@ def label_matrix(targets: Sequence[str]) -> np.ndarray:
     return out
 
 
+def positive_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(14,) BCE pos_weight from an (n, 14) 0/1 label matrix: negatives / positives per label; 1 for a label that is
+    never or always positive (nothing to balance)."""
+    positives = labels.sum(dim=0)
+    negatives = len(labels) - positives
+    return torch.where((positives > 0) & (negatives > 0), negatives / positives.clamp(min=1), 1.0)
+
+
 def pretrain_vision_tower(
     tower: Any,
     images: Sequence[str],
@@ -73,6 +84,7 @@ def pretrain_vision_tower(
     keep = np.sort(rng.choice(len(images), size=min(len(images), MAX_IMAGES), replace=False))
     pixels = torch.from_numpy(np.stack([load_pixels(join(data_root, images[i]), spec, image_cache) for i in keep]))
     labels = torch.from_numpy(label_matrix([targets[i] for i in keep]))
+    pos_weight = positive_weights(labels)
     with one_thread():
         torch.manual_seed(seed)
         head = torch.nn.Linear(tower.config.hidden_size, len(CHEXPERT_LABELS))
@@ -82,7 +94,8 @@ def pretrain_vision_tower(
         for _ in range(steps):
             idx = torch.from_numpy(rng.integers(0, len(keep), size=batch_size))
             patches = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]  # drop CLS, as LLaVA does
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(patches).amax(dim=1), labels[idx])
+            logits = head(patches).amax(dim=1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx], pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
