@@ -36,7 +36,7 @@ def test_rare_labels_are_weighted_by_their_negatives_per_positive():
     w = positive_weights(labels)
     assert w.shape == (len(CHEXPERT_LABELS),)
     assert w[0].item() == 39.0 and w[1].item() == 3.0  # a 1-in-40 finding pulls like a common one
-    assert w[2].item() == 1.0 and (w[3:] == 1.0).all()  # never positive: weight 1, never a division by zero
+    assert w[2].item() == 1.0 and (w[3:] == 1.0).all()  # always / never positive: weight 1, never 0 or a division by 0
 
 
 def test_pretraining_lowers_the_label_loss_and_changes_the_tower(synth_dir):
