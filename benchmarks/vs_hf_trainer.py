@@ -14,12 +14,11 @@ target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Traine
   tracking on (sqlite), padded batches and, as a second variant, `train.packing=true`.
 What is timed: the steady state, from the end of optimizer step 10 to the end of the last step (`--steps`, a multiple
 of 10; wall clock: Trainer's `on_step_end`, the launcher's MLflow metric timestamps), both logging every 10 steps:
-data loading, the step and
-the bookkeeping between steps are in; start-up (imports, data index, model build), the first steps' warm-up and
-the end-of-run save are out (printed apart: from the end of step 1 to the end of the run). Rounds alternate which
-side goes first (the 2-core machine is shared with other jobs); medians and best rounds are printed, and the last
-line is the ratio of the best rounds: other jobs only ever slow a run down (timeit's rule: the minimum time is the
-estimate, the rest is interference).
+data loading, the step and the bookkeeping between steps are in; start-up (imports, data index, model build), the
+first steps' warm-up and the end-of-run save are out (printed apart: from the end of step 1 to the end of the run).
+Rounds alternate which side goes first (the 2-core machine is shared with other jobs); medians and best rounds are
+printed, and the last line is the ratio of the best rounds: other jobs only ever slow a run down (timeit's rule: the
+minimum time is the estimate, the rest is interference).
 """
 
 from __future__ import annotations
