@@ -4,8 +4,8 @@ optimizer, schedule and step count.
     python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 8] [--rounds 3]
 
 Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
-Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, AdamW at the
-config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process, the
+Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, fused AdamW at
+the config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process, the
 target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Trainer's collator has no prompt loss).
 - Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
   labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
@@ -87,7 +87,7 @@ def trainer_run(cfg, steps: int, out: Path) -> tuple[float, float]:
         max_grad_norm=cfg.train.max_grad_norm,
         warmup_steps=cfg.train.warmup_steps,
         lr_scheduler_type="cosine",
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the Trainer's default on torch >= 2.8, the launcher's kernel too
         logging_steps=cfg.train.log_every,
         save_strategy="no",
         eval_strategy="no",

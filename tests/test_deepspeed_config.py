@@ -159,6 +159,7 @@ for stage in (2, 3):  # ZeRO-2 first: zero3_init switches transformers into part
     norm = eng.optimizer_step(0.5)
     after = full()
     groups = {{g["name"]: g["lr"] for g in eng.optimizer.param_groups}}
+    fused = [g["fused"] for g in eng.optimizer.param_groups]
     ckpt = out / f"bundle{{stage}}"
     ckpt.mkdir()
     eng.save_adapter(ckpt)
@@ -171,7 +172,7 @@ for stage in (2, 3):  # ZeRO-2 first: zero3_init switches transformers into part
     eng2.forward_backward(batches[2], 0.5); eng2.forward_backward(batches[0], 0.5); eng2.optimizer_step(1.0)
     resumed_loss = float(eng2.eval_loss(batches[1]))
     results[stage] = {{
-        "ref_norm": ref_norm, "norm": norm, "groups": groups,
+        "ref_norm": ref_norm, "norm": norm, "groups": groups, "fused": fused,
         "zero_params": sum(1 for p in bundle.model.parameters() if p.numel() == 0),
         "changed_mid": [n for n in before if not torch.equal(before[n], mid[n])],
         "changed": sorted(n for n in before if not torch.equal(before[n], after[n])),
@@ -223,6 +224,7 @@ def test_deepspeed_engine_contract(synth_dir, tmp_path):
         assert any("lora_" in n for n in r["changed"]) and any("multi_modal_projector" in n for n in r["changed"])
         assert r["groups"]["lora"] == pytest.approx(0.5 * 2.5e-3)  # each group: its own base lr x the loop's factor
         assert r["groups"]["projector"] == pytest.approx(0.5 * 1e-3)
+        assert r["fused"] == [True, True]  # ZeRO steps the client AdamW's fused kernel (make_optimizer)
         assert (r["zero_params"] > 0) is (stage == 3)  # ZeRO-3's live module really is partitioned
         assert all(0 not in shape for shape in r["shapes"].values())
         assert r["resumed_loss"] == pytest.approx(r["next_loss"], abs=1e-6)  # weights + Adam state restored exactly
