@@ -37,8 +37,8 @@ def make_optimizer(model: Any, train_cfg: Any) -> torch.optim.Optimizer:
     groups = trainable_parameter_groups(model, train_cfg.lr, train_cfg.projector_lr, train_cfg.weight_decay)
     for g in groups:
         g["base_lr"] = g["lr"]
-    # fused: torch's one-kernel AdamW (CPU, CUDA and MPS alike), 1.3 ms a step instead of 8.0 ms for the tiny model's
-    # 117 tensors on 2 CPU cores (the per-tensor default runs ~6 ops per tensor); same update to float rounding
+    # fused: torch's one-kernel AdamW (CPU, CUDA and MPS alike); the per-tensor default runs ~6 ops per tensor. On the
+    # tiny model (117 tensors, 2 CPU cores) the step with clipping takes 6.5 ms instead of 12.3; same update to rounding
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
