@@ -2,7 +2,7 @@
 (random weights, built from config: no download), through `launcher local` and, with flags, a 1-worker Ray ZeRO run.
 
     python benchmarks/gpu_throughput.py --shape 7b --steps 20 --batch 4                  # local path, bf16, sdpa
-    python benchmarks/gpu_throughput.py --shape 7b --attn flash_attention_2 --packing --grad-ckpt --liger
+    python benchmarks/gpu_throughput.py --shape 7b --attn flash_attention_2 --grad-ckpt --liger   # --no-packing: padded
     python benchmarks/gpu_throughput.py --shape small --runtimes local ray-zero2 ray-zero3
     python benchmarks/gpu_throughput.py --shape tiny --device cpu --dtype fp32 --steps 4   # the CPU check (tests)
 
@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq", type=int, default=2048, help="data.max_seq_len (the packing budget)")
     ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 | eager")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
-    ap.add_argument("--packing", action="store_true", help="train.packing")
+    ap.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=True, help="train.packing (the config default: on)"
+    )
     ap.add_argument("--liger", action="store_true", help="Liger kernels (local runtime; needs liger_kernel)")
     ap.add_argument("--runtimes", nargs="+", default=["local"], choices=["local", "ray-zero2", "ray-zero3"])
     ap.add_argument("--cpus-per-worker", type=float, default=4.0)

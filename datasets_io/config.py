@@ -218,12 +218,13 @@ class TrainConfig(Section):
         ),
     )
     packing: bool = Field(
-        False,
+        True,
         description=(
             "Pack each micro-batch's samples (image tokens included) into rows of `data.max_seq_len` tokens, attention "
             "kept inside each sample, instead of padding them to the longest: the same loss and gradients on fewer "
-            "computed tokens. Needs `model.attn_implementation` in sdpa / eager / flex_attention / flash_attention_2 / "
-            "flash_attention_3."
+            "computed tokens (never more: one sample per row is one of the layouts weighed). Needs "
+            "`model.attn_implementation` in sdpa / eager / flex_attention / flash_attention_2 / flash_attention_3; "
+            "false = padded micro-batches."
         ),
     )
 
@@ -340,7 +341,8 @@ class Config(Section):
         if self.train.packing and self.model.attn_implementation not in PACKING_BACKENDS:
             raise ValueError(
                 f"train.packing: needs model.attn_implementation in {', '.join(PACKING_BACKENDS)} "
-                f"(got {self.model.attn_implementation!r}), which keep packed samples apart"
+                f"(got {self.model.attn_implementation!r}), which keep packed samples apart; or set "
+                "train.packing: false (padded micro-batches)"
             )
         return self
 

@@ -130,8 +130,9 @@ def test_packed_run_matches_padded_run_and_resumes_exactly(tiny_cfg, tmp_path):
         "curriculum.ehr_dropout": "0.5",
         "curriculum.stage_split": "0.25",
     }
-    padded = run_local(tiny_cfg(**steps, **{"output.dir": str(tmp_path / "padded")}), device="cpu", show_progress=False)
-    packed_cfg = tiny_cfg(**steps, **{"train.packing": "true", "output.dir": str(tmp_path / "packed")})
+    padded_cfg = tiny_cfg(**steps, **{"train.packing": "false", "output.dir": str(tmp_path / "padded")})
+    padded = run_local(padded_cfg, device="cpu", show_progress=False)
+    packed_cfg = tiny_cfg(**steps, **{"output.dir": str(tmp_path / "packed")})  # packing is the default
     packed = run_local(packed_cfg, device="cpu", show_progress=False)
     np.testing.assert_allclose(packed["losses"], padded["losses"], rtol=1e-4)  # same samples, same steps
     split_cfg = tiny_cfg(**steps, **{"train.packing": "true", "output.dir": str(tmp_path / "split")})
@@ -182,9 +183,11 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
 def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
     from datasets_io.config import ConfigError
 
-    assert tiny_cfg(**{"train.packing": "true"}).train.packing is True
-    with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager"):
-        tiny_cfg(**{"train.packing": "true", "model.attn_implementation": "paged|sdpa"})
+    assert tiny_cfg().train.packing is True  # the default: exact, and never more computed tokens than padding
+    with pytest.raises(ConfigError, match="train.packing: needs model.attn_implementation in sdpa, eager") as err:
+        tiny_cfg(**{"model.attn_implementation": "paged|sdpa"})
+    assert "train.packing: false" in str(err.value)  # the way out is named
+    assert tiny_cfg(**{"train.packing": "false", "model.attn_implementation": "paged|sdpa"}).train.packing is False
 
 
 DEEPSPEED_CHECK = r"""

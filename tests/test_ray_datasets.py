@@ -54,12 +54,17 @@ def test_worker_items_are_the_ranks_positions_from_the_cursor_on(prepared):
     assert worker_items(spec, layout, rank=0, stage="B", cursor=32, end_step=4) == []
 
 
-def test_decoded_items_collate_to_the_local_micro_batch(prepared):
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_decoded_items_collate_to_the_local_micro_batch(prepared, packing):
     """decode_items -> fixed-shape columns; collate -> exactly training.data.micro_batch of the same positions,
-    replayed Stage A rows and emptied Patient Data included."""
+    replayed Stage A rows and emptied Patient Data included, in both layouts."""
+    import dataclasses
+
     from training.data import micro_batch
 
     cfg, pre, data = prepared
+    assert pre.packing  # the default layout
+    pre = dataclasses.replace(pre, packing=packing)
     tables, spec = setup(data)
     layout = BatchLayout(micro_batch_size=6, grad_accum=1, world_size=1)
     items = worker_items(spec, layout, 0, "B", cursor=0, end_step=4)
@@ -71,7 +76,9 @@ def test_decoded_items_collate_to_the_local_micro_batch(prepared):
     for k in range(4):
         got = collate({c: v[6 * k : 6 * (k + 1)] for c, v in cols.items()}, pre)
         want = micro_batch(pre, tables, spec, "B", range(6 * k, 6 * (k + 1)))
-        for key in ("pixel_values", "input_ids", "attention_mask", "labels", "prompt_labels", "ehr_dropped", "replay"):
+        layout = ("position_ids", "segment_ids") if packing else ("attention_mask",)
+        assert set(got) == set(want) and set(layout) <= set(want)
+        for key in ("pixel_values", "input_ids", "labels", "prompt_labels", "ehr_dropped", "replay", *layout):
             np.testing.assert_array_equal(got[key], want[key])
         assert list(got["study_id"]) == list(want["study_id"])
 

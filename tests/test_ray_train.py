@@ -60,9 +60,10 @@ class LogitsProbe:
     def __call__(self, step: int, stage: str, state, io) -> None:
         if step != self.step:
             return
+        import torch
         from safetensors.torch import save_file
 
-        batch = {k: v for k, v in io.val_source("B")[0].items() if k in ("pixel_values", "input_ids", "attention_mask")}
+        batch = {k: v for k, v in io.val_source("B")[0].items() if isinstance(v, torch.Tensor)}  # packed by default
         logits = io.engine.logits(batch)
         if io.rank == 0:
             save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path)
@@ -236,6 +237,7 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     from transformers import LlavaForConditionalGeneration
 
     from launcher.ray_train import run_ray
+    from training.packing import model_layout
 
     out = tmp_path / "z3"
     cfg = ray_cfg(
@@ -278,10 +280,9 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     base = LlavaForConditionalGeneration.from_pretrained(summary["base_model"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
     probe = load_file(str(tmp_path / "probe.safetensors"))
+    assert "position_ids" in probe and "attention_mask" not in probe  # a packed batch (the default layout)
     with torch.no_grad():
-        logits = model(
-            pixel_values=probe["pixel_values"], input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]
-        ).logits
+        logits = model(**model_layout(model, {k: v for k, v in probe.items() if k != "logits"})[0]).logits
     assert logits.shape == probe["logits"].shape
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from training.engines import make_optimizer, restore_rng, rng_tensors, set_lr
 from training.model import label_loss
+from training.packing import model_layout
 
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINE_SUBDIR = "engine"  # DeepSpeed's checkpoint tag: <checkpoint>/engine/{mp_rank_00_model_states,zero_pp_rank_*}.pt
@@ -203,9 +204,11 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eval-mode logits (B, T, V) on this rank (collective under ZeRO-3)."""
+        """Eval-mode logits (rows, T, V) on this rank (collective under ZeRO-3), padded or packed batches alike (the
+        forward arguments of training.packing.model_layout: no KV cache, so packed samples stay apart)."""
         self.engine.eval()
-        return self.engine(**self._to_device(batch)).logits.float().cpu()
+        inputs, _ = model_layout(self.engine, self._to_device(batch))
+        return self.engine(**inputs).logits.float().cpu()
 
     def trainable_model(self) -> Any:
         return self.engine.module
