@@ -64,7 +64,7 @@ def run_local(
     print(
         f"[train] device={device} mixed_precision={mixed} steps={plan.total_steps} "
         f"(stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}) samples/step={plan.samples_per_step} "
-        f"setup {time.perf_counter() - t_start:.1f}s"
+        f"{'packed' if cfg.train.packing else 'padded'} micro-batches, setup {time.perf_counter() - t_start:.1f}s"
     )
     status = "FAILED"
     try:

@@ -260,7 +260,8 @@ def run_ray(cfg: Config, num_workers: int | None = None, use_gpu: bool | None = 
             f"[ray] {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
             f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, ZeRO-{cfg.deepspeed.zero_stage} {setup.dtype}, "
             f"steps={plan.total_steps} (stage A {plan.stage_a_steps}, stage B {plan.stage_b_steps}), "
-            f"samples/step={plan.samples_per_step}, run {cfg.ray.storage_path}/{cfg.ray.name}"
+            f"samples/step={plan.samples_per_step} {'packed' if cfg.train.packing else 'padded'}, "
+            f"run {cfg.ray.storage_path}/{cfg.ray.name}"
             f"{' (resuming)' if setup.reopened else ''}, MLflow run {setup.tracker.run_id}",
             flush=True,
         )

@@ -30,6 +30,7 @@ from datasets_io.errors import LauncherError
 from training.checkpoint import Checkpointer, step_dir_name
 from training.curriculum import StepPlan, lr_factor, stage_at
 from training.data import META_KEYS
+from training.packing import attn_implementation, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         return batch
 
     end = plan.total_steps if stop_after is None else min(stop_after, plan.total_steps)
+    padding_free = attn_implementation(engine.trainable_model()).startswith("flash")
+    tokens = [0, 0]  # this rank's real / computed tokens since the last logged step: train/padding_efficiency
     bar = tqdm(
         total=plan.total_steps,
         initial=state.global_step,
@@ -162,6 +165,7 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         loss_sum, samples, meta = 0.0, 0, {}
         for _ in range(io.grad_accum):
             batch = next_batch(stage, meta)
+            tokens = [a + b for a, b in zip(tokens, token_counts(batch, padding_free))]
             loss_sum = loss_sum + engine.forward_backward(batch, 1.0 / io.grad_accum).float()  # stays on device
             samples += batch["pixel_values"].shape[0]  # one image per sample; packed rows hold several samples
         factor = lr_factor(step, plan)
@@ -190,9 +194,11 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
                     "train/stage": 0.0 if stage == "A" else 1.0,
                     "train/grad_norm": grad_norm,
                     "train/samples_per_s": throughput,
+                    "train/padding_efficiency": tokens[0] / max(tokens[1], 1),
                 },
                 step=gs,
             )
+            tokens = [0, 0]
         if gs == plan.stage_a_steps and 0 < gs < plan.total_steps:  # the stage switch is an event
             state.stage_switch_step = gs
             io.tracker.log_metrics({"curriculum/stage_switch": 1.0}, step=gs)

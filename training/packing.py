@@ -47,6 +47,13 @@ def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, 
     return inputs, tokens
 
 
+def token_counts(batch: dict[str, torch.Tensor], padding_free: bool = False) -> tuple[int, int]:
+    """(real tokens, tokens the model computes on) of a padded or packed micro-batch: rows x width, or the real
+    tokens alone for the one padding-free row FlashAttention gets from packed rows (`padding_free`, model_layout)."""
+    real = int((batch["segment_ids"] >= 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
+    return real, real if padding_free and "segment_ids" in batch else batch["input_ids"].numel()
+
+
 def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R, W) index of the micro-batch sample each token belongs to: `segment_ids` when packed, the row when padded."""
     if "segment_ids" in batch:
