@@ -76,9 +76,9 @@ def test_decoded_items_collate_to_the_local_micro_batch(prepared, packing):
     for k in range(4):
         got = collate({c: v[6 * k : 6 * (k + 1)] for c, v in cols.items()}, pre)
         want = micro_batch(pre, tables, spec, "B", range(6 * k, 6 * (k + 1)))
-        layout = ("position_ids", "segment_ids") if packing else ("attention_mask",)
-        assert set(got) == set(want) and set(layout) <= set(want)
-        for key in ("pixel_values", "input_ids", "labels", "prompt_labels", "ehr_dropped", "replay", *layout):
+        layout_keys = ("position_ids", "segment_ids") if packing else ("attention_mask",)
+        assert set(got) == set(want) and set(layout_keys) <= set(want)
+        for key in ("pixel_values", "input_ids", "labels", "prompt_labels", "ehr_dropped", "replay", *layout_keys):
             np.testing.assert_array_equal(got[key], want[key])
         assert list(got["study_id"]) == list(want["study_id"])
 

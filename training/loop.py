@@ -30,7 +30,7 @@ from datasets_io.errors import LauncherError
 from training.checkpoint import Checkpointer, step_dir_name
 from training.curriculum import StepPlan, lr_factor, stage_at
 from training.data import META_KEYS
-from training.packing import attn_implementation, token_counts
+from training.packing import padding_free_backend, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def train(io: LoopIO, state: LoopState | None = None, stop_after: int | None = N
         return batch
 
     end = plan.total_steps if stop_after is None else min(stop_after, plan.total_steps)
-    padding_free = attn_implementation(engine.trainable_model()).startswith("flash")
+    padding_free = padding_free_backend(engine.trainable_model())
     tokens = [0, 0]  # this rank's real / computed tokens since the last logged step: train/padding_efficiency
     bar = tqdm(
         total=plan.total_steps,

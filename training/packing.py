@@ -32,6 +32,11 @@ def attn_implementation(model: Any) -> str:
     raise ValueError(f"cannot find the attention implementation of {type(model).__name__}")
 
 
+def padding_free_backend(model: Any) -> bool:
+    """FlashAttention: packed rows reach it as one row of the real tokens (model_layout), so it computes no padding."""
+    return attn_implementation(model).startswith("flash")
+
+
 def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(forward() arguments, per-token tensors: `labels`, `prompt_labels` when the batch has them, `owner` = sample
     ids) in the layout fed to the model. Bookkeeping keys are dropped; for FlashAttention the packed rows become one
@@ -39,7 +44,7 @@ def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, 
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     inputs["use_cache"] = False  # training needs no KV cache, and with one transformers ignores packed position ids
     tokens = {k: batch[k] for k in ("labels", "prompt_labels") if k in batch} | {"owner": sample_ids(batch)}
-    if "segment_ids" in batch and attn_implementation(model).startswith("flash"):
+    if "segment_ids" in batch and padding_free_backend(model):
         real = batch["segment_ids"].reshape(-1) >= 0  # (R*W,)
         flat = lambda t: t.reshape(-1)[real][None]  # noqa: E731  (R, W) -> (1, real tokens)
         inputs["input_ids"], inputs["position_ids"] = flat(inputs["input_ids"]), flat(inputs["position_ids"])
@@ -49,7 +54,8 @@ def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, 
 
 def token_counts(batch: dict[str, torch.Tensor], padding_free: bool = False) -> tuple[int, int]:
     """(real tokens, tokens the model computes on) of a padded or packed micro-batch: rows x width, or the real
-    tokens alone for the one padding-free row FlashAttention gets from packed rows (`padding_free`, model_layout)."""
+    tokens alone for the one padding-free row FlashAttention gets from packed rows (`padding_free`:
+    padding_free_backend)."""
     real = int((batch["segment_ids"] >= 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
     return real, real if padding_free and "segment_ids" in batch else batch["input_ids"].numel()
 
