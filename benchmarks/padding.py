@@ -7,12 +7,17 @@ The Stage B mix: the curriculum's Stage B stream (`curriculum.ehr_dropout` empti
 prompts) with MIMIC-size Patient Data on the others. The project's synthetic data has four labs and three vitals
 per study, far shorter than a MIMIC admission's lab history; this benchmark appends a `Lab_history` of repeated
 draws of a basic metabolic panel + blood count (a log-normal number of draws, median `--ehr-detail`, as many as fit
-`--budget`) to each kept block, so prompts run from ~100 to ~2,000 tokens as real extracts do. (No `--ehr-detail`
-option exists in datasets_io/synth.py on this branch: the longer blocks are generated here.)
+`--budget`) to each kept block, so prompts run from ~100 to ~2,000 tokens as real extracts do. (`launcher data
+synth --ehr-detail mimic` writes the MIMIC build's block size without a lab history: samples of ~220-280 tokens
+with the tiny tokenizer.)
 
 Computed tokens: padded = micro-batch size x its longest sample; packed = rows x the fullest row (datasets_io/
-packing.py), what SDPA / eager compute on (FlashAttention-2 gets the real tokens only: 1.00, printed apart). Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in
-both layouts, alternating rounds (the CPU is shared: noise hits both alike), median per micro-batch.
+packing.py), what SDPA / eager compute on (FlashAttention-2 gets the real tokens only: 1.00, printed apart). The row
+plan weighs attention, which SDPA computes on rows x width^2 pairs, by the language model's attention span
+(datasets_io.packing.attention_span): the last line is the plan for Mistral-7B with configs/llava_med_7b.yaml's LoRA
+(production); the tiny model's own plan, with narrower rows, is printed above it and is the one timed.
+Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in both layouts,
+alternating rounds (the CPU is shared: noise hits both alike), median per micro-batch.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets_io.packing import pack_samples, padding_efficiency
+from transformers import MistralConfig
+
+from datasets_io.packing import attention_span, pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
 from datasets_io.tokens import OverBudgetError
 from datasets_io.config import load_config
@@ -136,13 +143,23 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     micro = [samples[k * args.batch : (k + 1) * args.batch] for k in range(args.batches)]
     real = sum(lengths)
     padded_cost = sum(len(m) * max(len(t.input_ids) for _, t in m) for m in micro)
-    packed_rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id) for m in micro]
-    packed_cost = sum(p.input_ids.size for p in packed_rows)
     print(
         f"tokens per sample: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} "
         f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}"
     )
-    print(f"packed rows per micro-batch: {[p.input_ids.shape[0] for p in packed_rows]}")
+    prod = load_config(REPO / "configs" / "llava_med_7b.yaml")  # Mistral-7B + its LoRA: MistralConfig's defaults
+    spans = {
+        "Mistral-7B": attention_span(MistralConfig(), prod.lora.r, prod.lora.target_modules),
+        "the tiny model (timed below)": pre.attention_span,
+    }
+    packed_cost = {}
+    for name, span in spans.items():  # the row plan weighs attention (SDPA: rows x width^2) by the model's span
+        rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id, span) for m in micro]
+        packed_cost[name] = sum(p.input_ids.size for p in rows)
+        print(
+            f"rows planned for {name} (attention span {span:,.0f} tokens): per micro-batch "
+            f"{[p.input_ids.shape for p in rows]}; padding efficiency {padding_efficiency(lengths, packed_cost[name]):.2f}"
+        )
 
     layouts = {}
     for packing in (False, True):
@@ -155,7 +172,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on"
     )
     print(
-        f"padding efficiency: {padding_efficiency(lengths, packed_cost):.2f} packed vs "
+        f"padding efficiency: {padding_efficiency(lengths, packed_cost['Mistral-7B']):.2f} packed vs "
         f"{padding_efficiency(lengths, padded_cost):.2f} padded"
     )
 

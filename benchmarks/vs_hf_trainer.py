@@ -1,12 +1,14 @@
 """Training throughput of `launcher local` against transformers.Trainer: same tiny LLaVA + LoRA, same data, batch,
 optimizer, schedule and step count.
 
-    python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 8] [--rounds 3]
+    python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 8] [--rounds 3] [--ehr-detail basic|mimic] [--budget N]
 
 Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
-Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix), micro-batch `--batch`, fused AdamW at
-the config's lr (weight decay 0), clip 1.0, warmup then cosine, fp32 on CPU, data decoded in the training process, the
-target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Trainer's collator has no prompt loss).
+Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix) of 80 synthetic studies: the demo's short
+Patient Data (`--ehr-detail basic`, samples of ~60-130 tokens, data.max_seq_len 384) or the MIMIC build's block size
+(`--ehr-detail mimic`: `launcher data synth --ehr-detail mimic`, ~220-280 tokens, data.max_seq_len 2048, the
+production budget), micro-batch `--batch`, fused AdamW at the config's lr (weight decay 0), clip 1.0, warmup then
+cosine, fp32 on CPU, data decoded in the training process, the target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Trainer's collator has no prompt loss).
 - Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
   labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
   `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
@@ -35,6 +37,7 @@ import torch
 
 from datasets_io.config import load_config
 from datasets_io.sampler import row_table
+from datasets_io.synth import write_synthetic
 from launcher.local import corpus_texts, ensure_data, load_run_data, run_local
 from training.data import Preprocessor, StageStream, StreamSpec
 from training.model import build_model
@@ -130,7 +133,15 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--ehr-detail",
+        choices=("basic", "mimic"),
+        default="basic",
+        help="Patient Data of the synthetic studies: the demo's (basic) or MIMIC-build-size blocks (mimic)",
+    )
+    ap.add_argument("--budget", type=int, default=None, help="data.max_seq_len (default: 384 basic, 2048 mimic)")
     args = ap.parse_args()
+    budget = args.budget or (2048 if args.ehr_detail == "mimic" else 384)
     if args.steps <= FIRST or args.steps % LOG_EVERY:
         ap.error(f"--steps {args.steps}: expected a multiple of {LOG_EVERY} above {FIRST}")
     with tempfile.TemporaryDirectory() as d:
@@ -138,6 +149,7 @@ def main() -> None:
         common = [
             f"data.root={d}/data",
             "data.synth_studies=80",
+            f"data.max_seq_len={budget}",
             f"train.max_steps={args.steps}",
             f"train.micro_batch_size={args.batch}",
             "curriculum.stage_split=0.0",
@@ -149,6 +161,8 @@ def main() -> None:
             "train.prompt_loss_weight=0",
         ]
         base = load_config(REPO / "configs" / "tiny.yaml", common + [f"output.dir={d}/base"])
+        if args.ehr_detail != "basic":  # ensure_data synthesizes the demo's blocks only
+            write_synthetic(base.data.root, base.data.synth_studies, base.data.synth_seed, ehr_detail=args.ehr_detail)
         ensure_data(base)
         build_model(
             base, corpus_texts(data := load_run_data(base)), stage_a=row_table(data.train["A"])

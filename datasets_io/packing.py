@@ -19,14 +19,16 @@ padded batch as long as attention stays inside each sample:
   that order, so each sample's image features land in its own segment.
 
 Packing changes only the layout of one micro-batch: which samples form it (the sampler's positions) is untouched,
-so data order, the cursor and resume are exactly those of the padded path. Rows are balanced (`plan_rows`) and the
-batch is as wide as its fullest row, not always the budget. numpy only: this runs in Ray Data's processes.
+so data order, the cursor and resume are exactly those of the padded path. Rows are planned at the least compute,
+attention's cost included (`plan_rows`), and the batch is as wide as its fullest row, not always the budget. numpy
+only: this runs in Ray Data's processes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -46,11 +48,17 @@ class PackedRows:
     prompt_labels: np.ndarray | None = None  # (R, W) int64, when the samples carry them
 
 
-def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
-    """Sample lengths -> sample indices per row, rows of at most `budget` tokens, laid out to compute on the fewest
-    tokens: rows x the fullest row (ties: narrower rows, as attention costs rows x width^2). Candidates: for every row
-    count, longest-first to the least-filled row (balanced rows); for 65 row capacities between the longest sample
-    and the budget, first-fit decreasing (full rows). Deterministic and cheap (pure Python over a micro-batch's lengths)."""
+def plan_rows(lengths: list[int], budget: int, attention_span: float = math.inf) -> list[list[int]]:
+    """Sample lengths -> sample indices per row, rows of at most `budget` tokens, laid out at the least compute:
+    R rows of width W (the fullest row) cost R x W x (1 + W / attention_span): the per-token layers on R x W tokens,
+    plus attention, which SDPA / eager compute on every (query, key) pair of a row, masked or not (R x W^2).
+    `attention_span` (training.packing.attention_span: the width at which attention costs a token as much as its
+    matrix multiplies) is ~26,600 for Mistral-7B, so its rows fill the budget; ~1,600 for the tiny model, whose rows
+    stay narrower (one 1,800-token row costs it more than 8 padded rows of 280). math.inf: tokens alone (ties:
+    narrower rows). Candidates: for every row count, longest-first to the least-filled row (balanced rows; n rows =
+    one sample per row is the padded layout, so packing never costs more than padding); for 65 row capacities
+    between the longest sample and the budget, first-fit decreasing (full rows). Deterministic and cheap (pure
+    Python over a micro-batch's lengths)."""
     for i, n in enumerate(lengths):
         if n > budget:
             raise ValueError(f"sample {i}: {n} tokens > packing budget {budget} (data.max_seq_len)")
@@ -64,11 +72,40 @@ def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
     ]
     candidates += [_first_fit_rows(lengths, order, longest + (budget - longest) * k // 64) for k in range(65)]
 
-    def cost(rows: list[list[int]]) -> tuple[int, int]:
+    def cost(rows: list[list[int]]) -> tuple[float, int]:
         width = max(sum(lengths[i] for i in row) for row in rows)
-        return len(rows) * width, width
+        return len(rows) * width * (1 + width / attention_span), width
 
     return min((rows for rows in candidates if rows), key=cost)
+
+
+def attention_span(text_config: Any, lora_r: int = 0, lora_targets: Iterable[str] = ()) -> float:
+    """The row width at which attention costs a token as much as the matrix multiplies of its layer, for a Llama /
+    Mistral decoder layer (a transformers text config) with LoRA: multiply-adds per token (q, k, v, o, gate, up,
+    down, and r x (in + out) per LoRA target) / multiply-adds per (query, key) pair (scores and weighted sum:
+    2 x heads x head_dim)."""
+    t = text_config
+    heads = t.num_attention_heads
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // heads
+    q, kv = heads * head_dim, (getattr(t, "num_key_value_heads", None) or heads) * head_dim
+    h, inter = t.hidden_size, t.intermediate_size
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+    lora = sum(lora_r * sum(shapes[name]) for name in lora_targets if name in shapes)
+    return (sum(i * o for i, o in shapes.values()) + lora) / (2 * heads * head_dim)
+
+
+def padding_free(attn_implementation: str) -> bool:
+    """FlashAttention: packed rows reach it as one row of the real tokens (training.packing.model_layout), so it
+    computes no padding, and attention only within each sample whatever the layout."""
+    return attn_implementation.startswith("flash")
 
 
 def _balanced_rows(lengths: list[int], order: list[int], n_rows: int, budget: int) -> list[list[int]] | None:
@@ -98,9 +135,12 @@ def _first_fit_rows(lengths: list[int], order: list[int], capacity: int) -> list
     return rows
 
 
-def pack_samples(samples: list[TokenizedSample], budget: int, pad_id: int) -> PackedRows:
-    """Lay the samples out in rows of at most `budget` tokens (see the module docstring for what each array holds)."""
-    rows = plan_rows([len(s.input_ids) for s in samples], budget)
+def pack_samples(
+    samples: list[TokenizedSample], budget: int, pad_id: int, attention_span: float = math.inf
+) -> PackedRows:
+    """Lay the samples out in rows of at most `budget` tokens (see the module docstring for what each array holds;
+    `attention_span`: plan_rows)."""
+    rows = plan_rows([len(s.input_ids) for s in samples], budget, attention_span)
     width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
@@ -127,10 +167,16 @@ def pack_samples(samples: list[TokenizedSample], budget: int, pad_id: int) -> Pa
     return PackedRows(input_ids, labels, position_ids, segment_ids, order, prompt_labels)
 
 
-def packed_batch(pixels: list[np.ndarray], samples: list[TokenizedSample], budget: int, pad_id: int) -> dict:
+def packed_batch(
+    pixels: list[np.ndarray],
+    samples: list[TokenizedSample],
+    budget: int,
+    pad_id: int,
+    attention_span: float = math.inf,
+) -> dict:
     """The packed counterpart of `Preprocessor.collate`'s padded batch (numpy arrays; no attention_mask: the
     restarting position ids are the mask)."""
-    p = pack_samples(samples, budget, pad_id)
+    p = pack_samples(samples, budget, pad_id, attention_span)
     batch = {
         "pixel_values": np.stack([pixels[i] for i in p.order]).astype(np.float32),  # (B, 3, S, S), layout order
         "input_ids": p.input_ids,  # (R, W)

@@ -63,6 +63,7 @@ def make_preprocessor(cfg: Config, base_path: str) -> Any:
         image_spec=image_spec_for(base_path, config),
         image_token_id=config.image_token_index,
         num_image_tokens=num_image_tokens(config),
+        text_config=config.text_config,
     )
     return Preprocessor.for_run(cfg, spec)  # checks the image cache directory on this node
 

@@ -28,6 +28,29 @@ def test_rows_are_the_fewest_and_balanced_within_the_budget():
         plan_rows([3, 11], 10)
 
 
+def test_rows_weigh_attention_by_the_models_span():
+    """SDPA computes every (query, key) pair of a row: eight samples in one 1,850-token row cost the tiny model
+    (span ~1,589) more than eight padded rows of 250 (measured on CPU, 8 MIMIC-detail samples: 255 vs 188 ms padded,
+    170 ms at the span's plan); for Mistral-7B (span 26,624) the full row is still the cheapest."""
+    from transformers import MistralConfig
+
+    from datasets_io.packing import attention_span
+
+    all_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    mistral = MistralConfig()  # 4096 wide, 14336 MLP, 32 heads, 8 KV heads of 128
+    assert attention_span(mistral) == 218_103_808 / (2 * 32 * 128)  # 26,624
+    assert attention_span(mistral, 16, all_targets) == (218_103_808 + 16 * 81_920) / 8192  # r x (in + out), 7 targets
+    tiny = MistralConfig(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2)
+    assert attention_span(tiny, 64, all_targets) == pytest.approx(1589.33, abs=0.01)  # configs/tiny.yaml's model
+    lengths = [250] * 7 + [100]
+    assert plan_rows(lengths, 2048) == [list(range(8))]  # tokens alone: one row of 1,850 beats 8 x 250
+    assert plan_rows(lengths, 2048, attention_span(mistral)) == [list(range(8))]
+    assert plan_rows(lengths, 2048, attention_span(tiny, 64, all_targets)) == [[i] for i in range(8)]
+    mixed = [60, 222, 229, 239, 246, 259, 273, 274]  # a measured micro-batch (EHR dropped on the first)
+    rows = plan_rows(mixed, 2048, attention_span(tiny, 64, all_targets))
+    assert 1 < len(rows) < 8 and max(sum(mixed[i] for i in r) for r in rows) <= 2 * 274
+
+
 def test_packed_layout_restarts_positions_and_masks_each_sample():
     samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]  # sample 1 has no prompt: its first label is set
     p = pack_samples(samples, budget=8, pad_id=0)
@@ -197,6 +220,27 @@ def test_packing_needs_an_attention_backend_that_keeps_samples_apart(tiny_cfg):
         tiny_cfg(**{"model.attn_implementation": "paged|sdpa"})
     assert "train.packing: false" in str(err.value)  # the way out is named
     assert tiny_cfg(**{"train.packing": "false", "model.attn_implementation": "paged|sdpa"}).train.packing is False
+
+
+def test_the_runs_preprocessor_weighs_attention_by_its_language_model(tiny_cfg):
+    """Preprocessor.for_run's attention span is the LoRA'd language model's, the same from the local bundle and from
+    the Ray driver's config-only spec; tokens alone when packing is off or FlashAttention attends within samples."""
+    import math
+
+    from datasets_io.packing import attention_span
+    from launcher.local import corpus_texts, load_run_data
+    from launcher.ray_worker import make_preprocessor
+    from training.data import Preprocessor
+    from training.model import build_model
+
+    cfg = tiny_cfg()
+    bundle = build_model(cfg, corpus_texts(load_run_data(cfg)))
+    want = attention_span(bundle.text_config, cfg.lora.r, cfg.lora.target_modules)
+    assert 100 < want < 5000  # a tiny model: attention weighs on rows of a few hundred tokens
+    assert Preprocessor.for_run(cfg, bundle, image_cache=False).attention_span == want
+    assert make_preprocessor(cfg, bundle.base_model_path).attention_span == want
+    for off in ({"train.packing": "false"}, {"model.attn_implementation": "flash_attention_2"}):
+        assert Preprocessor.for_run(tiny_cfg(**off), bundle, image_cache=False).attention_span == math.inf
 
 
 DEEPSPEED_CHECK = r"""

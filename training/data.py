@@ -13,6 +13,7 @@ split coordinators, the dataset manager), and each torch import there costs seco
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ import numpy as np
 from datasets_io.image_cache import ImageCache, load_pixels
 from datasets_io.images import ImageSpec
 from datasets_io.jsonl import join
-from datasets_io.packing import packed_batch
+from datasets_io.packing import attention_span, packed_batch, padding_free
 from datasets_io.records import Record
 from datasets_io.sampler import BatchLayout, Draw, SamplerSpec, draw, draws, row_table, sample_fields
 from datasets_io.tokens import build_sample, pad_batch
@@ -52,16 +53,24 @@ class Preprocessor:
     packing: bool = False
     """train.packing: lay a micro-batch out in rows of `max_len` tokens (datasets_io/packing.py) instead of padding
     every sample to the longest; the same samples, in the same order of positions."""
+    attention_span: float = math.inf
+    """How packing weighs attention against tokens (datasets_io.packing.plan_rows); inf: tokens alone."""
     decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
 
     @classmethod
     def for_run(cls, cfg: Any, spec: Any, image_cache: bool = True) -> "Preprocessor":
         """The run's preprocessor: `spec` is anything with tokenizer, image_spec, image_token_id, num_image_tokens
-        (a model bundle, training.data_checks.TokenSpec); the budget, overlong rule, data root and packing from
-        `cfg`; the image cache of `data.image_cache` unless `image_cache=False` (an unwritable directory fails
-        here, on the node that builds it: node-local paths differ)."""
+        and text_config (a model bundle, or the Ray driver's namespace from the base's config); the budget, overlong
+        rule, data root and packing from `cfg`, packing's attention span from the language model's shape and
+        cfg.lora (inf for FlashAttention, which attends within samples whatever the layout); the image cache of
+        `data.image_cache` unless `image_cache=False` (an unwritable directory fails here, on the node that builds
+        it: node-local paths differ)."""
         from datasets_io.config import image_cache_dir
         from datasets_io.image_cache import open_image_cache
+
+        span = math.inf
+        if cfg.train.packing and not padding_free(cfg.model.attn_implementation):
+            span = attention_span(spec.text_config, cfg.lora.r, cfg.lora.target_modules)
 
         return cls(
             spec.tokenizer,
@@ -74,6 +83,7 @@ class Preprocessor:
             image_cache=open_image_cache(image_cache_dir(cfg)) if image_cache else None,
             prompt_loss=cfg.train.prompt_loss_weight > 0,
             packing=cfg.train.packing,
+            attention_span=span,
         )
 
     def sample_at(self, stage: str, position: int, fields: dict[str, str]):
@@ -100,7 +110,7 @@ class Preprocessor:
 
     def collate(self, pixels: list[np.ndarray], toks: list) -> dict[str, np.ndarray]:
         if self.packing:
-            return packed_batch(pixels, toks, self.max_len, self.tokenizer.pad_token_id)
+            return packed_batch(pixels, toks, self.max_len, self.tokenizer.pad_token_id, self.attention_span)
         padded = pad_batch(toks, self.tokenizer.pad_token_id, side="right")
         return {
             "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, S, S)

@@ -50,6 +50,11 @@ class ModelBundle:
     num_image_tokens: int
     base_model_path: str  # what adapter_config.json's base_model_name_or_path points at
 
+    @property
+    def text_config(self) -> Any:
+        """The language model's config (packing's attention span, training.data.Preprocessor.for_run)."""
+        return self.model.config.text_config
+
 
 def lora_target_regex(names: list[str]) -> str:
     """Only the language model's projections: CLIP's q_proj/k_proj/v_proj would match a plain name list."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from datasets_io.packing import NON_MODEL_KEYS
+from datasets_io.packing import NON_MODEL_KEYS, padding_free
 from datasets_io.tokens import IGNORE_INDEX
 
 
@@ -34,7 +34,7 @@ def attn_implementation(model: Any) -> str:
 
 def padding_free_backend(model: Any) -> bool:
     """FlashAttention: packed rows reach it as one row of the real tokens (model_layout), so it computes no padding."""
-    return attn_implementation(model).startswith("flash")
+    return padding_free(attn_implementation(model))
 
 
 def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
