@@ -156,9 +156,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     for name, span in spans.items():  # the row plan weighs attention (SDPA: rows x width^2) by the model's span
         rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id, span) for m in micro]
         packed_cost[name] = sum(p.input_ids.size for p in rows)
+        efficiency = padding_efficiency(lengths, packed_cost[name])
         print(
-            f"rows planned for {name} (attention span {span:,.0f} tokens): per micro-batch "
-            f"{[p.input_ids.shape for p in rows]}; padding efficiency {padding_efficiency(lengths, packed_cost[name]):.2f}"
+            f"rows planned for {name} (attention span {span:,.0f} tokens): (rows, width) per micro-batch "
+            f"{[p.input_ids.shape for p in rows]}; padding efficiency {efficiency:.3f}"
         )
 
     layouts = {}

@@ -8,7 +8,8 @@ Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix) of 80 s
 Patient Data (`--ehr-detail basic`, samples of ~60-130 tokens, data.max_seq_len 384) or the MIMIC build's block size
 (`--ehr-detail mimic`: `launcher data synth --ehr-detail mimic`, ~220-280 tokens, data.max_seq_len 2048, the
 production budget), micro-batch `--batch`, fused AdamW at the config's lr (weight decay 0), clip 1.0, warmup then
-cosine, fp32 on CPU, data decoded in the training process, the target's loss only (`train.prompt_loss_weight=0`, as for a real base: the Trainer's collator has no prompt loss).
+cosine, fp32 on CPU, data decoded in the training process, the target's loss only (`train.prompt_loss_weight=0`, as
+for a real base: the Trainer's collator has no prompt loss).
 - Trainer: its usual setup for a tokenized multimodal dataset: a map-style dataset of (input_ids, attention_mask,
   labels, pixel_values) per sample, `DataCollatorForSeq2Seq` (pads, labels with -100), the model's own loss,
   `save_strategy="no"`, no evaluation, then `trainer.save_model()` once at the end.
