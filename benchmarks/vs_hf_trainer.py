@@ -1,7 +1,7 @@
 """Training throughput of `launcher local` against transformers.Trainer: same tiny LLaVA + LoRA, same data, batch,
 optimizer, schedule and step count.
 
-    python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 8] [--rounds 3] [--ehr-detail basic|mimic] [--budget N]
+    python benchmarks/vs_hf_trainer.py [--steps 60] [--batch 16] [--rounds 3] [--ehr-detail basic|mimic] [--budget N]
 
 Both sides train the tiny model (configs/tiny.yaml: LoRA r=64, vision tower and embeddings trained) on the same
 Stage B samples (stream positions 0 .. steps*batch, the EHR-dropout mix) of 80 synthetic studies: the demo's short
@@ -132,7 +132,12 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=60, help=f"a multiple of {LOG_EVERY}, > {FIRST}: steps {FIRST + 1}.. are timed"
     )
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=load_config(REPO / "configs" / "tiny.yaml").train.micro_batch_size,
+        help="micro-batch, both sides (default: configs/tiny.yaml's, what the demo trains with)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--ehr-detail",
