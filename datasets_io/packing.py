@@ -55,10 +55,10 @@ def plan_rows(lengths: list[int], budget: int, attention_span: float = math.inf)
     `attention_span` (`attention_span` below: the width at which attention costs a token as much as its matrix
     multiplies) is 27,264 for Mistral-7B with configs/llava_med_7b.yaml's LoRA, so its rows fill the budget; 1,589
     for configs/tiny.yaml's model, whose rows stay narrower (one 1,800-token row costs it more than 8 padded rows of
-    280). math.inf: tokens alone (ties: narrower rows). Candidates: for every row count, longest-first to the least-filled row (balanced rows; n rows =
-    one sample per row is the padded layout, so packing never costs more than padding); for 65 row capacities
-    between the longest sample and the budget, first-fit decreasing (full rows). Deterministic and cheap (pure
-    Python over a micro-batch's lengths)."""
+    280). math.inf: tokens alone (ties: narrower rows). Candidates: for every row count, longest-first to the
+    least-filled row (balanced rows; n rows = one sample per row is the padded layout, so packing never costs more
+    than padding); for 65 row capacities between the longest sample and the budget, first-fit decreasing (full
+    rows). Deterministic and cheap (pure Python over a micro-batch's lengths)."""
     for i, n in enumerate(lengths):
         if n > budget:
             raise ValueError(f"sample {i}: {n} tokens > packing budget {budget} (data.max_seq_len)")
