@@ -15,7 +15,9 @@ Computed tokens: padded = micro-batch size x its longest sample; packed = rows x
 packing.py), what SDPA / eager compute on (FlashAttention-2 gets the real tokens only: 1.00, printed apart). The row
 plan weighs attention, which SDPA computes on rows x width^2 pairs, by the language model's attention span
 (datasets_io.packing.attention_span): the last line is the plan for Mistral-7B with configs/llava_med_7b.yaml's LoRA
-(production); the tiny model's own plan, with narrower rows, is printed above it and is the one timed.
+(production); the tiny model's own plan, with narrower rows, is printed above it and is the one timed. Beside them:
+the most any layout in rows of one width (all SDPA can take) reaches on the same micro-batches, by exhaustive search
+over row counts and assignments (`best_layout_tokens`): what no row plan can beat, whatever its rule.
 Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in both layouts,
 alternating rounds (the CPU is shared: noise hits both alike), median per micro-batch.
 """
@@ -23,6 +25,7 @@ alternating rounds (the CPU is shared: noise hits both alike), median per micro-
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -96,6 +99,54 @@ def stage_b_samples(pre: Preprocessor, stream: StageStream, n: int, median_draws
     return out
 
 
+def least_width(lengths: list[int], rows: int, budget: int, node_cap: int) -> tuple[int | None, bool]:
+    """(the narrowest width `rows` rows can hold `lengths` in, None when they cannot within `budget`; whether that is
+    exact): exhaustive branch and bound (multiway number partitioning). Past `node_cap` search nodes: the trivial lower
+    bound max(longest, ceil(total / rows)), not exact."""
+    items = sorted(lengths, reverse=True)
+    floor = max(items[0], math.ceil(sum(items) / rows))
+    best, load, nodes = budget + 1, [0] * rows, 0
+
+    def search(k: int, width: int) -> None:
+        nonlocal best, nodes
+        nodes += 1
+        if width >= best:  # this branch cannot beat a layout found since it began
+            return
+        if k == len(items):
+            best = width
+            return
+        tried = set()
+        for r in range(rows):
+            new = load[r] + items[k]
+            if load[r] in tried or new >= best or new > budget or nodes > node_cap:
+                continue
+            tried.add(load[r])  # rows of equal load are interchangeable
+            load[r] = new
+            search(k + 1, max(width, new))
+            load[r] -= items[k]
+            if best == floor:
+                return
+
+    search(0, 0)
+    if nodes > node_cap:
+        return floor, False
+    return (best if best <= budget else None), True
+
+
+def best_layout_tokens(lengths: list[int], budget: int, node_cap: int = 100_000) -> tuple[int, bool]:
+    """(the fewest computed tokens, rows x width, of any layout of these samples in rows of one width, whether the
+    search proved it): what no row plan for SDPA / eager can beat; a lower bound where a search hit `node_cap`."""
+    best, exact = math.inf, True
+    for rows in range(max(1, math.ceil(sum(lengths) / budget)), len(lengths) + 1):
+        if rows * max(lengths) >= best:
+            break
+        width, proved = least_width(lengths, rows, budget, node_cap)
+        if width is not None and rows * width < best:
+            best = rows * width
+        exact = exact and proved
+    return int(best), exact
+
+
 def step_seconds(model, batch: dict) -> float:
     t0 = time.perf_counter()
     loss = label_loss(model, batch)
@@ -161,6 +212,19 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             f"rows planned for {name} (attention span {span:,.0f} tokens): (rows, width) per micro-batch "
             f"{[p.input_ids.shape for p in rows]}; padding efficiency {efficiency:.3f}"
         )
+
+    bests = [best_layout_tokens([len(t.input_ids) for _, t in m], args.budget) for m in micro]
+    best, proved = sum(b for b, _ in bests), sum(p for _, p in bests)
+    how = (
+        "exhaustive search"
+        if proved == len(micro)
+        else f"exhaustive for {proved} of {len(micro)}, bounded for the rest"
+    )
+    print(
+        f"the most any layout of these micro-batches in rows of one width reaches (fewest rows x width, {how}): "
+        f"{'' if proved == len(micro) else 'at most '}{padding_efficiency(lengths, best):.3f}; the Mistral-7B plan "
+        f"is {best / packed_cost['Mistral-7B']:.1%} of it"
+    )
 
     layouts = {}
     for packing in (False, True):

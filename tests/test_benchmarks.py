@@ -48,3 +48,40 @@ def test_gpu_throughput_runs_on_cpu_with_the_tiny_shape():
     r = rows[0]
     assert r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] * 16  # 16 image tokens at least
     assert 0 < r["mfu"] < 1 and r["tflop_per_sample"] > 0
+
+
+def test_padding_benchmarks_best_layout_is_the_exhaustive_optimum_and_no_row_plan_beats_it():
+    """benchmarks/padding.py reports how close the row plan is to the best layout possible (rows of one width): that
+    search is checked against brute force over every assignment of samples to rows, on random small micro-batches."""
+    import random
+
+    import padding as bench
+
+    from datasets_io.packing import plan_rows
+
+    def brute_force(lengths: list[int], budget: int) -> int:  # every set partition of the samples into rows
+        def partitions(items: list[int]):
+            if not items:
+                yield []
+                return
+            for rest in partitions(items[1:]):
+                yield [[items[0]], *rest]
+                for i in range(len(rest)):
+                    yield [*rest[:i], [items[0], *rest[i]], *rest[i + 1 :]]
+
+        loads = ([sum(row) for row in rows] for rows in partitions(lengths))
+        return min(len(load) * max(load) for load in loads if max(load) <= budget)
+
+    assert bench.best_layout_tokens([5, 3, 8, 2, 6], 10) == (24, True)  # 8 | 6+2 | 5+3: no padding at all
+    rng = random.Random(0)
+    for _ in range(150):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+        budget = rng.randint(max(lengths), max(lengths) + 25)  # tight: the budget decides the row count
+        best, exact = bench.best_layout_tokens(lengths, budget)
+        assert exact and best == brute_force(lengths, budget), (lengths, budget)
+        rows = plan_rows(lengths, budget)
+        assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) >= best
+    # past the search's node cap: the trivial lower bound max(longest, total / rows) per row count, flagged
+    many = [rng.randint(100, 900) for _ in range(40)]
+    trivial = min(r * max(max(many), -(-sum(many) // r)) for r in range(-(-sum(many) // 2048), len(many) + 1))
+    assert bench.best_layout_tokens(many, 2048, node_cap=0) == (trivial, False)

@@ -283,45 +283,57 @@ def test_over_budget_record_stops_local_before_the_first_step_or_is_skipped(synt
     assert run.data.tags["data.subject_overlap_allowed"].startswith("true: 1 subject")
 
 
-@pytest.mark.slow
-def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(tmp_path, tokenizer):
-    """576 image tokens, data.max_seq_len 2048, MIMIC-size Patient Data and verbose reports: 2 steps train, every
-    over-long Stage B row is shortened (never its target), and the count reaches MLflow."""
-    from mlflow.tracking import MlflowClient
-
-    from datasets_io.synth import write_synthetic
+@pytest.fixture(scope="module")
+def production_length(tmp_path_factory, tokenizer):
+    """(data root, --set overrides, budget report) at production sizes: MIMIC-size Patient Data and verbose reports
+    (a subject-sorted synth file), 576 image tokens, data.max_seq_len 2048; the base's tokenizer trained on the demo
+    corpus (Mistral-like lengths for the MIMIC block, see the top)."""
     from datasets_io.config import load_config
-    from launcher.local import run_local
+    from datasets_io.synth import write_synthetic
     from training.model import build_tiny_base
 
-    root = tmp_path / "data"
+    tmp = tmp_path_factory.mktemp("production_length")
+    root = tmp / "data"
     write_synthetic(root, 16, seed=0, image_size=(64, 64), progress=False, ehr_detail="mimic")
     path = root / "curriculum_train.jsonl"
     rows = [lengthen(json.loads(line), 12) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sizes = {
+        "data.max_seq_len": 2048,
+        "model.tiny.image_size": 336,
+        "model.tiny.patch_size": 14,
+        "model.tiny.vocab_size": 400,
+        "curriculum.stage_split": 0.5,
+    }
+    cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp / "unused", **sizes))
+    basic = [r for s in make_studies(60, 0) for r in study_rows(s)]
+    base = build_tiny_base(cfg, [r["prompt"] for r in basic] + [r["target"] for r in basic], tmp / "base")
+    report = budget_report(records_of(rows, str(path)), tokenizer, image_id(tokenizer), IMAGE_TOKENS, 2048)
+    assert report.shortened >= 5 and not report.over_budget  # the same tokenizer as the base's (same corpus, seed)
+    return root, {**sizes, "model.name_or_path": str(base)}, report
+
+
+@pytest.mark.slow
+def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(tmp_path, production_length):
+    """576 image tokens, data.max_seq_len 2048, MIMIC-size Patient Data and verbose reports: 2 steps train, every
+    over-long Stage B row is shortened (never its target), and the count reaches MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from datasets_io.config import load_config
+    from launcher.local import run_local
+
+    root, sizes, report = production_length
     overrides = tiny_overrides(
         root,
         tmp_path / "run",
         **{
+            **sizes,
             "train.max_steps": 2,
             "train.micro_batch_size": 2,
-            "data.max_seq_len": 2048,
-            "model.tiny.image_size": 336,
-            "model.tiny.patch_size": 14,
-            "model.tiny.vocab_size": 400,
-            "curriculum.stage_split": 0.5,
             "mlflow.tracking_uri": f"sqlite:///{tmp_path}/ml.db",
         },
     )
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    # the base's tokenizer is trained on the demo corpus (Mistral-like lengths for the MIMIC block, see the top)
-    basic = [r for s in make_studies(60, 0) for r in study_rows(s)]
-    base = build_tiny_base(cfg, [r["prompt"] for r in basic] + [r["target"] for r in basic], tmp_path / "base")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides + [f"model.name_or_path={base}"])
-
-    records = records_of(rows, str(path))
-    report = budget_report(records, tokenizer, image_id(tokenizer), IMAGE_TOKENS, 2048)
-    assert report.shortened >= 5 and not report.over_budget  # the same tokenizer as the base's (same corpus, seed)
     summary = run_local(cfg, device="cpu", show_progress=False)
     assert summary["global_step"] == 2
     metrics = MlflowClient(f"sqlite:///{tmp_path}/ml.db").get_run(summary["mlflow_run_id"]).data.metrics
@@ -342,12 +354,56 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
         "shorten_ehr",
         str(root),
     )
-    for r in records:
+    for r in records_of([json.loads(line) for line in (root / "curriculum_train.jsonl").read_text().splitlines()]):
         if r.stage == "B":
             pixels, tok = pre.sample(r.prompt, r.target, r.image, r.where)
             labels = [t for t in tok.labels if t != IGNORE_INDEX]
             assert bundle.tokenizer.decode(labels) == r.target + bundle.tokenizer.eos_token
             assert len(tok.input_ids) <= 2048 and pixels.shape == (3, 336, 336)
+
+
+@pytest.mark.slow
+def test_two_ray_workers_at_production_length_train_the_local_runs_steps(ray_local, production_length, tmp_path):
+    """The production path at production sizes: 2 Ray Train workers (DeepSpeed ZeRO-2, packed rows) on the same
+    MIMIC-length data. Their Ray Data tasks shorten Patient Data as the local process does: the same samples per
+    step (data_order.jsonl), the same losses as local with accumulation 2 (CPU fp32: whole targets supervised on
+    both), the same shortened count in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from datasets_io.config import load_config
+    from launcher.local import run_local
+    from launcher.ray_train import run_ray
+
+    root, sizes, report = production_length
+
+    def cfg(out: str):
+        sets = {
+            **sizes,
+            "train.max_steps": 4,  # 2 Stage A + 2 Stage B steps
+            "train.micro_batch_size": 2,
+            "train.global_batch_size": 4,  # local: accumulation 2; Ray: 2 ranks x 1
+            "train.record_data_order": "true",
+            "ray.num_workers": 2,
+            "ray.cpus_per_worker": 0.5,
+            "ray.name": out,
+            "deepspeed.zero_stage": 2,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path}/{out}.db",
+        }
+        return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp_path / out, **sets))
+
+    local = run_local(cfg("local"), device="cpu", show_progress=False)
+    ray = run_ray(cfg("ray"))
+    assert ray["global_step"] == local["global_step"] == 4
+    order = [json.loads(line) for line in (tmp_path / "ray" / "data_order.jsonl").read_text().splitlines()]
+    assert order == [json.loads(line) for line in (tmp_path / "local" / "data_order.jsonl").read_text().splitlines()]
+    assert [step["stage"] for step in order] == ["A", "A", "B", "B"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ray["losses"], local["losses"]))
+    print(f"[measured] production length, Ray ZeRO-2 x2 vs local accum 2: largest relative loss difference {worst:.1e}")
+    assert ray["losses"] == pytest.approx(local["losses"], rel=1e-4)
+    for summary, out in ((local, "local"), (ray, "ray")):
+        run = MlflowClient(f"sqlite:///{tmp_path}/{out}.db").get_run(summary["mlflow_run_id"])
+        assert run.data.metrics["data/rows_shortened"] == report.shortened, out
+        assert run.data.metrics["data/rows_over_budget"] == 0, out
 
 
 @pytest.mark.slow
