@@ -180,6 +180,9 @@ for stage in (2, 3):  # ZeRO-2 first: zero3_init switches transformers into part
         "next_loss": next_loss, "resumed_loss": resumed_loss, "meta": meta,
         "engine_files": sorted(p.name for p in (ckpt / "engine").iterdir()),
     }}
+import deepspeed.runtime.compiler
+results["inductor_imported"] = "torch._inductor.compile_fx" in sys.modules  # DeepSpeed's Muon module: uncompiled
+results["torch_compile_restored"] = deepspeed.runtime.compiler.compile() is torch.compile
 json.dump(results, open(out / "result.json", "w"))
 dist.destroy_process_group()
 """
@@ -194,7 +197,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_deepspeed_engine_contract(synth_dir, tmp_path):
     """ZeRO-2 then ZeRO-3, world size 1. ZeRO-3 still partitions every parameter (persistence threshold 0), so the
-    live module holds Size([0]) tensors and saving must gather."""
+    live module holds Size([0]) tensors and saving must gather. DeepSpeed's Muon module is imported uncompiled
+    (training.deepspeed_engine.import_muon_uncompiled): no torch._inductor import, torch.compile left as it was."""
     script = tmp_path / "check.py"
     script.write_text(
         ENGINE_CHECK.format(tests=str(REPO / "tests"), config=str(REPO / "configs" / "tiny.yaml"), data=str(synth_dir))
@@ -213,6 +217,8 @@ def test_deepspeed_engine_contract(synth_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "result.json").read_text())
+    # two engines per stage stepped without importing torch._inductor (import_muon_uncompiled: ~1 s per worker)
+    assert results.pop("inductor_imported") is False and results.pop("torch_compile_restored") is True
     from safetensors.torch import load_file
 
     for stage in (2, 3):

@@ -22,6 +22,7 @@ What differs from the local engine, and why:
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,29 @@ def prepare_deepspeed_cpu() -> None:
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its kernels left uncompiled, before `deepspeed.initialize` does.
+
+    DeepSpeed imports that module in `deepspeed.initialize` (the ZeRO optimizer check) and in ZeRO's gradient
+    reduction, only to test `isinstance(optimizer, MuonWithAuxAdam)`. It wraps its kernels in torch.compile at
+    import, which imports torch._inductor: 1.1 of the 1.2 s `deepspeed.initialize` took for the tiny model on 2
+    cores, on every worker's way to its first step. This launcher never trains with Muon (make_optimizer: AdamW), so
+    the module is imported here with DeepSpeed's own no-op decorator (`deepspeed.runtime.compiler.dummy_decorator`,
+    what DeepSpeed uses where torch has no compile) in place of torch.compile: the same classes, no inductor."""
+    if MUON_MODULE in sys.modules:
+        return
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    compile_ = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        compiler.compile = compile_
+
+
 def init_deepspeed_comm() -> None:
     """Put DeepSpeed's comm layer on the process group Ray Train made (gloo / NCCL). Must precede ZeRO-3 model
     building: `zero.Init` reads the world size from DeepSpeed's comm, which would otherwise say 1."""
@@ -139,6 +163,7 @@ class DeepSpeedEngine:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedEngine needs an initialized torch.distributed group (Ray Train makes one)")
         self.optimizer = make_optimizer(model, train_cfg)  # param groups carry base_lr: LoRA and projector rates
+        import_muon_uncompiled()
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.prompt_weight = train_cfg.prompt_loss_weight
