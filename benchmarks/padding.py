@@ -15,7 +15,8 @@ Computed tokens: padded = micro-batch size x its longest sample; packed = rows x
 packing.py), what SDPA / eager compute on (FlashAttention-2 gets the real tokens only: 1.00, printed apart). The row
 plan weighs attention, which SDPA computes on rows x width^2 pairs, by the language model's attention span
 (datasets_io.packing.attention_span): the last line is the plan for Mistral-7B with configs/llava_med_7b.yaml's LoRA
-(production); the tiny model's own plan, with narrower rows, is printed above it and is the one timed. Beside them:
+(production); the tiny model's own plan (narrower rows where its span makes wide ones cost more; on these long
+samples the rows came out the same) is printed above it and is the one timed. Beside them:
 the most any layout in rows of one width (all SDPA can take) reaches on the same micro-batches, by exhaustive search
 over row counts and assignments (`best_layout_tokens`): what no row plan can beat, whatever its rule.
 Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in both layouts,
