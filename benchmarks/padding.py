@@ -200,19 +200,23 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}"
     )
     prod = load_config(REPO / "configs" / "llava_med_7b.yaml")  # Mistral-7B + its LoRA: MistralConfig's defaults
+    passes = prod.train.packing_forwards
     spans = {
         "Mistral-7B": attention_span(MistralConfig(), prod.lora.r, prod.lora.target_modules),
         "the tiny model (timed below)": pre.attention_span,
     }
     packed_cost = {}
     for name, span in spans.items():  # the row plan weighs attention (SDPA: rows x width^2) by the model's span
-        rows = [pack_samples([t for _, t in m], args.budget, bundle.tokenizer.pad_token_id, span) for m in micro]
-        packed_cost[name] = sum(p.input_ids.size for p in rows)
-        efficiency = padding_efficiency(lengths, packed_cost[name])
-        print(
-            f"rows planned for {name} (attention span {span:,.0f} tokens): (rows, width) per micro-batch "
-            f"{[p.input_ids.shape for p in rows]}; padding efficiency {efficiency:.3f}"
-        )
+        for forwards in sorted({1, passes}):
+            pad_id = bundle.tokenizer.pad_token_id
+            plans = [pack_samples([t for _, t in m], args.budget, pad_id, span, forwards).forwards for m in micro]
+            packed_cost[name, forwards] = sum(int((f[:, 0] * f[:, 1]).sum()) for f in plans)
+            efficiency = padding_efficiency(lengths, packed_cost[name, forwards])
+            print(
+                f"rows planned for {name} (attention span {span:,.0f} tokens) in up to {forwards} forward "
+                f"pass(es): (rows, width) of each pass per micro-batch {[f[:, :2].tolist() for f in plans]}; "
+                f"padding efficiency {efficiency:.3f}"
+            )
 
     bests = [best_layout_tokens([len(t.input_ids) for _, t in m], args.budget) for m in micro]
     best, proved = sum(b for b, _ in bests), sum(p for _, p in bests)
@@ -224,13 +228,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"the most any layout of these micro-batches in rows of one width reaches (fewest rows x width, {how}): "
         f"{'' if proved == len(micro) else 'at most '}{padding_efficiency(lengths, best):.3f}; the Mistral-7B plan "
-        f"is {best / packed_cost['Mistral-7B']:.1%} of it"
+        f"in one pass is {best / packed_cost['Mistral-7B', 1]:.1%} of it; in up to {passes} passes (rows of their "
+        f"own widths) it computes {packed_cost['Mistral-7B', passes] / best:.1%} of its tokens"
     )
 
     layouts = {}
-    for packing in (False, True):
-        pre.packing = packing
-        layouts[packing] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
+    kinds = (("padded", False, 1), ("packed, 1 pass", True, 1), (f"packed, up to {passes} passes", True, passes))
+    for name, packing, forwards in kinds:
+        pre.packing, pre.packing_forwards = packing, forwards
+        layouts[name] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
     if args.rounds:
         step_times(bundle.model.train(), layouts, args.rounds)
     print(
@@ -238,24 +244,25 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on"
     )
     print(
-        f"padding efficiency: {padding_efficiency(lengths, packed_cost['Mistral-7B']):.2f} packed vs "
+        f"padding efficiency: {padding_efficiency(lengths, packed_cost['Mistral-7B', passes]):.2f} packed vs "
         f"{padding_efficiency(lengths, padded_cost):.2f} padded"
     )
 
 
-def step_times(model, layouts: dict[bool, list[dict]], rounds: int) -> None:
-    """Forward + backward of each micro-batch in both layouts, alternating which goes first; prints the medians."""
-    times: dict[bool, list[float]] = {False: [], True: []}
+def step_times(model, layouts: dict[str, list[dict]], rounds: int) -> None:
+    """Forward + backward of each micro-batch in every layout, rotating which goes first; prints the medians."""
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    names = list(layouts)
     for r in range(rounds):
-        for packing in (False, True) if r % 2 == 0 else (True, False):
-            times[packing] += [step_seconds(model, b) for b in layouts[packing]]
-    t_pad, t_pack = statistics.median(times[False]), statistics.median(times[True])
-    spread = {k: (min(v) * 1000, max(v) * 1000) for k, v in times.items()}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name] += [step_seconds(model, b) for b in layouts[name]]
+    med = {name: statistics.median(t) for name, t in times.items()}
+    padded = names[0]
     print(
-        f"step (forward+backward, one micro-batch, CPU, median of {len(times[False])}): "
-        f"padded {t_pad * 1000:.0f} ms [{spread[False][0]:.0f}-{spread[False][1]:.0f}], "
-        f"packed {t_pack * 1000:.0f} ms [{spread[True][0]:.0f}-{spread[True][1]:.0f}]; "
-        f"packed/padded step time: {t_pack / t_pad:.2f}x"
+        f"step (forward+backward, one micro-batch, CPU, median of {len(times[padded])}, [min-max] ms): "
+        + ", ".join(f"{n} {med[n] * 1000:.0f} [{min(t) * 1000:.0f}-{max(t) * 1000:.0f}]" for n, t in times.items())
+        + "; vs padded: "
+        + ", ".join(f"{n} {med[n] / med[padded]:.2f}x" for n in names[1:])
     )
 
 

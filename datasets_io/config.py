@@ -227,6 +227,17 @@ class TrainConfig(Section):
             "false = padded micro-batches."
         ),
     )
+    packing_forwards: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description=(
+            "With packing on SDPA / eager / flex_attention: compute a micro-batch's rows in up to this many forward "
+            "passes, each at the width of its own widest row, where that saves computed tokens (one backward over "
+            "their summed loss: the same loss and gradients). 1 = one width for all rows (the narrower rows' tails "
+            "are padding). FlashAttention takes one padding-free row and ignores it."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

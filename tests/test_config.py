@@ -86,7 +86,8 @@ def test_all_problems_reported_at_once_with_key_names():
         "model.tiny.image_size: expected a valid integer, got True",
         "train.lr: expected a valid number, got 'fast'",
         "train.max_stepz: unknown key (known: epochs, eval_every, global_batch_size, grad_accum, keep_last, "
-        "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, num_workers, packing, projector_lr, prompt_loss_weight, "
+        "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, num_workers, packing, packing_forwards, "
+        "projector_lr, prompt_loss_weight, "
         "record_data_order, save_every, seed, val_batches, warmup_steps, weight_decay)",
     ]
 
@@ -97,6 +98,7 @@ def test_all_problems_reported_at_once_with_key_names():
         (["curriculum.stage_split=-0.1"], "curriculum.stage_split: must be >= 0, got -0.1"),
         (["curriculum.replay_fraction=1"], "curriculum.replay_fraction: must be < 1, got 1"),
         (["train.lr=0"], "train.lr: must be > 0, got 0"),
+        (["train.packing_forwards=0"], "train.packing_forwards: must be >= 1, got 0"),
         (["train.keep_last=0"], "train.keep_last: must be >= 1, got 0"),
         (["train.max_steps=0", "train.epochs=0"], "train.epochs: must be > 0 when train.max_steps is 0, got 0.0"),
         (

@@ -54,16 +54,37 @@ def test_rows_weigh_attention_by_the_models_span():
 def test_packed_layout_restarts_positions_and_masks_each_sample():
     samples = [sample(4, 2, 1), sample(6, 0, 2), sample(3, 1, 3)]  # sample 1 has no prompt: its first label is set
     p = pack_samples(samples, budget=8, pad_id=0)
-    assert p.order == [1, 0, 2]  # rows [[1], [0, 2]]
+    assert p.order == [0, 2, 1]  # rows [[0, 2], [1]], the widest first
     assert p.input_ids.shape == (2, 7)  # the fullest row (4 + 3), not the budget
-    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 0, 1, 2]]
-    assert p.segment_ids.tolist() == [[1, 1, 1, 1, 1, 1, -1], [0, 0, 0, 0, 2, 2, 2]]
-    assert p.input_ids[1].tolist() == [100, 101, 102, 103, 300, 301, 302]
-    assert p.labels.tolist() == [[-100, 201, 202, 203, 204, 205, -100], [-100, -100, 102, 103, -100, 301, 302]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0]]
+    assert p.segment_ids.tolist() == [[0, 0, 0, 0, 2, 2, 2], [1, 1, 1, 1, 1, 1, -1]]
+    assert p.input_ids[0].tolist() == [100, 101, 102, 103, 300, 301, 302]
+    assert p.labels.tolist() == [[-100, -100, 102, 103, -100, 301, 302], [-100, 201, 202, 203, 204, 205, -100]]
     assert p.prompt_labels is None
+    assert p.forwards.tolist() == [[2, 7, 3]]  # one pass: 2 rows of 7, 3 samples
     with_prompt = pack_samples([sample(4, 2, 1, True), sample(6, 0, 2, True), sample(3, 1, 3, True)], 8, 0)
     assert with_prompt.labels.tolist() == p.labels.tolist()
-    assert with_prompt.prompt_labels.tolist() == [[-100] * 7, [-100, 101, -100, -100, -100, -100, -100]]
+    assert with_prompt.prompt_labels.tolist() == [[-100, 101, -100, -100, -100, -100, -100], [-100] * 7]
+    two = pack_samples(samples, budget=8, pad_id=0, forwards=2)  # 7 + 6 computed tokens instead of 2 x 7
+    assert two.forwards.tolist() == [[1, 7, 2], [1, 6, 1]] and two.order == p.order
+    assert two.input_ids.tolist() == p.input_ids.tolist()  # the same rows: the passes only cut them
+
+
+def test_forward_passes_are_added_only_where_they_save_compute():
+    from datasets_io.packing import split_forwards
+
+    assert split_forwards([10, 10, 10], 3) == (30, [3])  # one width already: one pass
+    assert split_forwards([10, 9, 2, 2], 1) == (40, [4])
+    assert split_forwards([10, 9, 2, 2], 2) == (24, [2, 2])  # 2 x 10 + 2 x 2
+    assert split_forwards([10, 9, 2, 2], 3) == (23, [1, 1, 2])  # 10 + 9 + 2 x 2
+    assert split_forwards([10, 9, 2, 2], 8) == (23, [1, 1, 2])  # never more passes than save something
+    cost, sizes = split_forwards([100, 50], 2, attention_span=100.0)  # 100 x 2 + 50 x 1.5
+    assert (cost, sizes) == (275.0, [1, 1])
+    assert split_forwards([7], 4) == (7, [1])
+    # plan_rows weighs the passes: in one width the least is 30 tokens (6 rows of 5; 3 rows of 10 tie, wider);
+    # in two passes 26: the 4 + 2 row of 6 alone, then 4 rows of 5 (2 rows of 10 + the row of 6 tie, wider)
+    assert plan_rows([5, 5, 5, 5, 4, 2], 10) == [[0], [1], [2], [3], [4], [5]]
+    assert plan_rows([5, 5, 5, 5, 4, 2], 10, forwards=2) == [[4, 5], [0], [1], [2], [3]]
 
 
 def tiny_batches(cfg, rows: int, budget: int, prompt_loss: bool = False):
@@ -91,7 +112,9 @@ def tiny_batches(cfg, rows: int, budget: int, prompt_loss: bool = False):
     padded = to_torch(pre.collate(pixels, toks))
     pre.packing = True
     packed = to_torch(pre.collate(pixels, toks))
-    return bundle, padded, packed, toks
+    pre.packing_forwards = 2
+    two_passes = to_torch(pre.collate(pixels, toks))
+    return bundle, padded, packed, toks, two_passes
 
 
 def grads(model, loss):
@@ -101,11 +124,19 @@ def grads(model, loss):
 
 @pytest.mark.parametrize("prompt_loss", [False, True], ids=["target-labels", "prompt-labels-too"])
 def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, prompt_loss):
+    cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
+    bundle, padded, one_pass, toks, two_passes = tiny_batches(cfg, rows=8, budget=512, prompt_loss=prompt_loss)
+    assert len(one_pass["forwards"]) == 1 and len(two_passes["forwards"]) == 2  # rows of two widths, two forwards
+    (rows_1, width_1, _), (rows_2, width_2, _) = two_passes["forwards"].tolist()
+    assert width_2 < width_1 and rows_1 * width_1 + rows_2 * width_2 < one_pass["input_ids"].numel()
+    for packed in (one_pass, two_passes):
+        check_same_losses_and_gradients(bundle, padded, packed, toks, prompt_loss)
+
+
+def check_same_losses_and_gradients(bundle, padded, packed, toks, prompt_loss: bool) -> None:
     from training.model import label_loss
     from training.packing import per_sample_losses
 
-    cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
-    bundle, padded, packed, toks = tiny_batches(cfg, rows=8, budget=512, prompt_loss=prompt_loss)
     assert all((t.labels[0] == IGNORE_INDEX) for t in toks)
     if prompt_loss:  # the Patient Data block is supervised: most of each sample's tokens are prompt labels
         supervised = lambda t: sum(a != IGNORE_INDEX or b != IGNORE_INDEX for a, b in zip(t.labels, t.prompt_labels))  # noqa: E731
@@ -197,15 +228,15 @@ def test_flash_attention_gets_one_padding_free_row_with_the_sample_boundaries():
         config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     )
     inputs, tokens = model_layout(flash, batch)
-    assert inputs["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 100, 101, 102, 103, 300, 301, 302]]
-    assert tokens["labels"].tolist() == [[-100, 201, 202, 203, 204, 205, -100, -100, 102, 103, -100, 301, 302]]
-    assert tokens["owner"].tolist() == [[1] * 6 + [0] * 4 + [2] * 3] and inputs["use_cache"] is False
+    assert inputs["input_ids"].tolist() == [[100, 101, 102, 103, 300, 301, 302, 200, 201, 202, 203, 204, 205]]
+    assert tokens["labels"].tolist() == [[-100, -100, 102, 103, -100, 301, 302, -100, 201, 202, 203, 204, 205]]
+    assert tokens["owner"].tolist() == [[0] * 4 + [2] * 3 + [1] * 6] and inputs["use_cache"] is False
     assert "prompt_labels" not in tokens and "labels" not in inputs and "segment_ids" not in inputs
     with_prompt = dict(batch, prompt_labels=torch.from_numpy(np.where(p.labels == -100, p.input_ids, -100)))
     flat = model_layout(flash, with_prompt)[1]["prompt_labels"].tolist()
-    assert flat == [[200] + [-100] * 5 + [100, 101, -100, -100, 300, -100, -100]]  # the same real tokens as labels
+    assert flat == [[100, 101, -100, -100, 300, -100, -100, 200] + [-100] * 5]  # the same real tokens as labels
     (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
-    assert cu_q.tolist() == [0, 6, 10, 13] and int(max_q) == 6
+    assert cu_q.tolist() == [0, 4, 7, 13] and int(max_q) == 6
     sdpa = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(_attn_implementation="sdpa")))
     assert model_layout(sdpa, batch)[0]["input_ids"].shape == (2, 7)  # SDPA keeps the rows (mask per row)
     deepspeed_like = SimpleNamespace(config={"zero_optimization": {}}, module=flash)  # its `config` is the JSON
@@ -239,8 +270,10 @@ def test_the_runs_preprocessor_weighs_attention_by_its_language_model(tiny_cfg):
     assert 100 < want < 5000  # a tiny model: attention weighs on rows of a few hundred tokens
     assert Preprocessor.for_run(cfg, bundle, image_cache=False).attention_span == want
     assert make_preprocessor(cfg, bundle.base_model_path).attention_span == want
+    assert Preprocessor.for_run(cfg, bundle, image_cache=False).packing_forwards == cfg.train.packing_forwards == 2
     for off in ({"train.packing": "false"}, {"model.attn_implementation": "flash_attention_2"}):
-        assert Preprocessor.for_run(tiny_cfg(**off), bundle, image_cache=False).attention_span == math.inf
+        pre = Preprocessor.for_run(tiny_cfg(**off), bundle, image_cache=False)
+        assert pre.attention_span == math.inf and pre.packing_forwards == 1  # FlashAttention: one padding-free row
 
 
 DEEPSPEED_CHECK = r"""
@@ -254,24 +287,41 @@ from launcher.local import corpus_texts, load_run_data
 from training.recipe import build_lora_model
 from training.model import resolve_base_path
 from training.data import Preprocessor, StageStream, StreamSpec, to_torch
-from training.deepspeed_engine import DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu
+from training.deepspeed_engine import (DeepSpeedEngine, deepspeed_config, init_deepspeed_comm, prepare_deepspeed_cpu,
+                                       zero3_init)
 from training.packing import attn_implementation
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 prepare_deepspeed_cpu(); init_deepspeed_comm()
-cfg = load_config({config!r}, tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true"}}))
+over = lambda **o: tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true", **o}})  # noqa
+cfg = load_config({config!r}, over())
 data = load_run_data(cfg)
-bundle = build_lora_model(cfg, resolve_base_path(cfg, corpus_texts(data)))
-pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
-                   cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
-stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
-out = [pre.sample(*stream.item(i)) for i in range(6)]
-padded = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
-pre.packing = True
-packed = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
-eng = DeepSpeedEngine(bundle.model, cfg.train, deepspeed_config(cfg, 1, "fp32"))
-result = {{"attn": attn_implementation(eng.engine), "rows": packed["input_ids"].shape[0],
-          "padded": float(eng.eval_loss(padded)), "packed": float(eng.eval_loss(packed))}}
+resolve_base_path(cfg, corpus_texts(data))  # builds the tiny base once
+result = {{}}
+for stage in (2, 3):  # ZeRO-2 first: zero3_init switches transformers into partitioned loading for good
+    ds = deepspeed_config(load_config({config!r}, over(**{{"deepspeed.zero_stage": stage,
+                                       "deepspeed.stage3_param_persistence_threshold": 0}})), 1, "fp32")
+    zero3_init(ds)
+    bundle = build_lora_model(cfg, resolve_base_path(cfg, None))
+    if stage == 2:  # the same three layouts of one micro-batch for both stages
+        pre = Preprocessor(bundle.tokenizer, bundle.image_spec, bundle.image_token_id, bundle.num_image_tokens,
+                           cfg.data.max_seq_len, cfg.data.overlong, cfg.data.root)
+        stream = StageStream("B", data.train["B"], StreamSpec(0, ehr_dropout=0.5))
+        out = [pre.sample(*stream.item(i)) for i in range(6)]
+        padded = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+        pre.packing = True
+        packed = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+        pre.packing_forwards = 2
+        two = to_torch(pre.collate([p for p, _ in out], [t for _, t in out]))
+    eng = DeepSpeedEngine(bundle.model, cfg.train, ds)
+    r = {{"attn": attn_implementation(eng.engine), "rows": packed["input_ids"].shape[0],
+          "passes": two["forwards"].tolist(), "padded": float(eng.eval_loss(padded)),
+          "packed": float(eng.eval_loss(packed)), "two": float(eng.eval_loss(two))}}
+    # a training step's gradient norm on each layout from the same weights (lr 0: the step leaves them as they are)
+    for name, batch in (("padded", padded), ("two", two)):
+        eng.forward_backward(batch, 1.0 / cfg.train.grad_accum)
+        r["norm_" + name] = eng.optimizer_step(0.0)
+    result[stage] = r
 json.dump(result, open(Path(sys.argv[1]) / "result.json", "w"))
 dist.destroy_process_group()
 """
@@ -279,8 +329,10 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path):
-    """The Ray runtime's engine (DeepSpeed ZeRO-2, gloo, world size 1): a DeepSpeed engine's own `config` is its
-    JSON, so the backend must be read from the wrapped model; the packed micro-batch's loss is the padded one's."""
+    """The Ray runtime's engine (DeepSpeed ZeRO-2 and ZeRO-3, gloo, world size 1): a DeepSpeed engine's own `config`
+    is its JSON, so the backend must be read from the wrapped model; the packed micro-batch's loss is the padded
+    one's, in one forward pass or two of their own widths, and a training step on the two passes (two forwards
+    through the engine, one backward; ZeRO-3 gathers the parameters for each) has the padded step's gradient norm."""
     import json
     import os
     import socket
@@ -311,6 +363,8 @@ def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path)
         [sys.executable, str(script), str(tmp_path)], env=env, cwd=repo, capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads((tmp_path / "result.json").read_text())
-    assert r["attn"] == "sdpa" and r["rows"] < 6
-    assert r["packed"] == pytest.approx(r["padded"], rel=1e-5)
+    for stage, r in json.loads((tmp_path / "result.json").read_text()).items():
+        assert r["attn"] == "sdpa" and r["rows"] < 6, stage
+        assert len(r["passes"]) == 2 and r["passes"][1][1] < r["passes"][0][1], r["passes"]  # two widths
+        assert r["packed"] == pytest.approx(r["padded"], rel=1e-5) and r["two"] == pytest.approx(r["padded"], rel=1e-5)
+        assert r["norm_padded"] > 0 and r["norm_two"] == pytest.approx(r["norm_padded"], rel=1e-4), (stage, r)

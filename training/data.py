@@ -55,6 +55,9 @@ class Preprocessor:
     every sample to the longest; the same samples, in the same order of positions."""
     attention_span: float = math.inf
     """How packing weighs attention against tokens (datasets_io.packing.plan_rows); inf: tokens alone."""
+    packing_forwards: int = 1
+    """train.packing_forwards: packed rows in up to this many forward passes of their own widths (1 for FlashAttention,
+    whose one padding-free row has no padding to save)."""
     decode_hooks: tuple = field(default_factory=lambda: tuple(DECODE_HOOKS))
 
     @classmethod
@@ -68,9 +71,10 @@ class Preprocessor:
         from datasets_io.config import image_cache_dir
         from datasets_io.image_cache import open_image_cache
 
-        span = math.inf
+        span, forwards = math.inf, 1
         if cfg.train.packing and not padding_free(cfg.model.attn_implementation):
             span = attention_span(spec.text_config, cfg.lora.r, cfg.lora.target_modules)
+            forwards = cfg.train.packing_forwards
 
         return cls(
             spec.tokenizer,
@@ -84,6 +88,7 @@ class Preprocessor:
             prompt_loss=cfg.train.prompt_loss_weight > 0,
             packing=cfg.train.packing,
             attention_span=span,
+            packing_forwards=forwards,
         )
 
     def sample_at(self, stage: str, position: int, fields: dict[str, str]):
@@ -110,7 +115,8 @@ class Preprocessor:
 
     def collate(self, pixels: list[np.ndarray], toks: list) -> dict[str, np.ndarray]:
         if self.packing:
-            return packed_batch(pixels, toks, self.max_len, self.tokenizer.pad_token_id, self.attention_span)
+            pad_id = self.tokenizer.pad_token_id
+            return packed_batch(pixels, toks, self.max_len, pad_id, self.attention_span, self.packing_forwards)
         padded = pad_batch(toks, self.tokenizer.pad_token_id, side="right")
         return {
             "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, S, S)

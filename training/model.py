@@ -32,7 +32,7 @@ from datasets_io.records import IMAGE_TOKEN
 from datasets_io.tokens import IGNORE_INDEX
 from datasets_io.config import Config
 from datasets_io.errors import LauncherError
-from training.packing import model_layout
+from training.packing import forward_passes, model_layout
 
 log = logging.getLogger(__name__)
 
@@ -386,19 +386,22 @@ def label_loss(model: Any, batch: dict[str, torch.Tensor], prompt_weight: float 
     the prompt without a prompt loss). Used by every engine and by the step-overhead benchmark's hand-written loop.
     Padded and packed batches alike (training/packing.py): the means over the same label tokens, so the same loss
     and gradients."""
-    inputs, tokens = model_layout(model, batch)  # packed rows: one padding-free row for FlashAttention
-    targets = tokens["labels"][:, 1:]  # position t predicts token t+1
-    prompts = tokens["prompt_labels"][:, 1:] if prompt_weight > 0 and "prompt_labels" in tokens else None
-    has_target = targets != IGNORE_INDEX
-    has_prompt = prompts != IGNORE_INDEX if prompts is not None else torch.zeros_like(has_target)
-    keep = torch.zeros_like(tokens["labels"], dtype=torch.bool)
-    keep[:, :-1] = has_target | has_prompt
-    logits = model(**inputs, logits_to_keep=keep).logits.float()  # (label tokens, vocab), in position order
-    is_target = has_target[keep[:, :-1]]  # (label tokens,)
-    ids = torch.where(has_target, targets, prompts if prompts is not None else targets)[keep[:, :-1]]
+    logits, ids, is_target = [], [], []
+    for part in forward_passes(batch):  # one, unless packed rows were planned in several (training/packing.py)
+        inputs, tokens = model_layout(model, part)  # packed rows: one padding-free row for FlashAttention
+        targets = tokens["labels"][:, 1:]  # position t predicts token t+1
+        prompts = tokens["prompt_labels"][:, 1:] if prompt_weight > 0 and "prompt_labels" in tokens else None
+        has_target = targets != IGNORE_INDEX
+        has_prompt = prompts != IGNORE_INDEX if prompts is not None else torch.zeros_like(has_target)
+        keep = torch.zeros_like(tokens["labels"], dtype=torch.bool)
+        keep[:, :-1] = has_target | has_prompt
+        logits.append(model(**inputs, logits_to_keep=keep).logits.float())  # (label tokens, vocab), position order
+        is_target.append(has_target[keep[:, :-1]])  # (label tokens,)
+        ids.append(torch.where(has_target, targets, prompts if prompts is not None else targets)[keep[:, :-1]])
+    logits, ids, is_target = (torch.cat(t) if len(t) > 1 else t[0] for t in (logits, ids, is_target))
     per_token = torch.nn.functional.cross_entropy(logits, ids, reduction="none")
     # a micro-batch with no label of a part (prompts that fill max_seq_len): that part adds no signal, not NaN
     loss = per_token[is_target].mean() if bool(is_target.any()) else per_token.sum() * 0.0
-    if prompts is not None and bool((~is_target).any()):
+    if prompt_weight > 0 and bool((~is_target).any()):
         loss = loss + prompt_weight * per_token[~is_target].mean()
     return loss

@@ -9,6 +9,10 @@ cache (`use_cache=False`: transformers only looks for packed sequences when ther
 - flash_attention_2 / 3: transformers takes FlashAttention's variable-length path (cu_seqlens from the position ids)
   only for a batch of ONE row, so the rows are flattened here to one row of the real tokens, padding dropped: no
   mask is materialised and no padding computed (padding efficiency 1.0).
+
+A packed batch planned for several forward passes (`forwards`, train.packing_forwards) is cut into them by
+`forward_passes`: each pass its rows at its own width, with its samples' images; the loss sums over all passes
+before the one backward (training.model.label_loss).
 """
 
 from __future__ import annotations
@@ -37,6 +41,30 @@ def padding_free_backend(model: Any) -> bool:
     return padding_free(attn_implementation(model))
 
 
+def forward_passes(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The micro-batch as the forward passes it is computed in: one, the batch itself, unless it is packed rows
+    planned for several (`forwards`: rows, width, samples of each, in row order); then each pass gets its run of rows
+    cut to its width, and its samples' `pixel_values` (stacked in row order). Per-token keys are those shaped like
+    `input_ids`; `segment_ids` keep the micro-batch's sample indices, so per-sample sums need no remapping."""
+    plan = batch.get("forwards")
+    if plan is None or len(plan) <= 1:
+        return [batch]
+    shape = batch["input_ids"].shape
+    parts, row, image = [], 0, 0
+    for rows, width, samples in plan.tolist():
+        part = {}
+        for k, v in batch.items():
+            if k == "pixel_values":
+                part[k] = v[image : image + samples]
+            elif torch.is_tensor(v) and v.shape[:2] == shape:
+                part[k] = v[row : row + rows, :width]
+            elif k != "forwards":
+                part[k] = v
+        parts.append(part)
+        row, image = row + rows, image + samples
+    return parts
+
+
 def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(forward() arguments, per-token tensors: `labels`, `prompt_labels` when the batch has them, `owner` = sample
     ids) in the layout fed to the model. Bookkeeping keys are dropped; for FlashAttention the packed rows become one
@@ -53,11 +81,13 @@ def model_layout(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, 
 
 
 def token_counts(batch: dict[str, torch.Tensor], padding_free: bool = False) -> tuple[int, int]:
-    """(real tokens, tokens the model computes on) of a padded or packed micro-batch: rows x width, or the real
-    tokens alone for the one padding-free row FlashAttention gets from packed rows (`padding_free`:
-    padding_free_backend)."""
+    """(real tokens, tokens the model computes on) of a padded or packed micro-batch: rows x width of each forward
+    pass, or the real tokens alone for the one padding-free row FlashAttention gets from packed rows
+    (`padding_free`: padding_free_backend)."""
     real = int((batch["segment_ids"] >= 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
-    return real, real if padding_free and "segment_ids" in batch else batch["input_ids"].numel()
+    if padding_free and "segment_ids" in batch:
+        return real, real
+    return real, sum(int(p["input_ids"].numel()) for p in forward_passes(batch))
 
 
 def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,17 +101,17 @@ def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def per_sample_losses(model: Any, batch: dict[str, torch.Tensor], key: str = "labels") -> torch.Tensor:
     """(B,) mean next-token cross-entropy of each sample over its own label tokens (`key`: the target's `labels`, or
     `prompt_labels`), in micro-batch sample order (NaN for a sample without labels). Full logits: for tests and
-    benchmarks, not the training step."""
-    inputs, tokens = model_layout(model, batch)
-    logits = model(**inputs).logits.float()  # (R, W, V)
-    labels, owner = tokens[key][:, 1:], tokens["owner"][:, 1:]  # position t predicts token t+1
-    per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
-    )  # (R, W-1)
-    has = labels != IGNORE_INDEX
+    benchmarks, not the training step; packed rows in their forward passes, like the training step)."""
     n = int(batch["pixel_values"].shape[0])
-    total = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner[has], per_token[has])
-    count = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(
-        0, owner[has], torch.ones_like(per_token[has])
-    )
+    total = count = torch.zeros(n, dtype=torch.float32)
+    for part in forward_passes(batch):
+        inputs, tokens = model_layout(model, part)
+        logits = model(**inputs).logits.float()  # (R, W, V)
+        labels, owner = tokens[key][:, 1:], tokens["owner"][:, 1:]  # position t predicts token t+1
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
+        )  # (R, W-1)
+        has = labels != IGNORE_INDEX
+        total = total.to(per_token.device).index_add(0, owner[has], per_token[has])
+        count = count.to(per_token.device).index_add(0, owner[has], torch.ones_like(per_token[has]))
     return total / count
