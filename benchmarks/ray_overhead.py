@@ -13,7 +13,11 @@ ahead of it (on a 2-core machine those tasks compete with training for the same 
 step of each stage, excluding the first 3 steps of the run and the first 2 of Stage B (pipeline start-up).
 Each side is the command a user types (`launcher local` / `launcher ray`), run in a fresh process, so its imports
 count, and the Ray side starts its own local cluster as `launcher ray` does without RAY_ADDRESS. Time to first
-step = from starting that process to the first optimizer step's metric timestamp. A second Ray run joins a cluster
+step = from starting that process to the first optimizer step's metric timestamp (local vs Ray: the same
+instrument on both sides). Against the bare baseline, whose worker stamps the wall time right after its first
+`optimizer.step()` and logs nothing, the launcher's moment is the same one: rank 0's end of its first optimizer step
+(`first_step_wall_time` in its ray_ranks/rank0.json); its first MLflow log call comes after, and opens the tracking
+store (~1 s on 2 cores; printed as `first_log` in the phases, and the ratio to the metric timestamp is printed too). A second Ray run joins a cluster
 that is already up (RAY_ADDRESS, as under `ray job submit`) with the base model from a directory, as in
 production: "on a running cluster". Both Ray numbers are broken down by phase (process start, driver, Ray Train
 start, the worker's own set-up), and the CPU-seconds each process on the machine used until the first one's first
@@ -187,14 +191,24 @@ def run_local_side(data: Path, work: Path, args) -> dict:
     return step_metrics(summary, t0, args.micro_batch)
 
 
+def step_done_s(out: Path, t0_wall: float) -> float:
+    """Seconds from t0 to the end of rank 0's first optimizer step (its report), the moment the bare baseline
+    stamps."""
+    from launcher.ray_worker import RANKS_DIR
+
+    return json.loads((out / RANKS_DIR / "rank0.json").read_text())["first_step_wall_time"] - t0_wall
+
+
 def run_ray_side(data: Path, work: Path, args) -> dict:
     """`launcher ray` starting its own cluster, with the CPU sampler on."""
     sampler = CpuSampler()
     summary, t0 = run_cli("ray", data, work, args, sampler)
     m = step_metrics(summary, t0, args.micro_batch)
+    m["step_done_s"] = step_done_s(work / "ray", t0)
     m["startup"] = {
-        "process_start": round(m["first_step_s"] - summary["time_to_first_step_s"], 1),
+        "process_start": round(m["step_done_s"] - summary["time_to_first_step_s"], 1),
         **(summary.get("startup_s") or {}),
+        "first_log": round(m["first_step_s"] - m["step_done_s"], 1),  # rank 0 opens the MLflow store
     }
     m["cpu"] = sampler.used_until(t0 + m["first_step_s"])
     return m
@@ -311,16 +325,18 @@ def run_bare_ray_train(data: Path, work: Path, args, tag: str = "bare") -> float
     return float(stamp.read_text()) - t0
 
 
-def first_step_pairs(data: Path, work: Path, args, ray_first_step: float) -> list[tuple[float, float]]:
-    """(launcher ray, bare Ray Train) seconds to the first step, `--startup-rounds` pairs run back to back: on a
-    machine shared with other jobs the load changes between runs, so one pair alone can be off either way."""
-    pairs = [(ray_first_step, run_bare_ray_train(data, work, args))]
+def first_step_pairs(data: Path, work: Path, args, ray_m: dict) -> list[tuple[float, float, float]]:
+    """(launcher ray's end of its first step, bare Ray Train's, launcher ray's first metric timestamp) in seconds,
+    `--startup-rounds` rounds run back to back: on a machine shared with other jobs the load changes between runs,
+    so one pair alone can be off either way."""
+    pairs = [(ray_m["step_done_s"], run_bare_ray_train(data, work, args), ray_m["first_step_s"])]
     for i in range(1, args.startup_rounds):
         summary, t0 = run_cli("ray", data, work, args, name=f"ray_round{i}")
         pairs.append(
             (
-                step_metrics(summary, t0, args.micro_batch)["first_step_s"],
+                step_done_s(work / f"ray_round{i}", t0),
                 run_bare_ray_train(data, work, args, tag=f"bare_round{i}"),
+                step_metrics(summary, t0, args.micro_batch)["first_step_s"],
             )
         )
     return pairs
@@ -363,7 +379,7 @@ def main() -> None:
     try:
         local = run_local_side(data, work, args)
         ray_m = run_ray_side(data, work, args)
-        pairs = first_step_pairs(data, work, args, ray_m["first_step_s"])
+        pairs = first_step_pairs(data, work, args, ray_m)
         running = None if args.skip_running_cluster else run_ray_on_running_cluster(data, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -394,13 +410,18 @@ def main() -> None:
         f"(busy {total / (cores * ray_m['first_step_s']):.0%} of the time; {total / cores:.1f} s if perfectly "
         f"parallel); by process:\n  " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
     )
-    ratios = [r / b for r, b in pairs]
     print(
-        "first step, launcher ray / bare Ray Train, per round (s): "
-        + ", ".join(f"{r:.1f} / {b:.1f} = {r / b:.2f}x" for r, b in pairs)
+        "to the first metric's timestamp (rank 0's first MLflow log included), launcher ray / bare Ray Train, per "
+        "round (s): "
+        + ", ".join(f"{m:.1f} / {b:.1f} = {m / b:.2f}x" for _, b, m in pairs)
+        + f"; median {statistics.median(m / b for _, b, m in pairs):.2f}x"
+    )
+    print(
+        "end of the first optimizer step, launcher ray / bare Ray Train, per round (s): "
+        + ", ".join(f"{r:.1f} / {b:.1f} = {r / b:.2f}x" for r, b, _ in pairs)
         + "   (target <= 1.3x)"
     )
-    print(f"first step vs bare Ray Train: {statistics.median(ratios):.2f}x")
+    print(f"first step vs bare Ray Train: {statistics.median(r / b for r, b, _ in pairs):.2f}x")
 
 
 if __name__ == "__main__":

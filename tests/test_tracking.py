@@ -77,6 +77,10 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     assert first.tracking_uri == f"sqlite:///{Path(cfg.output.dir).resolve()}/mlflow.db"
 
     client = _client(first.tracking_uri)
+    rank = ResumeSafeTracker(MlflowTracker.from_config(cfg, run_id=first.run_id), close_run=False)
+    assert "client" not in vars(rank.inner) and rank.run_id == first.run_id  # a Ray rank's: the store opens at its
+    rank.log_metrics({"train/loss": 5.0}, step=4)  # first log, after its first step; still only new steps
+    assert "client" in vars(rank.inner) and len(client.get_metric_history(first.run_id, "train/loss")) == 5
     again = MlflowTracker.from_config(cfg, run_id=first.run_id)
     again.reopen()  # a relaunched Ray run: the same run, RUNNING again
     assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "RUNNING"

@@ -17,6 +17,8 @@ numbers, tags are paths, hashes and ids.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import time
 import urllib.error
@@ -137,12 +139,18 @@ class MlflowTracker:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        self.client, self.tracking_uri, self.run_id = _client(uri), uri, run_id
+        self.tracking_uri, self.run_id = uri, run_id
         if run_id is None:
             exp_id = _experiment_id(self.client, experiment, uri)
             self.run_id = self.client.create_run(exp_id, run_name=run_name or None, tags=tags).info.run_id
         elif tags:
             self.set_tags(tags)
+
+    @functools.cached_property
+    def client(self) -> Any:
+        """Opened at first use (a store open costs ~1 s of CPU on 2 cores): a Ray rank's tracker for the driver's
+        run first touches the store when it logs its first step, not before the step is computed."""
+        return _client(self.tracking_uri)
 
     @classmethod
     def from_config(cls, cfg: Config, run_id: str | None = None, run_name: str | None = None) -> "MlflowTracker":
@@ -207,7 +215,13 @@ class ResumeSafeTracker:
     def __init__(self, inner: MlflowTracker, echo: Any = None, close_run: bool = True):
         self.inner, self.run_id, self.echo, self.close_run = inner, inner.run_id, echo, close_run
         self.tracking_uri = inner.tracking_uri
-        self.last_step = inner.last_logged_steps()
+        self._last_step: dict[str, int] | None = None  # read at first use, like the store (MlflowTracker.client)
+
+    @property
+    def last_step(self) -> dict[str, int]:
+        if self._last_step is None:
+            self._last_step = self.inner.last_logged_steps()
+        return self._last_step
 
     def log_params(self, params: dict) -> None:
         self.inner.log_params(params)
