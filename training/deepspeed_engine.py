@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from training.engines import make_optimizer, restore_rng, rng_tensors, set_lr
 from training.model import label_loss
-from training.packing import model_layout
+from training.packing import model_layout, to_device
 
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINE_SUBDIR = "engine"  # DeepSpeed's checkpoint tag: <checkpoint>/engine/{mp_rank_00_model_states,zero_pp_rank_*}.pt
@@ -182,7 +182,7 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------------------------------------- one step
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = to_device(batch, self.device)
         out["pixel_values"] = out["pixel_values"].to(self.compute_dtype)
         return out
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.model import label_loss, trainable_parameter_groups
+from training.packing import to_device
 
 
 class Engine(Protocol):
@@ -115,7 +116,7 @@ class AccelerateEngine:
         self.is_writer = True
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         if not self.model.training:  # train() walks every submodule: once after an evaluation, not every step

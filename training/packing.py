@@ -41,6 +41,12 @@ def padding_free_backend(model: Any) -> bool:
     return padding_free(attn_implementation(model))
 
 
+def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    """The micro-batch on `device`, except the pass plan (`forwards`): forward_passes reads it on the host, and
+    reading a CUDA tensor there would wait for the previous micro-batch's kernels every time."""
+    return {k: v if k == "forwards" else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def forward_passes(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """The micro-batch as the forward passes it is computed in: one, the batch itself, unless it is packed rows
     planned for several (`forwards`: rows, width, samples of each, in row order); then each pass gets its run of rows

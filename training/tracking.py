@@ -18,7 +18,6 @@ numbers, tags are paths, hashes and ids.
 from __future__ import annotations
 
 import functools
-
 import os
 import time
 import urllib.error
