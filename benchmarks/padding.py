@@ -36,7 +36,7 @@ import numpy as np
 
 from transformers import MistralConfig
 
-from datasets_io.packing import attention_span, pack_samples, padding_efficiency
+from datasets_io.packing import attention_span, computed_tokens, pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
 from datasets_io.tokens import OverBudgetError
 from datasets_io.config import load_config
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         for forwards in sorted({1, passes}):
             pad_id = bundle.tokenizer.pad_token_id
             plans = [pack_samples([t for _, t in m], args.budget, pad_id, span, forwards).forwards for m in micro]
-            packed_cost[name, forwards] = sum(int((f[:, 0] * f[:, 1]).sum()) for f in plans)
+            packed_cost[name, forwards] = sum(computed_tokens(f) for f in plans)
             efficiency = padding_efficiency(lengths, packed_cost[name, forwards])
             print(
                 f"rows planned for {name} (attention span {span:,.0f} tokens) in up to {forwards} forward "

@@ -17,12 +17,12 @@ step = from starting that process to the first optimizer step's metric timestamp
 instrument on both sides). Against the bare baseline, whose worker stamps the wall time right after its first
 `optimizer.step()` and logs nothing, the launcher's moment is the same one: rank 0's end of its first optimizer step
 (`first_step_wall_time` in its ray_ranks/rank0.json); its first MLflow log call comes after, and opens the tracking
-store (~1 s on 2 cores; printed as `first_log` in the phases, and the ratio to the metric timestamp is printed too). A second Ray run joins a cluster
-that is already up (RAY_ADDRESS, as under `ray job submit`) with the base model from a directory, as in
-production: "on a running cluster". Both Ray numbers are broken down by phase (process start, driver, Ray Train
-start, the worker's own set-up), and the CPU-seconds each process on the machine used until the first one's first
-step are listed: on a small machine the start-up is bound by the Python processes Ray starts at once, not by
-waiting.
+store (~1 s on 2 cores; printed as `first_log` in the phases, and the ratio to the metric timestamp is printed
+too). A second Ray run joins a cluster that is already up (RAY_ADDRESS, as under `ray job submit`) with the base
+model from a directory, as in production: "on a running cluster". Both Ray numbers are broken down by phase
+(process start, driver, Ray Train start, the worker's own set-up), and the CPU-seconds each process on the machine
+used until the first one's first step are listed: on a small machine the start-up is bound by the Python processes
+Ray starts at once, not by waiting.
 The baseline is what any Ray Train job pays before it can step: a fresh Python process that starts its own local
 Ray on 127.0.0.1 as `launcher ray` does (same logical CPUs, dashboard on), a bare `TorchTrainer` (Train V2) with the
 same number of workers and CPUs per worker, a Ray Data dataset with as many rows as the launcher's training file,

@@ -239,6 +239,12 @@ def packed_batch(
     return batch
 
 
+def computed_tokens(forwards: Any) -> int:
+    """Tokens a packed micro-batch's forward passes compute on: sum of rows x width over its pass plan (`forwards`,
+    numpy or torch, (passes, 3))."""
+    return int((forwards[:, 0] * forwards[:, 1]).sum())
+
+
 def padding_efficiency(lengths: list[int], computed_tokens: int) -> float:
     """Real tokens / tokens the model computes on (rows x width)."""
     return sum(lengths) / computed_tokens if computed_tokens else 0.0

@@ -68,7 +68,7 @@ def test_packed_layout_restarts_positions_and_masks_each_sample():
     two = pack_samples(samples, budget=8, pad_id=0, forwards=2)  # 7 + 6 computed tokens instead of 2 x 7
     assert two.forwards.tolist() == [[1, 7, 2], [1, 6, 1]] and two.order == p.order
     assert two.input_ids.tolist() == p.input_ids.tolist()  # the same rows: the passes only cut them
-    from training.packing import forward_passes, to_device
+    from training.packing import forward_passes, to_device, token_counts
 
     batch = {k: torch.from_numpy(v) for k, v in vars(two).items() if isinstance(v, np.ndarray)}
     batch["pixel_values"] = torch.arange(3.0)[:, None]  # one "image" per sample, in layout order
@@ -79,6 +79,7 @@ def test_packed_layout_restarts_positions_and_masks_each_sample():
     assert second["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205]]  # its own width: 6, not 7
     assert first["pixel_values"].tolist() == [[0.0], [1.0]] and second["pixel_values"].tolist() == [[2.0]]
     assert second["segment_ids"].tolist() == [[1] * 6]  # sample indices of the micro-batch, not of the pass
+    assert token_counts(moved) == (13, 7 + 6)  # computed: each pass's rows x its width, not 2 x 7
 
 
 def test_forward_passes_are_added_only_where_they_save_compute():

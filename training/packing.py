@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from datasets_io.packing import NON_MODEL_KEYS, padding_free
+from datasets_io.packing import NON_MODEL_KEYS, computed_tokens, padding_free
 from datasets_io.tokens import IGNORE_INDEX
 
 
@@ -93,7 +93,7 @@ def token_counts(batch: dict[str, torch.Tensor], padding_free: bool = False) -> 
     real = int((batch["segment_ids"] >= 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
     if padding_free and "segment_ids" in batch:
         return real, real
-    return real, sum(int(p["input_ids"].numel()) for p in forward_passes(batch))
+    return real, computed_tokens(batch["forwards"]) if "forwards" in batch else batch["input_ids"].numel()
 
 
 def sample_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
