@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_throughput import SHAPES  # the production shape, one table for both benchmarks
 from transformers import MistralConfig
 
 from datasets_io.packing import attention_span, computed_tokens, pack_samples, padding_efficiency
@@ -199,10 +200,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"tokens per sample: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} "
         f"({bundle.num_image_tokens} image tokens each); {args.batches} micro-batches of {args.batch}"
     )
-    prod = load_config(REPO / "configs" / "llava_med_7b.yaml")  # Mistral-7B + its LoRA: MistralConfig's defaults
+    prod = load_config(REPO / "configs" / SHAPES["7b"]["config"])  # Mistral-7B's LoRA
     passes = prod.train.packing_forwards
     spans = {
-        "Mistral-7B": attention_span(MistralConfig(), prod.lora.r, prod.lora.target_modules),
+        "Mistral-7B": attention_span(MistralConfig(**SHAPES["7b"]["text"]), prod.lora.r, prod.lora.target_modules),
         "the tiny model (timed below)": pre.attention_span,
     }
     packed_cost = {}
