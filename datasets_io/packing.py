@@ -23,7 +23,7 @@ Rows of one width leave the narrower rows' tails as padding (SDPA and eager take
 computed by its own forward pass at its own width (`forwards`: rows, width and samples of each pass); their
 label-token losses are summed over the one micro-batch's label count (training.model.label_loss), so the loss and
 the gradients are those of one pass, with one backward. On the benchmark's Stage B mix this takes SDPA's padding
-efficiency from 0.945 (one width: 0.947 at best, whatever the layout) to 0.98 (README, "Throughput").
+efficiency from 0.945 (one width: 0.947 at best, whatever the layout) to 0.988 (README, "Packing" and "Measured").
 
 Packing changes only the layout of one micro-batch: which samples form it (the sampler's positions) is untouched,
 so data order, the cursor and resume are exactly those of the padded path. Rows are planned at the least compute,

@@ -363,6 +363,31 @@ def test_production_length_run_supervises_whole_targets_and_logs_shortened_rows(
 
 
 @pytest.mark.slow
+def test_production_length_run_resumes_exactly_mid_stage_b(tmp_path, production_length):
+    """A restart at production sizes (576 image tokens, data.max_seq_len 2048, MIMIC-size Patient Data shortened to
+    fit, packed rows in up to two forward passes): stopped after the first Stage B step and resumed, the run trains
+    the uninterrupted run's samples (data_order.jsonl) with its losses, bit for bit (CPU fp32)."""
+    from datasets_io.config import load_config
+    from launcher.local import run_local
+
+    root, sizes, _ = production_length
+
+    def cfg(out: str):
+        sets = {**sizes, "train.max_steps": 4, "train.micro_batch_size": 3, "train.record_data_order": "true"}
+        return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp_path / out, **sets))
+
+    full = run_local(cfg("full"), device="cpu", show_progress=False)
+    first = run_local(cfg("split"), device="cpu", stop_after=3, show_progress=False)
+    assert first["global_step"] == 3 and "step-000003" in first["checkpoints"]
+    resumed = run_local(cfg("split"), device="cpu", resume="auto", show_progress=False)
+    assert resumed["global_step"] == full["global_step"] == 4
+    order = {out: (tmp_path / out / "data_order.jsonl").read_text().splitlines() for out in ("full", "split")}
+    assert [json.loads(line)["stage"] for line in order["full"]] == ["A", "A", "B", "B"]
+    assert order["split"] == order["full"]
+    assert resumed["losses"] == full["losses"]
+
+
+@pytest.mark.slow
 def test_two_ray_workers_at_production_length_train_the_local_runs_steps(ray_local, production_length, tmp_path):
     """The production path at production sizes: 2 Ray Train workers (DeepSpeed ZeRO-2, packed rows) on the same
     MIMIC-length data. Their Ray Data tasks shorten Patient Data as the local process does: the same samples per
