@@ -118,6 +118,13 @@ class TinyModelConfig(Section):
         "(a linear head on its patch tokens) when the tiny base is built, standing in for the pretrained CLIP tower "
         "a real LLaVA brings (training/vision_pretrain.py); 0 = a random tower.",
     )
+    vision_pretrain_uncertain: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="The target that pre-training gives a CheXpert label marked Uncertain: 0 = absent (U-Zeros), "
+        "1 = present (U-Ones, as the evaluation's U+ scoring counts it), or a value between.",
+    )
 
     @field_validator("patch_size", "vision_heads", "text_heads", "text_kv_heads")
     @classmethod

@@ -22,6 +22,9 @@ def test_labels_are_the_positive_chexpert_entries_of_each_target():
     positive = [CHEXPERT_LABELS[i] for i in np.flatnonzero(m[0])]
     assert positive == ["Cardiomegaly", "Pneumothorax"]  # Uncertain is not Positive
     assert not m[1].any()  # a target without a CheXpert block teaches "nothing there", never crashes
+    u = label_matrix([target], uncertain=1.0)[0]  # U-Ones: an Uncertain finding counts as drawn
+    assert [CHEXPERT_LABELS[i] for i in np.flatnonzero(u)] == ["Cardiomegaly", "Edema", "Pneumothorax"]
+    assert label_matrix([target], uncertain=0.5)[0][CHEXPERT_LABELS.index("Edema")] == 0.5
 
 
 def test_rare_labels_are_weighted_by_their_negatives_per_positive():
@@ -90,3 +93,10 @@ def test_the_base_origin_records_the_pretraining_and_refuses_another(tiny_cfg, t
         LauncherError, match="does not belong to this run's data and settings: it was built from model.tiny"
     ):
         check_tiny_base_origin(pretrained, texts, base)  # a random tower is not silently reused as a pre-trained one
+    # the U-Zeros targets (the default) leave the origin as bases built before the setting existed; U-Ones is another
+    assert "vision_pretrain_uncertain" not in with_it["model.tiny"]
+    (base / ORIGIN_FILE).write_text(json.dumps(with_it))
+    u_ones = tiny_cfg(**{"model.tiny.vision_pretrain_steps": 5, "model.tiny.vision_pretrain_uncertain": 1.0})
+    assert tiny_base_origin(u_ones, texts)["model.tiny"]["vision_pretrain_uncertain"] == 1.0
+    with pytest.raises(LauncherError, match="model.tiny"):
+        check_tiny_base_origin(u_ones, texts, base)

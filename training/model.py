@@ -70,9 +70,10 @@ def modules_to_save(cfg: Config) -> list[str]:
     return mods
 
 
-def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
+def tiny_vision_config(cfg: Config) -> CLIPVisionConfig:
+    """The tiny base's CLIP vision tower (`model.tiny`)."""
     t = cfg.model.tiny
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=t.vision_hidden,
         intermediate_size=4 * t.vision_hidden,
         num_hidden_layers=t.vision_layers,
@@ -81,6 +82,11 @@ def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
         patch_size=t.patch_size,
         num_channels=3,
     )
+
+
+def tiny_llava_config(cfg: Config, tokenizer: Any) -> LlavaConfig:
+    t = cfg.model.tiny
+    vision = tiny_vision_config(cfg)
     text = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=t.text_hidden,
@@ -165,6 +171,7 @@ def ensure_tiny_weights(base: str | Path, cfg: Config, stage_a: dict | None) -> 
             lr=cfg.train.lr,
             batch_size=cfg.train.micro_batch_size,
             seed=cfg.train.seed,
+            uncertain=cfg.model.tiny.vision_pretrain_uncertain,
             image_cache=open_image_cache(image_cache_dir(cfg)),  # the run's: its first epoch then finds them decoded
         )
         print(
@@ -239,6 +246,15 @@ def resolve_base_path(
     return str(base)
 
 
+def origin_exclusions(cfg: Config) -> set[str]:
+    """`model.tiny` keys left out of a base's origin while at the value bases had before the key existed, so those
+    bases still match: no pre-training (then nothing about it), and the U-Zeros pre-training targets."""
+    t = cfg.model.tiny
+    if not t.vision_pretrain_steps:
+        return {"vision_pretrain_steps", "vision_pretrain_uncertain"}
+    return {"vision_pretrain_uncertain"} if t.vision_pretrain_uncertain == 0.0 else set()
+
+
 def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     """What a tiny base is built from: its tokenizer is trained on the corpus, its weights drawn from the config."""
     import hashlib
@@ -251,8 +267,7 @@ def tiny_base_origin(cfg: Config, train_texts: list[str]) -> dict:
     origin = {
         "corpus_texts": len(train_texts),
         "corpus_hash": h.hexdigest(),
-        # without pre-training the key is left out, so a base built before it existed still matches
-        "model.tiny": cfg.model.tiny.model_dump(exclude=set() if pretrain else {"vision_pretrain_steps"}),
+        "model.tiny": cfg.model.tiny.model_dump(exclude=origin_exclusions(cfg)),
         "train.seed": cfg.train.seed,
     }
     if pretrain:  # what else the vision tower's pre-training used

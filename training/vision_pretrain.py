@@ -7,8 +7,9 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
 `model.tiny.vision_pretrain_steps` steps stand in for the pretrained tower:
 
 - a linear head on the tower's patch tokens, its logits max-pooled over patches (a finding anywhere in the image);
-- binary cross-entropy on the 14 CheXpert labels of the Stage A TRAINING records (Positive = 1, anything else 0: the
-  recipe does not know which labels a curriculum draws in the pixels); no validation row is ever read;
+- binary cross-entropy on the 14 CheXpert labels of the Stage A TRAINING records (Positive = 1, Uncertain =
+  `model.tiny.vision_pretrain_uncertain`, anything else 0: the recipe does not know which labels a curriculum draws in
+  the pixels); no validation row is ever read;
 - each label's positives weighted by its negatives / positives in those images (`positive_weights`), so a finding
   drawn in 2% of the studies pulls on the tower as hard as one in 30% (README "Learning on other generators": the
   tower alone then sees `default`'s pleural other, 16 of 1,079 images, at AUC 0.90 instead of 0.78);
@@ -16,7 +17,7 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
   drawn with `train.seed`, on one CPU thread, so the weights are the same bits wherever the tiny base is built (the
   local runtime, or rank 0 of a Ray run); the head is dropped.
 
-Part of the tiny base (its origin records the step count), built once per output dir like its tokenizer.
+Part of the tiny base (its origin records the step count and the Uncertain target), built once per output dir like its tokenizer.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def label_matrix(targets: Sequence[str]) -> np.ndarray:
-    """(n, 14) float32: 1 where a target's CheXpert block says Positive."""
+def label_matrix(targets: Sequence[str], uncertain: float = 0.0) -> np.ndarray:
+    """(n, 14) float32: 1 where a target's CheXpert block says Positive, `uncertain` where it says Uncertain, else 0."""
+    value = {"Positive": 1.0, "Uncertain": uncertain}
     out = np.zeros((len(targets), len(CHEXPERT_LABELS)), dtype=np.float32)
     for i, target in enumerate(targets):
         chexpert = parse_target(target, expect_icd=False).chexpert or {}
-        out[i] = [chexpert.get(label) == "Positive" for label in CHEXPERT_LABELS]
+        out[i] = [value.get(chexpert.get(label), 0.0) for label in CHEXPERT_LABELS]
     return out
 
 
@@ -62,6 +64,11 @@ def positive_weights(labels: torch.Tensor) -> torch.Tensor:
     positives = labels.sum(dim=0)
     negatives = len(labels) - positives
     return torch.where((positives > 0) & (negatives > 0), negatives / positives.clamp(min=1), 1.0)
+
+
+def head_logits(tower: Any, head: torch.nn.Linear, pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 14) label logits: the head on each patch token (CLS dropped, as LLaVA does), max-pooled over patches."""
+    return head(tower(pixel_values=pixels).last_hidden_state[:, 1:]).amax(dim=1)
 
 
 def pretrain_vision_tower(
@@ -75,16 +82,48 @@ def pretrain_vision_tower(
     lr: float,
     batch_size: int,
     seed: int,
+    uncertain: float = 0.0,
     image_cache: ImageCache | None = None,
 ) -> dict[str, float]:
     """Train `tower` (a CLIPVisionModel, in place) for `steps` steps on (image path, target) pairs of Stage A training
     records, their images read through the run's `image_cache` (so the first epoch finds them decoded); returns what
-    it did (for the log)."""
+    it did (for the log). The head is dropped."""
+    return pretrain_with_head(
+        tower,
+        images,
+        targets,
+        data_root=data_root,
+        spec=spec,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        uncertain=uncertain,
+        image_cache=image_cache,
+    )[1]
+
+
+def pretrain_with_head(
+    tower: Any,
+    images: Sequence[str],
+    targets: Sequence[str],
+    *,
+    data_root: str,
+    spec: ImageSpec,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    uncertain: float = 0.0,
+    image_cache: ImageCache | None = None,
+) -> tuple[torch.nn.Linear, dict[str, float]]:
+    """pretrain_vision_tower's work, returning its label head too (benchmarks/tower_probe.py scores what the tower
+    sees with it)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(images), size=min(len(images), MAX_IMAGES), replace=False))
     pixels = torch.from_numpy(np.stack([load_pixels(join(data_root, images[i]), spec, image_cache) for i in keep]))
-    labels = torch.from_numpy(label_matrix([targets[i] for i in keep]))
+    labels = torch.from_numpy(label_matrix([targets[i] for i in keep], uncertain))
     pos_weight = positive_weights(labels)
     with one_thread():
         torch.manual_seed(seed)
@@ -94,15 +133,14 @@ def pretrain_vision_tower(
         losses = []
         for _ in range(steps):
             idx = torch.from_numpy(rng.integers(0, len(keep), size=batch_size))
-            patches = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]  # drop CLS, as LLaVA does
-            logits = head(patches).amax(dim=1)
+            logits = head_logits(tower, head, pixels[idx])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx], pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
     tail = losses[-max(1, steps // 10) :]  # the last tenth: one batch's loss is noisy
-    return {
+    return head, {
         "steps": steps,
         "images": len(keep),
         "first_loss": round(losses[0], 4) if losses else None,
