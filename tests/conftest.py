@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -175,6 +176,18 @@ def ray_local(request):
     return ray
 
 
+class KillOnce:
+    """Step hook: rank `rank` dies (os._exit) after optimizer step `step`, once (the marker file remembers)."""
+
+    def __init__(self, rank: int, step: int, marker: str):
+        self.rank, self.step, self.marker = rank, step, marker
+
+    def __call__(self, step: int, stage: str, state, io) -> None:
+        if io.rank == self.rank and step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"rank {io.rank} killed after step {step}, cursor {state.cursor}\n")
+            os._exit(1)
+
+
 @pytest.fixture
 def test_hooks(request, monkeypatch):
     """Fresh test-only hook registries (training.loop.STEP_HOOKS, training.data.DECODE_HOOKS) for one test; the
@@ -184,6 +197,7 @@ def test_hooks(request, monkeypatch):
     from training import data, loop
 
     ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this file's hooks (KillOnce) travel too
     monkeypatch.setattr(loop, "STEP_HOOKS", [])
     monkeypatch.setattr(data, "DECODE_HOOKS", [])
     return loop.STEP_HOOKS, data.DECODE_HOOKS

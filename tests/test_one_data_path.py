@@ -14,26 +14,13 @@ ZeRO-2 on a local Ray on 127.0.0.1):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, KillOnce, tiny_overrides
 
 MB, GLOBAL_BATCH, STEPS = 2, 4, 12  # stage A = steps 0-5 (positions 0-23), stage B = steps 6-11 (positions 0-23)
-
-
-class KillOnce:
-    """Step hook: rank `rank` dies (os._exit) after optimizer step `step`, once (the marker file remembers)."""
-
-    def __init__(self, rank: int, step: int, marker: str):
-        self.rank, self.step, self.marker = rank, step, marker
-
-    def __call__(self, step: int, stage: str, state, io) -> None:
-        if io.rank == self.rank and step == self.step and not Path(self.marker).exists():
-            Path(self.marker).write_text(f"rank {io.rank} killed after step {step}, cursor {state.cursor}\n")
-            os._exit(1)
 
 
 class DecodeLog:

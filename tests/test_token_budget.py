@@ -23,7 +23,7 @@ from datasets_io.tokens import IGNORE_INDEX, OverBudgetError, build_sample, enco
 from launcher.cli import main as cli
 from datasets_io.errors import LauncherError
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, KillOnce, tiny_overrides
 
 IMAGE_TOKENS = 576  # (336 / 14) ** 2, the 7B config's vision tower
 
@@ -388,11 +388,14 @@ def test_production_length_run_resumes_exactly_mid_stage_b(tmp_path, production_
 
 
 @pytest.mark.slow
-def test_two_ray_workers_at_production_length_train_the_local_runs_steps(ray_local, production_length, tmp_path):
+def test_two_ray_workers_at_production_length_train_the_local_runs_steps_through_a_restart(
+    ray_local, production_length, tmp_path, test_hooks
+):
     """The production path at production sizes: 2 Ray Train workers (DeepSpeed ZeRO-2, packed rows) on the same
-    MIMIC-length data. Their Ray Data tasks shorten Patient Data as the local process does: the same samples per
-    step (data_order.jsonl), the same losses as local with accumulation 2 (CPU fp32: whole targets supervised on
-    both), the same shortened count in MLflow."""
+    MIMIC-length data, one of them killed after the first Stage B step and the run restarted by Ray Train from the
+    step-2 checkpoint. Their Ray Data tasks shorten Patient Data as the local process does: the same samples per step
+    (data_order.jsonl), the same losses as local with accumulation 2 (CPU fp32: whole targets supervised on both),
+    the same shortened count in MLflow, each step's loss logged once."""
     from mlflow.tracking import MlflowClient
 
     from datasets_io.config import load_config
@@ -408,16 +411,21 @@ def test_two_ray_workers_at_production_length_train_the_local_runs_steps(ray_loc
             "train.micro_batch_size": 2,
             "train.global_batch_size": 4,  # local: accumulation 2; Ray: 2 ranks x 1
             "train.record_data_order": "true",
+            "train.save_every": 2,  # the restart resumes from step 2
             "ray.num_workers": 2,
             "ray.cpus_per_worker": 0.5,
             "ray.name": out,
+            "ray.max_failures": 1,
             "deepspeed.zero_stage": 2,
             "mlflow.tracking_uri": f"sqlite:///{tmp_path}/{out}.db",
         }
         return load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(root, tmp_path / out, **sets))
 
     local = run_local(cfg("local"), device="cpu", show_progress=False)
+    marker = tmp_path / "killed"
+    test_hooks[0].append(KillOnce(rank=1, step=3, marker=str(marker)))  # after the first Stage B step
     ray = run_ray(cfg("ray"))
+    assert marker.is_file(), "the fault was never injected"
     assert ray["global_step"] == local["global_step"] == 4
     order = [json.loads(line) for line in (tmp_path / "ray" / "data_order.jsonl").read_text().splitlines()]
     assert order == [json.loads(line) for line in (tmp_path / "local" / "data_order.jsonl").read_text().splitlines()]
@@ -429,6 +437,8 @@ def test_two_ray_workers_at_production_length_train_the_local_runs_steps(ray_loc
         run = MlflowClient(f"sqlite:///{tmp_path}/{out}.db").get_run(summary["mlflow_run_id"])
         assert run.data.metrics["data/rows_shortened"] == report.shortened, out
         assert run.data.metrics["data/rows_over_budget"] == 0, out
+        history = MlflowClient(f"sqlite:///{tmp_path}/{out}.db").get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], out  # the step redone after the restart: once
 
 
 @pytest.mark.slow
