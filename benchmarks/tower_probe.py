@@ -37,7 +37,7 @@ from datasets_io.images import ImageSpec
 from datasets_io.jsonl import join, read_records
 from datasets_io.records import CHEXPERT_LABELS
 from training.model import tiny_vision_config
-from training.vision_pretrain import head_logits, label_matrix, one_thread, pretrain_with_head
+from training.vision_pretrain import head_logits, label_matrix, one_thread, pretrain_vision_tower
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def probe(style: str, seed: int, work: Path, sets: list[str], eval_studies: int)
     spec = ImageSpec(cfg.model.tiny.image_size)
     torch.manual_seed(seed)
     tower = CLIPVisionModel(tiny_vision_config(cfg))
-    head, done = pretrain_with_head(
+    head, done = pretrain_vision_tower(
         tower,
         train_images,
         train_targets,

@@ -55,7 +55,7 @@ def test_pretraining_lowers_the_label_loss_and_changes_the_tower(synth_dir):
     )
     tower = CLIPVisionModel(config)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    done = pretrain_vision_tower(
+    _, done = pretrain_vision_tower(
         tower,
         [r["image"] for r in rows],
         [r["target"] for r in rows],

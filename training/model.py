@@ -161,7 +161,7 @@ def ensure_tiny_weights(base: str | Path, cfg: Config, stage_a: dict | None) -> 
 
         if not stage_a or not stage_a["image"]:
             raise LauncherError(f"pre-training the tiny base's vision tower ({base}) needs Stage A training rows")
-        done = pretrain_vision_tower(
+        _head, done = pretrain_vision_tower(
             model.model.vision_tower,
             stage_a["image"],
             stage_a["target"],

@@ -15,7 +15,7 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
   tower alone then sees `default`'s pleural other, 16 of 1,079 images, at AUC 0.90 instead of 0.78);
 - AdamW at `train.lr` (torch's fused kernel: a step 16.0 ms instead of 18.5 ms), batches of `train.micro_batch_size`
   drawn with `train.seed`, on one CPU thread, so the weights are the same bits wherever the tiny base is built (the
-  local runtime, or rank 0 of a Ray run); the head is dropped.
+  local runtime, or rank 0 of a Ray run); the recipe drops the head (benchmarks/tower_probe.py scores with it).
 
 Part of the tiny base (its origin records the step count and the Uncertain target), built once per output dir like its tokenizer.
 """
@@ -84,41 +84,11 @@ def pretrain_vision_tower(
     seed: int,
     uncertain: float = 0.0,
     image_cache: ImageCache | None = None,
-) -> dict[str, float]:
-    """Train `tower` (a CLIPVisionModel, in place) for `steps` steps on (image path, target) pairs of Stage A training
-    records, their images read through the run's `image_cache` (so the first epoch finds them decoded); returns what
-    it did (for the log). The head is dropped."""
-    return pretrain_with_head(
-        tower,
-        images,
-        targets,
-        data_root=data_root,
-        spec=spec,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        uncertain=uncertain,
-        image_cache=image_cache,
-    )[1]
-
-
-def pretrain_with_head(
-    tower: Any,
-    images: Sequence[str],
-    targets: Sequence[str],
-    *,
-    data_root: str,
-    spec: ImageSpec,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    uncertain: float = 0.0,
-    image_cache: ImageCache | None = None,
 ) -> tuple[torch.nn.Linear, dict[str, float]]:
-    """pretrain_vision_tower's work, returning its label head too (benchmarks/tower_probe.py scores what the tower
-    sees with it)."""
+    """Train `tower` (a CLIPVisionModel, in place) for `steps` steps on (image path, target) pairs of Stage A training
+    records, their images read through the run's `image_cache` (so the first epoch finds them decoded); returns the
+    label head (the recipe drops it; benchmarks/tower_probe.py scores what the tower sees with it) and what it did
+    (for the log)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(images), size=min(len(images), MAX_IMAGES), replace=False))
