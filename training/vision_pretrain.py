@@ -17,7 +17,8 @@ frequency for its whole Stage A (README "Learning on other generators" has the m
   drawn with `train.seed`, on one CPU thread, so the weights are the same bits wherever the tiny base is built (the
   local runtime, or rank 0 of a Ray run); the recipe drops the head (benchmarks/tower_probe.py scores with it).
 
-Part of the tiny base (its origin records the step count and the Uncertain target), built once per output dir like its tokenizer.
+Part of the tiny base (its origin records the step count and a non-zero Uncertain target), built once per output
+dir like its tokenizer.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def label_matrix(targets: Sequence[str], uncertain: float = 0.0) -> np.ndarray:
 
 
 def positive_weights(labels: torch.Tensor) -> torch.Tensor:
-    """(14,) BCE pos_weight from an (n, 14) 0/1 label matrix: negatives / positives per label; 1 for a label that is
-    never or always positive (nothing to balance)."""
+    """(14,) BCE pos_weight from an (n, 14) label matrix (0/1, Uncertain entries at their target): negatives /
+    positives per label, each summed; 1 for a label that is never or always positive (nothing to balance)."""
     positives = labels.sum(dim=0)
     negatives = len(labels) - positives
     return torch.where((positives > 0) & (negatives > 0), negatives / positives.clamp(min=1), 1.0)
