@@ -426,6 +426,9 @@ def test_two_ray_workers_at_production_length_train_the_local_runs_steps_through
     test_hooks[0].append(KillOnce(rank=1, step=3, marker=str(marker)))  # after the first Stage B step
     ray = run_ray(cfg("ray"))
     assert marker.is_file(), "the fault was never injected"
+    for rank in (0, 1):  # the restarted attempt resumed from the step-2 checkpoint, not from scratch
+        resumed = json.loads((tmp_path / "ray" / "ray_ranks" / f"rank{rank}.json").read_text())["resumed_from"]
+        assert resumed and resumed["global_step"] == 2, resumed
     assert ray["global_step"] == local["global_step"] == 4
     order = [json.loads(line) for line in (tmp_path / "ray" / "data_order.jsonl").read_text().splitlines()]
     assert order == [json.loads(line) for line in (tmp_path / "local" / "data_order.jsonl").read_text().splitlines()]
