@@ -36,6 +36,7 @@ from datasets_io.image_cache import load_pixels
 from datasets_io.images import ImageSpec
 from datasets_io.jsonl import join, read_records
 from datasets_io.records import CHEXPERT_LABELS
+from training.metrics.scores import f1_counts, f1_from_counts
 from training.model import tiny_vision_config
 from training.vision_pretrain import head_logits, label_matrix, one_thread, pretrain_vision_tower
 
@@ -48,12 +49,6 @@ def auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     if not len(pos) or not len(neg):
         return None
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-
-
-def f1_at_zero(logits: np.ndarray, truth: np.ndarray) -> float:
-    predicted = logits > 0
-    tp = int((predicted & (truth == 1)).sum())
-    return 2 * tp / max(1, int(predicted.sum() + truth.sum()))
 
 
 def stage_a_rows(path: Path) -> tuple[list[str], list[str]]:
@@ -98,12 +93,14 @@ def probe(style: str, seed: int, work: Path, sets: list[str], eval_studies: int)
     # pre-training saw them
     eval_truth = label_matrix(eval_targets, uncertain=1.0)
     train_truth = label_matrix(train_targets, cfg.model.tiny.vision_pretrain_uncertain)
+    # per-label F1 at logit 0 with the evaluation's own machinery (a label with nothing predicted or present: 0)
+    f1 = f1_from_counts(f1_counts(on_eval > 0, eval_truth == 1).sum(0), "none", zero_division=0.0)
     labels = {}
     for label in pixel_labels(style):
         j = CHEXPERT_LABELS.index(label)
         labels[label] = {
             "auc": auc(on_eval[:, j], eval_truth[:, j]),
-            "f1": f1_at_zero(on_eval[:, j], eval_truth[:, j]),
+            "f1": float(f1[j]),
             "positives": int(eval_truth[:, j].sum()),
             "train_auc": auc(on_train[:, j], train_truth[:, j]),
             "train_positives": int(train_truth[:, j].sum()),
