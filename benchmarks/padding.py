@@ -19,8 +19,9 @@ plan weighs attention, which SDPA computes on rows x width^2 pairs, by the langu
 samples the rows came out the same) is printed above it and is the one timed. Beside them:
 the most any layout in rows of one width (all SDPA can take) reaches on the same micro-batches, by exhaustive search
 over row counts and assignments (`best_layout_tokens`): what no row plan can beat, whatever its rule.
-Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in both layouts,
-alternating rounds (the CPU is shared: noise hits both alike), median per micro-batch.
+Step time: forward + backward of `label_loss` (what every engine runs) on the same micro-batches in each layout, and
+with `packed_sdpa` (the tiny config's backend: one padding-free row, SDPA per sample), alternating rounds (the CPU
+is shared: noise hits both alike), median per micro-batch.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from gpu_throughput import SHAPES  # the production shape, one table for both benchmarks
 from transformers import MistralConfig
 
-from datasets_io.packing import attention_span, computed_tokens, pack_samples, padding_efficiency
+from datasets_io.packing import PACKED_SDPA, attention_span, computed_tokens, pack_samples, padding_efficiency
 from datasets_io.records import ehr_from_prompt, prompt_b
 from datasets_io.tokens import OverBudgetError
 from datasets_io.config import load_config
@@ -184,7 +185,13 @@ def main() -> None:
 def run(args: argparse.Namespace, tmp: Path) -> None:
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        [f"data.root={tmp}/data", f"output.dir={tmp}/run", "data.synth_studies=80", f"data.max_seq_len={args.budget}"],
+        [
+            f"data.root={tmp}/data",
+            f"output.dir={tmp}/run",
+            "data.synth_studies=80",
+            f"data.max_seq_len={args.budget}",
+            "model.attn_implementation=sdpa",  # rows with transformers' mask; packed_sdpa is timed apart below
+        ],
     )
     ensure_data(cfg)
     data = load_run_data(cfg)
@@ -238,11 +245,12 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     for name, packing, forwards in kinds:
         pre.packing, pre.packing_forwards = packing, forwards
         layouts[name] = [to_torch(pre.collate([p for p, _ in m], [t for _, t in m])) for m in micro]
+    layouts[PACKED_SDPA] = layouts["packed, 1 pass"]  # the same rows, flattened to one padding-free row by the model
     if args.rounds:
         step_times(bundle.model.train(), layouts, args.rounds)
     print(
-        f"with flash_attention_2 (CUDA) the packed rows become one padding-free row (training/packing.py): "
-        f"{padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on"
+        f"with flash_attention_2 (CUDA) or packed_sdpa the packed rows become one padding-free row "
+        f"(training/packing.py): {padding_efficiency(lengths, real):.2f}; the rows below are what sdpa / eager compute on"
     )
     print(
         f"padding efficiency: {padding_efficiency(lengths, packed_cost['Mistral-7B', passes]):.2f} packed vs "
@@ -251,11 +259,14 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def step_times(model, layouts: dict[str, list[dict]], rounds: int) -> None:
-    """Forward + backward of each micro-batch in every layout, rotating which goes first; prints the medians."""
+    """Forward + backward of each micro-batch in every layout, rotating which goes first; prints the medians. The
+    layout named PACKED_SDPA runs with that attention backend (one padding-free row, SDPA per sample), the rest with
+    sdpa (rows, transformers' block-diagonal mask)."""
     times: dict[str, list[float]] = {name: [] for name in layouts}
     names = list(layouts)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            model.get_base_model().set_attn_implementation(PACKED_SDPA if name == PACKED_SDPA else "sdpa")
             times[name] += [step_seconds(model, b) for b in layouts[name]]
     med = {name: statistics.median(t) for name, t in times.items()}
     padded = names[0]

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from datasets_io.errors import LauncherError
 
-PACKING_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKING_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "packed_sdpa")
 """Attention implementations that keep packed samples apart (transformers derives the per-sample mask, or
-FlashAttention's variable-length boundaries, from the restarting position ids)."""
+FlashAttention's variable-length boundaries, from the restarting position ids; packed_sdpa splits the samples itself:
+training.packing)."""
 
 
 class ConfigError(LauncherError):
@@ -162,7 +163,8 @@ class ModelConfig(Section):
     attn_implementation: str = Field(
         "sdpa",
         description="transformers' attention backend for the loaded model: "
-        "sdpa, eager, flash_attention_2 (CUDA + flash-attn), ...",
+        "sdpa, eager, flash_attention_2 (CUDA + flash-attn), ..., or packed_sdpa (the project's, "
+        "training/packing.py: SDPA on each packed sample alone, no padding computed; for CPU and MPS).",
     )
 
 

@@ -41,6 +41,9 @@ import numpy as np
 
 from datasets_io.tokens import IGNORE_INDEX, TokenizedSample
 
+PACKED_SDPA = "packed_sdpa"
+"""The attention backend of training.packing.packed_sdpa_attention: SDPA on each sample of a padding-free row."""
+
 NON_MODEL_KEYS = ("labels", "prompt_labels", "segment_ids", "shortened", "forwards")
 """Batch keys that are not forward() arguments of the model."""
 
@@ -143,9 +146,10 @@ def attention_span(text_config: Any, lora_r: int = 0, lora_targets: Iterable[str
 
 
 def padding_free(attn_implementation: str) -> bool:
-    """FlashAttention: packed rows reach it as one row of the real tokens (training.packing.model_layout), so it
-    computes no padding, and attention only within each sample whatever the layout."""
-    return attn_implementation.startswith("flash")
+    """FlashAttention and packed_sdpa: packed rows reach them as one row of the real tokens
+    (training.packing.model_layout), so they compute no padding, and attention only within each sample whatever the
+    layout."""
+    return attn_implementation.startswith("flash") or attn_implementation == PACKED_SDPA
 
 
 def _balanced_rows(lengths: list[int], order: list[int], n_rows: int, budget: int) -> list[list[int]] | None:

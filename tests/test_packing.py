@@ -134,10 +134,15 @@ def grads(model, loss):
     return [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
 
 
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
 @pytest.mark.parametrize("prompt_loss", [False, True], ids=["target-labels", "prompt-labels-too"])
-def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, prompt_loss):
-    cfg = tiny_cfg(**{"model.train_vision_tower": "true"})  # gradients through the image path too
+def test_packed_and_padded_batches_give_the_same_losses_and_gradients(tiny_cfg, prompt_loss, attn):
+    """sdpa: rows with transformers' block-diagonal mask; packed_sdpa: one padding-free row, SDPA per sample."""
+    from training.packing import attn_implementation
+
+    cfg = tiny_cfg(**{"model.train_vision_tower": "true", "model.attn_implementation": attn})  # image path too
     bundle, padded, one_pass, toks, two_passes = tiny_batches(cfg, rows=8, budget=512, prompt_loss=prompt_loss)
+    assert attn_implementation(bundle.model) == attn
     assert len(one_pass["forwards"]) == 1 and len(two_passes["forwards"]) == 2  # rows of two widths, two forwards
     (rows_1, width_1, _), (rows_2, width_2, _) = two_passes["forwards"].tolist()
     assert width_2 < width_1 and rows_1 * width_1 + rows_2 * width_2 < one_pass["input_ids"].numel()
@@ -276,16 +281,16 @@ def test_the_runs_preprocessor_weighs_attention_by_its_language_model(tiny_cfg):
     from training.data import Preprocessor
     from training.model import build_model
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(**{"model.attn_implementation": "sdpa"})  # rows with a mask: attention's cost weighs on them
     bundle = build_model(cfg, corpus_texts(load_run_data(cfg)))
     want = attention_span(bundle.text_config, cfg.lora.r, cfg.lora.target_modules)
     assert 100 < want < 5000  # a tiny model: attention weighs on rows of a few hundred tokens
     assert Preprocessor.for_run(cfg, bundle, image_cache=False).attention_span == want
     assert make_preprocessor(cfg, bundle.base_model_path).attention_span == want
     assert Preprocessor.for_run(cfg, bundle, image_cache=False).packing_forwards == cfg.train.packing_forwards == 2
-    for off in ({"train.packing": "false"}, {"model.attn_implementation": "flash_attention_2"}):
+    for off in ({"train.packing": "false"}, {"model.attn_implementation": "flash_attention_2"}, {}):
         pre = Preprocessor.for_run(tiny_cfg(**off), bundle, image_cache=False)
-        assert pre.attention_span == math.inf and pre.packing_forwards == 1  # FlashAttention: one padding-free row
+        assert pre.attention_span == math.inf and pre.packing_forwards == 1  # one padding-free row (tiny: packed_sdpa)
 
 
 DEEPSPEED_CHECK = r"""
@@ -305,7 +310,8 @@ from training.packing import attn_implementation
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 prepare_deepspeed_cpu(); init_deepspeed_comm()
-over = lambda **o: tiny_overrides(Path({data!r}), Path(sys.argv[1]), **{{"train.packing": "true", **o}})  # noqa
+over = lambda **o: tiny_overrides(Path({data!r}), Path(sys.argv[1]),  # noqa: E731  rows with transformers' mask
+                                  **{{"train.packing": "true", "model.attn_implementation": "sdpa", **o}})
 cfg = load_config({config!r}, over())
 data = load_run_data(cfg)
 resolve_base_path(cfg, corpus_texts(data))  # builds the tiny base once
@@ -380,3 +386,37 @@ def test_packed_batch_under_deepspeed_gives_the_padded_loss(synth_dir, tmp_path)
         assert len(r["passes"]) == 2 and r["passes"][1][1] < r["passes"][0][1], r["passes"]  # two widths
         assert r["packed"] == pytest.approx(r["padded"], rel=1e-5) and r["two"] == pytest.approx(r["padded"], rel=1e-5)
         assert r["norm_padded"] > 0 and r["norm_two"] == pytest.approx(r["norm_padded"], rel=1e-4), (stage, r)
+
+
+def test_packed_sdpa_attends_within_each_sample_and_is_plain_sdpa_otherwise():
+    """training.packing.packed_sdpa_attention on its own: a row's samples (position ids restarting at 0) each get
+    causal SDPA on their own tokens; a row without restarts, a padding mask or a decoding step is transformers' sdpa."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from training.packing import packed_sdpa_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)  # 6 query heads, 2 KV heads
+    q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(9))])
+    out, weights = packed_sdpa_attention(module, q, k, v, None, position_ids=pos)
+    assert out.shape == (2, 9, 6, 8) and weights is None
+    alone = (
+        lambda b, s, e: sdpa_attention_forward(  # noqa: E731
+            module, q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], None, is_causal=True
+        )[0][0]
+    )
+    for s, e in ((0, 4), (4, 7), (7, 9)):
+        torch.testing.assert_close(out[0, s:e], alone(0, s, e), rtol=1e-5, atol=1e-6)
+    whole = sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0]
+    torch.testing.assert_close(out[1], whole[1], rtol=1e-5, atol=1e-6)  # one sample: plain causal attention
+    assert (out[0, 4:] - whole[0, 4:]).abs().max() > 1e-2  # the later samples do not see the earlier ones
+    mask = torch.zeros(2, 1, 9, 9).masked_fill(torch.ones(9, 9).triu(1).bool(), float("-inf"))
+    with_mask = packed_sdpa_attention(module, q, k, v, mask, position_ids=pos)[0]
+    torch.testing.assert_close(with_mask, sdpa_attention_forward(module, q, k, v, mask)[0])  # batched generation
+    step = packed_sdpa_attention(module, q[:, :, -1:], k, v, None, position_ids=pos[:, -1:])[0]  # one new token
+    torch.testing.assert_close(step, sdpa_attention_forward(module, q[:, :, -1:], k, v, None)[0])
+    with pytest.raises(ValueError, match="sample of 4 tokens is longer than the model's sliding window"):
+        packed_sdpa_attention(module, q, k, v, None, position_ids=pos[:1].expand(2, -1), sliding_window=3)

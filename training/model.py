@@ -32,7 +32,7 @@ from datasets_io.records import IMAGE_TOKEN
 from datasets_io.tokens import IGNORE_INDEX
 from datasets_io.config import Config
 from datasets_io.errors import LauncherError
-from training.packing import forward_passes, model_layout
+from training.packing import forward_passes, model_layout, register_packed_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ def load_base(path: str, dtype: torch.dtype, attn_implementation: str | None = N
     `attn_implementation` (model.attn_implementation): transformers' attention backend; None = its default."""
     from transformers import LlavaForConditionalGeneration
 
+    register_packed_sdpa()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(

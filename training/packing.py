@@ -9,6 +9,11 @@ cache (`use_cache=False`: transformers only looks for packed sequences when ther
 - flash_attention_2 / 3: transformers takes FlashAttention's variable-length path (cu_seqlens from the position ids)
   only for a batch of ONE row, so the rows are flattened here to one row of the real tokens, padding dropped: no
   mask is materialised and no padding computed (padding efficiency 1.0).
+- packed_sdpa (this module's `packed_sdpa_attention`, registered with transformers by `register_packed_sdpa`): the
+  same padding-free row for devices without FlashAttention (CPU, MPS): torch's SDPA on each sample's tokens alone,
+  so attention costs sum(L_i^2), not rows x W^2, and no mask is built. torch has no variable-length attention kernel
+  for them (torch.nn.attention.varlen is FlashAttention on CUDA; nested tensors refuse causal SDPA), so the samples
+  are a loop of transformers' own sdpa_attention_forward calls, one per sample and layer.
 
 A packed batch planned for several forward passes (`forwards`, train.packing_forwards) is cut into them by
 `forward_passes`: each pass its rows at its own width, with its samples' images; the loss sums over all passes
@@ -21,8 +26,78 @@ from typing import Any
 
 import torch
 
-from datasets_io.packing import NON_MODEL_KEYS, computed_tokens, padding_free
+from datasets_io.packing import NON_MODEL_KEYS, PACKED_SDPA, computed_tokens, padding_free
 from datasets_io.tokens import IGNORE_INDEX
+
+
+def packed_sdpa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function `packed_sdpa`: where a row carries samples one after another (position ids
+    restarting at 0, no padding mask, no KV cache), causal SDPA on each sample alone; anything else (a padding mask,
+    a decoding step, the vision tower) is plain sdpa. Output (B, T, heads, head_dim), like sdpa_attention_forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or position_ids is None or not query.shape[2] == key.shape[2] > 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    window = kwargs.get("sliding_window")
+    rows = []
+    for b, pos in enumerate(position_ids.expand(query.shape[0], -1)):
+        starts = [0, *((pos[1:] == 0).nonzero().flatten() + 1).tolist()]  # the host reads them: once per row and layer
+        bounds = list(zip(starts, starts[1:] + [pos.numel()]))
+        if window is not None and max(e - s for s, e in bounds) > window:
+            raise ValueError(
+                f"packed_sdpa: a sample of {max(e - s for s, e in bounds)} tokens is longer than the model's sliding "
+                f"window ({window}); use model.attn_implementation sdpa"
+            )
+        one = lambda t, s, e: t[b : b + 1, :, s:e]  # noqa: E731  (1, heads, L, head_dim) of one sample
+        rows.append(
+            torch.cat(
+                [
+                    sdpa_attention_forward(
+                        module,
+                        one(query, s, e),
+                        one(key, s, e),
+                        one(value, s, e),
+                        None,
+                        dropout=dropout,
+                        scaling=scaling,
+                        is_causal=True,
+                    )[0]
+                    for s, e in bounds
+                ],
+                dim=1,
+            )
+        )
+    return torch.cat(rows), None
+
+
+def packed_sdpa_mask(attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """transformers mask function of `packed_sdpa`: none without a padding mask (the attention function finds the
+    samples in the position ids), sdpa's mask with one (batched generation)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_sdpa() -> None:
+    """Make `model.attn_implementation: packed_sdpa` loadable (training.model.load_base calls this first)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
 
 
 def attn_implementation(model: Any) -> str:
