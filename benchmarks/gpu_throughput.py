@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4, help="micro-batch size")
     ap.add_argument("--seq", type=int, default=2048, help="data.max_seq_len (the packing budget)")
-    ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 | eager")
+    ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 | eager | packed_sdpa")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument(
         "--packing", action=argparse.BooleanOptionalAction, default=True, help="train.packing (the config default: on)"
