@@ -47,39 +47,28 @@ def packed_sdpa_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or not query.shape[2] == key.shape[2] > 1:
+    whole_rows = query.shape[2] == key.shape[2] > 1  # every token's keys are in the row: no KV cache, not decoding
+    if attention_mask is not None or position_ids is None or not whole_rows:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+
+    def one_sample(b: int, start: int, end: int) -> torch.Tensor:  # (1, end - start, heads, head_dim)
+        q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
+        return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+
     window = kwargs.get("sliding_window")
     rows = []
     for b, pos in enumerate(position_ids.expand(query.shape[0], -1)):
         starts = [0, *((pos[1:] == 0).nonzero().flatten() + 1).tolist()]  # the host reads them: once per row and layer
         bounds = list(zip(starts, starts[1:] + [pos.numel()]))
-        if window is not None and max(e - s for s, e in bounds) > window:
+        longest = max(end - start for start, end in bounds)
+        if window is not None and longest > window:
             raise ValueError(
-                f"packed_sdpa: a sample of {max(e - s for s, e in bounds)} tokens is longer than the model's sliding "
-                f"window ({window}); use model.attn_implementation sdpa"
+                f"packed_sdpa: a sample of {longest} tokens is longer than the model's sliding window ({window}); "
+                "use model.attn_implementation sdpa"
             )
-        one = lambda t, s, e: t[b : b + 1, :, s:e]  # noqa: E731  (1, heads, L, head_dim) of one sample
-        rows.append(
-            torch.cat(
-                [
-                    sdpa_attention_forward(
-                        module,
-                        one(query, s, e),
-                        one(key, s, e),
-                        one(value, s, e),
-                        None,
-                        dropout=dropout,
-                        scaling=scaling,
-                        is_causal=True,
-                    )[0]
-                    for s, e in bounds
-                ],
-                dim=1,
-            )
-        )
+        rows.append(torch.cat([one_sample(b, start, end) for start, end in bounds], dim=1))
     return torch.cat(rows), None
 
 
