@@ -403,11 +403,11 @@ def test_packed_sdpa_attends_within_each_sample_and_is_plain_sdpa_otherwise():
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(9))])
     out, weights = packed_sdpa_attention(module, q, k, v, None, position_ids=pos)
     assert out.shape == (2, 9, 6, 8) and weights is None
-    alone = (
-        lambda b, s, e: sdpa_attention_forward(  # noqa: E731
-            module, q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], None, is_causal=True
-        )[0][0]
-    )
+
+    def alone(b: int, s: int, e: int) -> torch.Tensor:  # causal SDPA on one sample's tokens only
+        one = (t[b : b + 1, :, s:e] for t in (q, k, v))
+        return sdpa_attention_forward(module, *one, None, is_causal=True)[0][0]
+
     for s, e in ((0, 4), (4, 7), (7, 9)):
         torch.testing.assert_close(out[0, s:e], alone(0, s, e), rtol=1e-5, atol=1e-6)
     whole = sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0]
