@@ -20,8 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from datasets_io.errors import LauncherError
+from datasets_io.packing import PACKED_SDPA
 
-PACKING_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "packed_sdpa")
+PACKING_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", PACKED_SDPA)
 """Attention implementations that keep packed samples apart (transformers derives the per-sample mask, or
 FlashAttention's variable-length boundaries, from the restarting position ids; packed_sdpa splits the samples itself:
 training.packing)."""

@@ -234,10 +234,9 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
-
     from launcher.ray_train import run_ray
-    from training.packing import model_layout, register_packed_sdpa
+    from training.model import load_base
+    from training.packing import model_layout
 
     out = tmp_path / "z3"
     cfg = ray_cfg(
@@ -278,10 +277,7 @@ def test_zero3_two_workers_stage_switch_and_a_plain_peft_bundle(ray_local, train
 
     # plain PEFT on the plain base model gives the logits the live (ZeRO-3 partitioned) model gave, with the run's
     # attention backend (the tiny config's packed_sdpa: the probe's batch is one padding-free row)
-    register_packed_sdpa()
-    base = LlavaForConditionalGeneration.from_pretrained(
-        summary["base_model"], dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
-    )
+    base, _ = load_base(summary["base_model"], torch.float32, cfg.model.attn_implementation)
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
     probe = load_file(str(tmp_path / "probe.safetensors"))
     assert "position_ids" in probe and "attention_mask" not in probe  # a packed batch (the default layout)
